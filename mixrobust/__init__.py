@@ -1,0 +1,13 @@
+"""mixrobust: train, mix, attack and certify classifiers for the accuracy-robustness trade-off.
+
+Public API: `load_classifier` (rebuild a trained base model from its checkpoint),
+`MixedClassifier` (eq. 3/4 of Bai, Anderson and Sojoudi, L4DC 2024), `create_model`.
+"""
+
+from mixrobust.config import register_resolvers
+from mixrobust.checkpoint import load_classifier
+from mixrobust.models import available_models, create_model
+
+register_resolvers()
+
+__all__ = ["load_classifier", "create_model", "available_models"]

@@ -1,0 +1,119 @@
+"""The LightningModule that trains any base classifier under any objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mixrobust.attacks import PGD
+from mixrobust.checkpoint import CHECKPOINT_KEY, make_record
+from mixrobust.models import ImageClassifier
+from mixrobust.threat import Threat
+from mixrobust.training.objectives import GaussianNoise, Objective
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains `model` with `objective`; validates clean accuracy plus the objective's robustness metric.
+
+    - robust objectives (pgd_at, trades): `val/robust_acc` under PGD-`val_attack_steps`, and
+      `test/robust_acc` under PGD-`test_attack_steps` (no random start), both in the configured threat;
+    - gaussian_noise: `val/noise_acc` / `test/noise_acc`, accuracy on x + N(0, sigma^2 I) with seeded noise.
+
+    Adversarial validation needs gradients, so the Trainer must run with ``inference_mode=False``.
+    The checkpoint carries a self-describing record (see `mixrobust.checkpoint`).
+    """
+
+    def __init__(
+        self,
+        model: ImageClassifier,
+        objective: Objective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        threat: Threat | None = None,
+        val_attack_steps: int = 10,
+        test_attack_steps: int = 20,
+        seed: int = 0,
+        channels_last: bool = False,
+        data_name: str | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.threat = threat or getattr(objective, "threat", None)
+        self.seed = int(seed)
+        self.channels_last = channels_last
+        self.data_name = data_name
+        k = model.num_classes
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{kind}": MulticlassAccuracy(num_classes=k, average="micro")
+                for stage in ("train", "val", "test")
+                for kind in ("acc", "robust_acc", "noise_acc")
+            }
+        )
+        if objective.robust:
+            self.val_attack = PGD.from_threat(self.threat, steps=val_attack_steps, random_start=False, seed=seed)
+            self.test_attack = PGD.from_threat(self.threat, steps=test_attack_steps, random_start=False, seed=seed)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss, logits, logs = self.objective(self.model, self._prepare(x), y)
+        self.metrics["train_acc"](logits.argmax(1), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value)
+        return loss
+
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        x, y = batch
+        x = self._prepare(x)
+        with torch.no_grad():
+            logits = self.model(x)
+        self.metrics[f"{stage}_acc"](logits.argmax(1), y)
+        self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], prog_bar=True)
+        if self.objective.robust:
+            attack = self.val_attack if stage == "val" else self.test_attack
+            with torch.enable_grad():
+                x_adv = attack(self.model, x, y)
+            with torch.no_grad():
+                pred = self.model(x_adv).argmax(1)
+            self.metrics[f"{stage}_robust_acc"](pred, y)
+            self.log(f"{stage}/robust_acc", self.metrics[f"{stage}_robust_acc"], prog_bar=True)
+        if isinstance(self.objective, GaussianNoise):
+            gen = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + batch_idx)
+            noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            with torch.no_grad():
+                pred = self.model(x + self.objective.sigma * noise).argmax(1)
+            self.metrics[f"{stage}_noise_acc"](pred, y)
+            self.log(f"{stage}/noise_acc", self.metrics[f"{stage}_noise_acc"], prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, batch_idx, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name)

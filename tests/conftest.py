@@ -1,0 +1,46 @@
+"""Shared fixtures: composed Hydra configs, the real-data root, small trained digits models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+import mixrobust  # noqa: F401  (registers config resolvers)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides, as the Hydra entry point would, minus the run dir."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def factory(overrides=(), config_name="train", output_dir=None):
+        return compose_config(config_name, list(overrides), output_dir or tmp_path)
+
+    return factory
+
+
+def real_data_root() -> Path:
+    """The folder with MNIST/raw and CIFAR10/ from MIXROBUST_DATA_ROOT; skip (or fail in CI) without it."""
+    root = os.environ.get("MIXROBUST_DATA_ROOT")
+    if root and (Path(root) / "MNIST" / "raw").is_dir():
+        return Path(root)
+    if os.environ.get("MIXROBUST_REQUIRE_DATA"):
+        pytest.fail(f"MIXROBUST_REQUIRE_DATA is set but MIXROBUST_DATA_ROOT={root!r} holds no MNIST/raw")
+    pytest.skip("set MIXROBUST_DATA_ROOT to a folder with MNIST/raw and CIFAR10/ to run real-data tests")
+
+
+@pytest.fixture
+def data_root() -> Path:
+    return real_data_root()

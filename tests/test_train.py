@@ -1,0 +1,145 @@
+"""The training pipeline end to end on digits, self-describing checkpoints, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixrobust import load_classifier
+from mixrobust.checkpoint import read_checkpoint
+from mixrobust.errors import CheckpointError, ConfigError, DataNotFoundError
+from mixrobust.pipelines import train
+
+FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run per objective on digits; returns {objective: (metrics, output_dir)}."""
+    from tests.conftest import compose_config
+
+    runs = {}
+    for objective in ("standard", "pgd_at", "trades", "gaussian_noise"):
+        out = tmp_path_factory.mktemp(objective)
+        extra = ["objective.steps=3"] if objective in ("pgd_at", "trades") else []
+        cfg = compose_config("train", [f"objective={objective}", *FAST, *extra], out)
+        runs[objective] = (train.run(cfg), out)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "objective, keys",
+    [
+        ("standard", {"test/acc"}),
+        ("pgd_at", {"test/acc", "test/robust_acc"}),
+        ("trades", {"test/acc", "test/robust_acc"}),
+        ("gaussian_noise", {"test/acc", "test/noise_acc"}),
+    ],
+)
+def test_metrics_json_and_checkpoint(trained, objective, keys):
+    metrics, out = trained[objective]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert keys <= set(on_disk) and on_disk == metrics
+    assert Path(metrics["best_checkpoint"]) == out / "checkpoints" / "best.ckpt"
+    for key in keys:
+        assert 0.0 <= on_disk[key] <= 1.0
+    record = load_classifier(metrics["best_checkpoint"]).record
+    assert record["objective"]["name"] == objective and record["data"] == "digits"
+    assert record["model"]["arch"] == "small_cnn" and record["model"]["input_shape"] == [1, 8, 8]
+    assert record["threat"] == {"norm": "linf", "eps": 0.2, "step_size": 0.05}
+    assert record["sigma"] == (0.25 if objective == "gaussian_noise" else None)
+
+
+def test_robust_accuracy_is_below_clean(trained):
+    metrics, _ = trained["pgd_at"]
+    assert metrics["test/robust_acc"] <= metrics["test/acc"]
+
+
+def test_load_classifier_reproduces_logits_in_fresh_process(trained, tmp_path):
+    """The rebuilt network gives the trained module's logits exactly, in a new interpreter."""
+    from mixrobust.data import DigitsDataModule
+
+    ckpt = trained["pgd_at"][0]["best_checkpoint"]
+    dm = DigitsDataModule()
+    x, _ = dm.eval_tensors("test")
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    from mixrobust.models import create_model
+
+    spec = raw["mixrobust"]["model"]
+    net = create_model(spec["arch"], spec["num_classes"], spec["input_shape"], spec["mean"], spec["std"])
+    net.load_state_dict({k[len("model."):]: v for k, v in raw["state_dict"].items()})
+    expected = net.eval()(x[:64])
+    torch.save({"x": x[:64]}, tmp_path / "x.pt")
+    script = (
+        "import sys, torch; from mixrobust import load_classifier;"
+        "m = load_classifier(sys.argv[1]); x = torch.load(sys.argv[2])['x'];"
+        "assert not m.training and not any(p.requires_grad for p in m.parameters());"
+        "torch.save(m(x), sys.argv[3])"
+    )
+    subprocess.run([sys.executable, "-c", script, ckpt, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_checkpoint_loads_without_pickled_code(trained):
+    """torch.load(weights_only=True) accepts our checkpoints: nothing but tensors and plain data inside."""
+    ckpt = read_checkpoint(trained["standard"][0]["best_checkpoint"])
+    assert set(ckpt["mixrobust"]) >= {"format", "model", "objective", "threat", "sigma", "data"}
+
+
+def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
+    data = Path(trained["standard"][0]["best_checkpoint"]).read_bytes()
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_classifier(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_classifier(tmp_path / "missing.ckpt")
+
+
+def test_truncated_resume_checkpoint_fails_before_training(trained, make_cfg, tmp_path, monkeypatch):
+    data = Path(trained["standard"][0]["best_checkpoint"]).read_bytes()
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(data[:1000])
+    monkeypatch.setattr(train.L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(CheckpointError):
+        train.run(make_cfg([*FAST, f"ckpt_path={bad}"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["model.arch=no_such_net"], ConfigError, "unknown model 'no_such_net'; registered models: .*small_cnn"),
+        (["threat.eps=-0.1"], ConfigError, r"threat.eps must be a finite number >= 0"),
+        (["objective=pgd_at", "threat.eps=-0.1"], ConfigError, r"eps must be a finite number >= 0"),
+        (["objective=gaussian_noise", "objective.sigma=0"], ConfigError, "sigma must be > 0"),
+        (["threat.norm=l3"], ConfigError, "unknown norm 'l3'; valid values: linf, l2"),
+        (["data=mnist", "data_root=/nonexistent/folder"], DataNotFoundError, "/nonexistent/folder.*data.root"),
+    ],
+)
+def test_bad_input_fails_before_training(make_cfg, monkeypatch, overrides, error, match):
+    monkeypatch.setattr(train.L.Trainer, "__init__", lambda *a, **k: pytest.fail("trainer built"))
+    with pytest.raises(error, match=match):
+        train.run(make_cfg([*FAST, *overrides]))
+
+
+def test_empty_data_folder(make_cfg, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(train.L.Trainer, "__init__", lambda *a, **k: pytest.fail("trainer built"))
+    for data in ("mnist", "cifar10"):
+        with pytest.raises(DataNotFoundError, match=str(empty)):
+            train.run(make_cfg([*FAST, f"data={data}", f"data_root={empty}"]))
+
+
+@pytest.mark.parametrize("name", ["no_such_data", "no_such_objective"])
+def test_unknown_config_group_option_lists_choices(make_cfg, name):
+    from hydra.errors import MissingConfigException
+
+    group = "data" if "data" in name else "objective"
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/{name}'"):
+        make_cfg([f"{group}={name}"])
