@@ -6,8 +6,9 @@ Public API: `load_classifier` (rebuild a trained base model from its checkpoint)
 
 from mixrobust.config import register_resolvers
 from mixrobust.checkpoint import load_classifier
+from mixrobust.mixing import MixedClassifier
 from mixrobust.models import available_models, create_model
 
 register_resolvers()
 
-__all__ = ["load_classifier", "create_model", "available_models"]
+__all__ = ["MixedClassifier", "available_models", "create_model", "load_classifier"]

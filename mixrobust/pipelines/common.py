@@ -6,10 +6,11 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mixrobust.errors import ConfigError
+from mixrobust.errors import ConfigError, MixrobustError
 
 log = logging.getLogger("mixrobust")
 
@@ -19,6 +20,17 @@ def require_keys(cfg: DictConfig, *keys: str) -> None:
     missing = [k for k in keys if OmegaConf.select(cfg, k, default=None) is None]
     if missing:
         raise ConfigError(f"missing config value(s): {', '.join(missing)}; set them on the command line, e.g. {missing[0]}=...")
+
+
+def instantiate(node, *args, **kwargs):
+    """`hydra.utils.instantiate`, re-raising our own user-facing errors without Hydra's wrapper."""
+    try:
+        return hydra_instantiate(node, *args, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, MixrobustError):
+            raise cause from None
+        raise
 
 
 def build_logger(cfg: DictConfig, output_dir: str):

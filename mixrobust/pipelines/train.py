@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as L
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.atomic import write_json
 from mixrobust.checkpoint import read_checkpoint
-from mixrobust.pipelines.common import build_logger, finish_wandb, log, require_keys
+from mixrobust.pipelines.common import build_logger, finish_wandb, instantiate, log, require_keys
 from mixrobust.threat import Threat
 from mixrobust.training.module import ClassifierModule
 
@@ -64,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
         checkpoint = ModelCheckpoint(
             dirpath=output_dir / "checkpoints",
             filename="best",
-            monitor=module.objective.monitor,
+            monitor="val/selection",
             mode="max",
             save_last=True,
         )
