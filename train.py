@@ -1,18 +1,18 @@
-"""Train a base classifier. ``python train.py objective=pgd_at data=cifar10 model=resnet18``; see README."""
+"""Train a base classifier: ``python train.py objective=pgd_at data=cifar10 model=resnet18`` (see README)."""
 
 import hydra
-
-import mixrobust  # noqa: F401  (registers config resolvers)
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+from mixrobust.pipelines import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from mixrobust.pipelines import train
-
     metrics = train.run(cfg)
-    print(metrics["best_checkpoint"])  # the last line: the checkpoint to mix, attack and certify
-    return metrics.get(cfg.get("optimized_metric", "test/acc"))
+    if rank_zero_only.rank == 0:
+        print(metrics["best_checkpoint"])  # the last line: the checkpoint to mix, attack and certify
+    return metrics.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

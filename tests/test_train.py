@@ -143,3 +143,28 @@ def test_unknown_config_group_option_lists_choices(make_cfg, name):
     group = "data" if "data" in name else "objective"
     with pytest.raises(MissingConfigException, match=f"Could not find '{group}/{name}'"):
         make_cfg([f"{group}={name}"])
+
+
+def _train_script(run_dir: Path, *overrides: str) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, str(root / "train.py"), f"hydra.run.dir={run_dir}", *FAST[1:], *overrides],
+        check=True, capture_output=True, text=True, cwd=run_dir.parent,
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert out.stdout.strip().splitlines()[-1] == metrics["best_checkpoint"]  # printed last, once
+    return metrics
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_matches_one_process(tmp_path):
+    """Lightning DDP with two gloo processes on the CPU: same accuracy as one process within noise.
+
+    Each DDP rank takes half the batch so the effective batch (64) and the schedule match.
+    """
+    epochs = "trainer.max_epochs=12"
+    single = _train_script(tmp_path / "single", epochs)
+    ddp = _train_script(tmp_path / "ddp", epochs, "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32")
+    assert single["test/acc"] >= 0.9 and ddp["test/acc"] >= 0.9
+    assert abs(single["test/acc"] - ddp["test/acc"]) <= 0.03  # 360 test images: 3 points = 11 images
+    assert load_classifier(ddp["best_checkpoint"]).record["data"] == "digits"

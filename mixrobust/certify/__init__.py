@@ -1,0 +1,39 @@
+"""Randomized smoothing and certified radii of the mixture (method.md, "Certified robustness")."""
+
+from mixrobust.certify.bounds import (
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    empirical_bernstein_lower,
+    empirical_bernstein_upper,
+    hoeffding_lower,
+    hoeffding_upper,
+)
+from mixrobust.certify.lipschitz import local_lipschitz
+from mixrobust.certify.radii import (
+    alpha_for_clean_accuracy,
+    certified_accuracy,
+    lipschitz_radius,
+    rs_lipschitz_constant,
+    rs_radius,
+)
+from mixrobust.certify.smoothing import SmoothedClassifier
+from mixrobust.certify.sound import MixtureRadii, plugin_radii, sound_radii
+
+__all__ = [
+    "MixtureRadii",
+    "SmoothedClassifier",
+    "alpha_for_clean_accuracy",
+    "certified_accuracy",
+    "clopper_pearson_lower",
+    "clopper_pearson_upper",
+    "empirical_bernstein_lower",
+    "empirical_bernstein_upper",
+    "hoeffding_lower",
+    "hoeffding_upper",
+    "lipschitz_radius",
+    "local_lipschitz",
+    "plugin_radii",
+    "rs_lipschitz_constant",
+    "rs_radius",
+    "sound_radii",
+]
