@@ -1,0 +1,21 @@
+"""Attacks in pixel space: ``attack(model, x, y) -> x_adv`` (see `mixrobust.attacks.pgd`)."""
+
+from mixrobust.attacks.batched import Attack, attack_in_batches, model_device
+from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss, cross_entropy_loss, margin_loss
+from mixrobust.attacks.pgd import AUTOCAST_DTYPES, FGSM, PGD, eval_mode, parse_autocast_dtype
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "LOSSES",
+    "FGSM",
+    "PGD",
+    "Attack",
+    "AttackLoss",
+    "attack_in_batches",
+    "attack_loss",
+    "cross_entropy_loss",
+    "eval_mode",
+    "margin_loss",
+    "model_device",
+    "parse_autocast_dtype",
+]

@@ -1,0 +1,299 @@
+"""Projected gradient ascent (Madry et al.) on the input, in pixel space, for l_inf and l_2 threats.
+
+Attack contract (shared by every attack in mixrobust): ``attack(model, x, y) -> x_adv`` where
+`model` maps images in [0,1] of shape (N, C, H, W) to (N, K) logits (a mixture's log-probabilities
+count as logits). The model is given at call time, so one attack object serves g, h and the
+mixture alike. `x_adv` lies in [0,1] and inside the eps-ball around `x`; the model's train/eval
+mode (of every submodule) is restored, and parameter ``.grad`` fields are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss
+from mixrobust.errors import ConfigError, check_choice
+from mixrobust.threat import Norm, Threat
+
+AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """Map an autocast setting to a dtype; None and float32 both mean "no autocast"."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.").lower()
+    check_choice("autocast_dtype", name, AUTOCAST_DTYPES)
+    return None if name == "float32" else getattr(torch, name)
+
+
+def _number(name: str, value, *, low: float, integer: bool = False):
+    """`value` as an int (if `integer`) or finite float that is >= `low`, else a ConfigError."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"attack {name} must be an integer >= {low}, got {value!r}")
+        value = int(value)
+    else:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"attack {name} must be a number >= {low}, got {value!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"attack {name} must be finite, got {value}")
+    if value < low:
+        raise ConfigError(f"attack {name} must be >= {low}, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule of `model` in eval mode; restore each one's own mode afterwards.
+
+    Restoring per submodule (rather than ``model.train(old)``) keeps deliberately mixed modes,
+    e.g. a frozen BatchNorm in eval inside a network in train mode. Restored on exceptions too.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class PGD:
+    """Untargeted PGD maximising `loss` within the `norm` ball of radius `eps` around x.
+
+    Each step moves `step_size` along the sign of the input gradient (l_inf) or along the
+    per-example unit-l_2 gradient (l_2; a zero gradient gives a zero step), then projects onto
+    the ball and clamps to [0,1]. With `random_start` each restart begins at a uniform point of
+    the l_inf box, or of the l_2 ball (gaussian direction, radius ``eps * U^(1/d)``); draws come
+    from a generator on x's device seeded with `seed`, so equal seeds give identical results
+    as far as the model's kernels are deterministic (on CUDA, cuDNN's backward is not unless
+    ``torch.use_deterministic_algorithms(True)``); `seed=None` uses torch's global generator.
+    Without `random_start` a search starts at x.
+
+    Returned per example: of the points the search evaluated (every restart's start and
+    iterates), a misclassified one if there is any, the one with the highest loss among those;
+    an example no evaluated point fools gets its final iterate (one search) or, with several
+    restarts, the highest-loss point over all restarts' iterates and final iterates (one
+    gradient-free forward pass per restart evaluates each final iterate). So an example is never
+    reported robust if a visited point fooled the model: on a fixed seed, accuracy can only drop
+    with more steps or restarts, and robust accuracy never exceeds clean accuracy without random
+    start. Preferring the highest loss among fooling points keeps the chosen point away from the
+    decision boundary, so it still fools the model when re-evaluated at another precision (e.g.
+    a bf16 search checked in float32).
+
+    The loss is summed over the batch, so each example's search does not depend on what else
+    is in the batch. Losses (``"ce"`` cross-entropy, ``"margin"`` max_{i != y} z_i - z_y) and
+    gradients are float32; `autocast_dtype` ("bfloat16"/"float16") runs only the model's
+    forward pass under ``torch.autocast`` on x's device type.
+
+    Works when called under ``torch.no_grad()`` (the search re-enables gradients), but not
+    inside ``torch.inference_mode()``, which cannot be undone: that raises a RuntimeError.
+    With ``eps == 0``, or ``steps == 0`` without random start, returns a copy of x.
+    Hot loop: no host syncs; the only one per call is the [0,1] range check of x.
+    """
+
+    def __init__(
+        self,
+        norm: Norm | str = "linf",
+        *,
+        eps: float,
+        step_size: float,
+        steps: int = 10,
+        loss: AttackLoss = "ce",
+        random_start: bool = False,
+        restarts: int = 1,
+        seed: int | None = 0,
+        autocast_dtype: torch.dtype | str | None = None,
+    ):
+        self.norm = Norm.parse(norm)
+        self.eps = _number("eps", eps, low=0.0)
+        self.step_size = _number("step_size", step_size, low=0.0)
+        self.steps = _number("steps", steps, low=0, integer=True)
+        self.restarts = _number("restarts", restarts, low=1, integer=True)
+        self.loss: AttackLoss = check_choice("attack loss", loss, LOSSES)
+        if not isinstance(random_start, bool):
+            raise ConfigError(f"attack random_start must be true or false, got {random_start!r}")
+        self.random_start = random_start
+        if self.restarts > 1 and not random_start:
+            raise ConfigError(
+                f"attack restarts={self.restarts} needs random_start=true: without a random "
+                "start every restart repeats the same deterministic search"
+            )
+        self.seed = None if seed is None else _number("seed", seed, low=0, integer=True)
+        self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
+
+    @classmethod
+    def from_threat(cls, threat: Threat, steps: int, **kwargs) -> "PGD":
+        """PGD with the norm, eps and step size of `threat`; `kwargs` go to the constructor."""
+        return cls(threat.norm, eps=threat.eps, step_size=threat.step_size, steps=steps, **kwargs)
+
+    def __repr__(self) -> str:
+        dtype = None if self.autocast_dtype is None else str(self.autocast_dtype).removeprefix("torch.")
+        return (
+            f"{type(self).__name__}(norm={self.norm.value!r}, eps={self.eps:g}, "
+            f"step_size={self.step_size:g}, steps={self.steps}, loss={self.loss!r}, "
+            f"random_start={self.random_start}, restarts={self.restarts}, seed={self.seed}, "
+            f"autocast_dtype={dtype!r})"
+        )
+
+    def make_generator(self, device: torch.device) -> torch.Generator | None:
+        """A fresh generator on `device` seeded with `seed`; None (global RNG) when `seed` is None."""
+        if self.seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(self.seed)
+
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Adversarial examples for images `x` (N, C, H, W) in [0,1] with labels `y` (N,).
+
+        `generator` (on x's device) replaces the seeded one, e.g. to draw successive random
+        starts across the chunks of a large set.
+        """
+        _check_inputs(x, y)
+        x, y = x.detach(), y.detach().long()
+        if self.eps == 0 or (self.steps == 0 and not self.random_start) or x.shape[0] == 0:
+            return x.clone()
+        if generator is None:
+            generator = self.make_generator(x.device)
+        with eval_mode(model), torch.enable_grad():
+            return self._search(model, x, y, generator)
+
+    # --- the search -------------------------------------------------------------------------
+
+    def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
+        linf = self.norm is Norm.LINF
+        lo = (x - self.eps).clamp_(min=0.0) if linf else None  # (N, C, H, W) feasible box
+        hi = (x + self.eps).clamp_(max=1.0) if linf else None
+        best = x.clone()  # (N, C, H, W)
+        best_loss = torch.full(y.shape, -math.inf, device=x.device)  # (N,)
+        best_fooled = torch.zeros(y.shape, dtype=torch.bool, device=x.device)  # (N,)
+        x_adv = torch.empty_like(x).requires_grad_(True)  # reused leaf, updated in place
+        for _ in range(self.restarts):
+            with torch.no_grad():
+                self._start(x_adv, x, lo, hi, generator)
+            for _ in range(self.steps):
+                loss, fooled = self._forward(model, x_adv, y)
+                (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+                with torch.no_grad():
+                    _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
+                    self._step(x_adv, grad, x, lo, hi)
+            with torch.no_grad():
+                if self.restarts == 1:
+                    # Single search: no extra forward pass for the final iterate. Examples fooled
+                    # at a visited point keep that point; the others take the final iterate, as a
+                    # plain PGD would (so never weaker than returning the final iterate).
+                    keep = best_fooled.view((-1,) + (1,) * (x.ndim - 1))
+                    return torch.where(keep, best, x_adv.detach())
+                loss, fooled = self._forward(model, x_adv, y)
+                _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
+        return best
+
+    def _forward(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example float32 loss (N,) and whether the model misclassifies (N,)."""
+        if self.autocast_dtype is None:
+            logits = model(x_adv)
+        else:
+            with torch.autocast(device_type=x_adv.device.type, dtype=self.autocast_dtype):
+                logits = model(x_adv)
+        if logits.ndim != 2 or logits.shape[0] != y.shape[0]:
+            raise ValueError(f"the model must return (N, K) logits, got shape {tuple(logits.shape)}")
+        logits = logits.float()  # (N, K)
+        return attack_loss(self.loss, logits, y), logits.detach().argmax(dim=1) != y
+
+    def _start(self, x_adv: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None, generator) -> None:
+        """Write the starting point of one restart into `x_adv` (in place, no grad)."""
+        if not self.random_start:
+            x_adv.copy_(x)
+        elif self.norm is Norm.LINF:
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            torch.add(x, noise.mul_(2 * self.eps).sub_(self.eps), out=x_adv)  # x + U(-eps, eps)
+            x_adv.clamp_(min=lo, max=hi)
+        else:
+            dims = tuple(range(1, x.ndim))
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction /= torch.linalg.vector_norm(direction, dim=dims, keepdim=True).clamp_min_(1e-12)
+            u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=generator,
+                           device=x.device, dtype=x.dtype)  # (N, 1, 1, 1)
+            radius = u.pow_(1.0 / math.prod(x.shape[1:])).mul_(self.eps)
+            torch.addcmul(x, direction, radius, out=x_adv)
+            x_adv.clamp_(0.0, 1.0)
+
+    def _step(self, x_adv: Tensor, grad: Tensor, x: Tensor, lo: Tensor | None, hi: Tensor | None) -> None:
+        """One ascent step and projection, in place on `x_adv` (no grad); `grad` is consumed."""
+        if self.norm is Norm.LINF:
+            x_adv.add_(grad.sign_(), alpha=self.step_size)
+            x_adv.clamp_(min=lo, max=hi)
+            return
+        dims = tuple(range(1, x.ndim))
+        # Rescale by the largest entry first so tiny gradients do not underflow in the norm.
+        peak = grad.abs().amax(dim=dims, keepdim=True)  # (N, 1, 1, 1)
+        grad.div_(torch.where(peak > 0, peak, 1.0))
+        norm = torch.linalg.vector_norm(grad, dim=dims, keepdim=True).clamp_min_(1.0)  # >= 1 unless 0
+        x_adv.addcdiv_(grad, norm, value=self.step_size)
+        delta = x_adv - x  # (N, C, H, W)
+        length = torch.linalg.vector_norm(delta, dim=dims, keepdim=True)  # (N, 1, 1, 1)
+        scale = torch.where(length > self.eps, self.eps / length, 1.0)  # no 0/0 when eps underflows
+        torch.addcmul(x, delta, scale, out=x_adv)
+        x_adv.clamp_(0.0, 1.0)
+
+
+class FGSM(PGD):
+    """Fast gradient (sign) method: one step of size `eps`, no random start.
+
+    Same call contract and worst-case selection as `PGD` (so a misclassified clean x is
+    returned as is).
+    """
+
+    def __init__(
+        self,
+        norm: Norm | str = "linf",
+        *,
+        eps: float,
+        loss: AttackLoss = "ce",
+        autocast_dtype: torch.dtype | str | None = None,
+    ):
+        super().__init__(norm, eps=eps, step_size=eps, steps=1, loss=loss, random_start=False,
+                         restarts=1, seed=None, autocast_dtype=autocast_dtype)
+
+    @classmethod
+    def from_threat(cls, threat: Threat, **kwargs) -> "FGSM":  # type: ignore[override]
+        """FGSM with the norm and eps of `threat` (its step size is not used)."""
+        return cls(threat.norm, eps=threat.eps, **kwargs)
+
+
+def _keep_worst(best: Tensor, best_loss: Tensor, best_fooled: Tensor,
+                x_adv: Tensor, loss: Tensor, fooled: Tensor) -> None:
+    """Update the running worst case in place: the largest (misclassified, loss) pair wins."""
+    loss = loss.detach()
+    take = fooled & ~best_fooled | (fooled == best_fooled) & (loss > best_loss)  # (N,)
+    torch.where(take, loss, best_loss, out=best_loss)
+    best_fooled |= fooled
+    torch.where(take.view((-1,) + (1,) * (best.ndim - 1)), x_adv.detach(), best, out=best)
+
+
+def _check_inputs(x: Tensor, y: Tensor) -> None:
+    """Fail early on misuse; one host sync per call (the [0,1] range check), none per step."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "attacks need autograd, which torch.inference_mode() disables for good; "
+            "call the attack outside inference mode (torch.no_grad() is fine)"
+        )
+    if not x.is_floating_point() or x.ndim < 2:
+        raise ValueError(f"x must be a floating batch (N, ...), got {x.dtype} of shape {tuple(x.shape)}")
+    if y.shape != x.shape[:1] or y.is_floating_point():
+        raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+        raise ValueError(
+            "attacks expect images in [0,1] (normalization lives inside the model), got values "
+            f"in [{x.min().item():.4g}, {x.max().item():.4g}]"
+        )
