@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads of
+# concurrent processes (DDP workers, subprocess checks) slow every model pass ten-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest

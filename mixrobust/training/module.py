@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import lightning.pytorch as L
@@ -126,8 +127,24 @@ class ClassifierModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.model.parameters())
         if self.scheduler_factory is None:
             return optimizer
+        if _needs_total_steps(self.scheduler_factory):
+            # one-cycle style schedules are defined over optimizer steps: step them every batch
+            total = int(self.trainer.estimated_stepping_batches)
+            scheduler = self.scheduler_factory(optimizer, total_steps=total)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name)
+
+
+def _needs_total_steps(factory) -> bool:
+    """A partial scheduler (e.g. OneCycleLR) whose `total_steps` the config leaves to the Trainer."""
+    func = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {})
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "total_steps" in params and keywords.get("total_steps") is None

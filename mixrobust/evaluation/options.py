@@ -1,0 +1,83 @@
+"""The closed vocabularies of an evaluation sweep: attack names and mixing options.
+
+Names of the image sets an example is judged on (the ``attack`` column of results):
+
+- ``clean``: the test image itself;
+- ``std``: PGD on g alone (for a mixture: a transfer attack);
+- ``rob``: PGD on h alone (for a mixture: a transfer attack);
+- ``mix``: PGD on the mixture end to end (adaptive), one run per alpha;
+- ``autoattack``: AutoAttack (standard version) on the mixture, one run per alpha;
+- ``worst``: the per-example worst case over clean and every attack run.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from mixrobust.errors import ConfigError
+from mixrobust.mixing import MixSpace, ROption
+
+
+class AttackName(str, Enum):
+    """An attack the sweep can run on the mixture (see the module docstring)."""
+
+    STD = "std"
+    ROB = "rob"
+    MIX = "mix"
+    AUTOATTACK = "autoattack"
+
+
+CLEAN, WORST = "clean", "worst"
+
+
+def parse_attacks(names: Iterable[str]) -> tuple[AttackName, ...]:
+    """Validate a list of attack names; keeps the order, drops duplicates; ConfigError on a bad one."""
+    if isinstance(names, str):
+        names = [names]
+    out: list[AttackName] = []
+    for name in names:
+        try:
+            attack = AttackName(str(name).lower())
+        except ValueError:
+            valid = ", ".join(a.value for a in AttackName)
+            raise ConfigError(f"unknown attack {name!r}; valid values: {valid}") from None
+        if attack not in out:
+            out.append(attack)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class MixOption:
+    """How g and h are mixed: the R_i option of eq. (3) and the space (prob or logit) it mixes in."""
+
+    r_option: ROption = ROption.ONE
+    mix_space: MixSpace = MixSpace.PROB
+
+    def __post_init__(self):
+        object.__setattr__(self, "r_option", ROption.parse(self.r_option))
+        object.__setattr__(self, "mix_space", MixSpace.parse(self.mix_space))
+
+    @property
+    def label(self) -> str:
+        """``"<r_option>/<mix_space>"``, e.g. ``"one/prob"``."""
+        return f"{self.r_option.value}/{self.mix_space.value}"
+
+    @property
+    def cached(self) -> bool:
+        """True when the mixture's outputs follow from g's and h's logits alone (R_i = 1)."""
+        return self.r_option is ROption.ONE
+
+
+def mix_options(r_options: Sequence[str], mix_spaces: Sequence[str]) -> tuple[MixOption, ...]:
+    """Every (r_option, mix_space) pair, r_option-major; ConfigError on an unknown name or empty list."""
+    if isinstance(r_options, str):
+        r_options = [r_options]
+    if isinstance(mix_spaces, str):
+        mix_spaces = [mix_spaces]
+    if not r_options or not mix_spaces:
+        raise ConfigError("mix.r_options and mix.mix_spaces must each name at least one option")
+    options = [MixOption(r, s) for r, s in itertools.product(r_options, mix_spaces)]
+    return tuple(dict.fromkeys(options))  # drop duplicates, keep order

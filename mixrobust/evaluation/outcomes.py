@@ -1,0 +1,164 @@
+"""Per-example outcomes of a sweep, their aggregation into result rows, and the outcomes file.
+
+Counting rule (the same for every row): an example counts for an attack only if the model
+classifies it correctly both on the clean image and on that attack's image (as AutoAttack
+counts robust accuracy), so every attacked accuracy is at most the clean one; ``worst`` counts
+an example only if it is classified correctly on the clean image and on every attack's image.
+The stored booleans are the raw per-image outcomes, so other rules can be applied later.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mixrobust.atomic import atomic_write
+from mixrobust.evaluation.options import CLEAN, WORST, MixOption
+
+#: Columns of results.csv / results.json, in order.
+COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "steps", "accuracy", "n")
+BASE_MODELS = ("g", "h")
+BASE_IMAGES = (CLEAN, "std", "rob")  # g and h are judged on the clean, g-PGD and h-PGD images
+
+
+@dataclass
+class Outcomes:
+    """Raw per-example correctness of a sweep over M mixing options, A alphas and N examples.
+
+    - ``mix[name]``: (M, A, N) bool, the mixture correct on image set `name` (``clean`` and
+      every attack in `attacks`);
+    - ``base[model][name]``: (N,) bool, base model g or h correct on image set `name` in
+      `BASE_IMAGES` (``std`` = PGD on g, ``rob`` = PGD on h);
+    - `index`: (N,) positions of the examples in the evaluated split; `labels`: (N,).
+    `steps` are the PGD steps of std / rob / mix (None where the attack has no step count).
+    """
+
+    alphas: np.ndarray  # (A,) float64
+    options: tuple[MixOption, ...]  # (M,)
+    attacks: tuple[str, ...]  # attacks run on the mixture, in order
+    mix: dict[str, np.ndarray]
+    base: dict[str, dict[str, np.ndarray]]
+    index: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64
+    norm: str
+    eps: float
+    steps: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def _steps(outcomes: Outcomes, attack: str) -> int | None:
+    if attack == CLEAN:
+        return 0
+    return None if attack == "autoattack" else outcomes.steps
+
+
+def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None, attack: str, acc: float) -> dict:
+    return {
+        "model": model,
+        "alpha": alpha,
+        "r_option": option.r_option.value if option else None,
+        "mix_space": option.mix_space.value if option else None,
+        "norm": outcomes.norm,
+        "eps": outcomes.eps,
+        "attack": attack,
+        "steps": _steps(outcomes, attack),
+        "accuracy": acc,
+        "n": outcomes.n,
+    }
+
+
+def _accuracy(correct: np.ndarray) -> float:
+    return float(correct.mean()) if correct.size else math.nan
+
+
+def aggregate(outcomes: Outcomes) -> list[dict]:
+    """Result rows (dicts with `COLUMNS`) from per-example outcomes, by the module's counting rule.
+
+    First the base models (``model`` g / h, alpha NaN, no mixing option; attacks clean, std,
+    rob, worst), then, per mixing option and alpha, the mixture (``model`` mix; clean, each
+    attack in ``outcomes.attacks``, worst).
+    """
+    rows = []
+    for model in BASE_MODELS:
+        res = outcomes.base[model]
+        worst = res[CLEAN].copy()
+        for name in BASE_IMAGES:
+            correct = res[name] & res[CLEAN]
+            worst &= correct
+            rows.append(_row(outcomes, model, math.nan, None, name, _accuracy(correct)))
+        rows.append(_row(outcomes, model, math.nan, None, WORST, _accuracy(worst)))
+    clean = outcomes.mix[CLEAN]  # (M, A, N)
+    for m, option in enumerate(outcomes.options):
+        for a, alpha in enumerate(outcomes.alphas.tolist()):
+            worst = clean[m, a].copy()
+            rows.append(_row(outcomes, "mix", alpha, option, CLEAN, _accuracy(clean[m, a])))
+            for name in outcomes.attacks:
+                correct = outcomes.mix[name][m, a] & clean[m, a]
+                worst &= correct
+                rows.append(_row(outcomes, "mix", alpha, option, name, _accuracy(correct)))
+            rows.append(_row(outcomes, "mix", alpha, option, WORST, _accuracy(worst)))
+    return rows
+
+
+# --- the outcomes file ---------------------------------------------------------------------------
+
+def save_outcomes(path: str | os.PathLike, outcomes: Outcomes) -> Path:
+    """Write `outcomes` as a compressed .npz (bool matrices, indices, alphas, a JSON header), atomically."""
+    header = {
+        "options": [[o.r_option.value, o.mix_space.value] for o in outcomes.options],
+        "attacks": list(outcomes.attacks),
+        "norm": outcomes.norm,
+        "eps": outcomes.eps,
+        "steps": outcomes.steps,
+        "meta": outcomes.meta,
+    }
+    arrays = {
+        "header": np.array(json.dumps(header, sort_keys=True, default=float)),
+        "alphas": np.asarray(outcomes.alphas, dtype=np.float64),
+        "index": np.asarray(outcomes.index, dtype=np.int64),
+        "labels": np.asarray(outcomes.labels, dtype=np.int64),
+    }
+    for name, values in outcomes.mix.items():
+        arrays[f"mix/{name}"] = np.asarray(values, dtype=bool)
+    for model, results in outcomes.base.items():
+        for name, values in results.items():
+            arrays[f"base/{model}/{name}"] = np.asarray(values, dtype=bool)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")
+
+
+def load_outcomes(path: str | os.PathLike) -> Outcomes:
+    """Read a file written by `save_outcomes` (no pickles are loaded)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        header = json.loads(str(data["header"]))
+        mix, base = {}, {m: {} for m in BASE_MODELS}
+        for key in data.files:
+            parts = key.split("/")
+            if parts[0] == "mix":
+                mix[parts[1]] = data[key]
+            elif parts[0] == "base":
+                base[parts[1]][parts[2]] = data[key]
+        return Outcomes(
+            alphas=data["alphas"],
+            options=tuple(MixOption(r, s) for r, s in header["options"]),
+            attacks=tuple(header["attacks"]),
+            mix=mix,
+            base=base,
+            index=data["index"],
+            labels=data["labels"],
+            norm=header["norm"],
+            eps=float(header["eps"]),
+            steps=int(header["steps"]),
+            meta=header.get("meta", {}),
+        )

@@ -1,0 +1,88 @@
+"""The files a sweep leaves in its run directory, all written atomically.
+
+- ``results.csv`` / ``results.json``: one row per (model, alpha, r_option, mix_space, norm, eps,
+  attack) with `COLUMNS`; base-model rows have model g / h, an empty alpha (JSON null) and no
+  mixing option;
+- ``outcomes.npz``: the per-example outcomes (`save_outcomes`), from which `aggregate`
+  reproduces the rows exactly;
+- ``margins.json``: the Table-1 confidence margins;
+- ``accuracy_vs_alpha.png`` and ``tradeoff.png``: the paper's Figures 2 and 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+from mixrobust.atomic import write_json, write_text
+from mixrobust.evaluation.outcomes import COLUMNS, save_outcomes
+from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_tradeoff
+
+FILES = ("results.csv", "results.json", "outcomes.npz", "margins.json", "accuracy_vs_alpha.png", "tradeoff.png")
+
+
+def _plain(value):
+    """NaN -> None (JSON null, empty CSV cell); everything else unchanged."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    """CSV text with a header of `COLUMNS`; None and NaN become empty cells, floats keep full precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(["" if _plain(row[c]) is None else repr(row[c]) if isinstance(row[c], float) else row[c]
+                         for c in COLUMNS])
+    return buffer.getvalue()
+
+
+def read_results_csv(path: str | os.PathLike) -> list[dict]:
+    """Parse results.csv back into typed rows (alpha NaN and None where the cell is empty)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for key, cell in raw.items():
+                if key in ("alpha", "eps", "accuracy"):
+                    row[key] = float(cell) if cell else (math.nan if key == "alpha" else None)
+                elif key in ("steps", "n"):
+                    row[key] = int(cell) if cell else None
+                else:
+                    row[key] = cell or None
+            rows.append(row)
+    return rows
+
+
+def write_results(output_dir: str | os.PathLike, result, plots: bool = True) -> dict[str, Path]:
+    """Write every results file of `result` (a `SweepResult`) into `output_dir`; returns name -> path."""
+    out = Path(output_dir)
+    rows = result.rows()
+    paths = {
+        "results.csv": write_text(out / "results.csv", rows_to_csv(rows)),
+        "results.json": write_json(out / "results.json", [{k: _plain(v) for k, v in r.items()} for r in rows]),
+        "outcomes.npz": save_outcomes(out / "outcomes.npz", result.outcomes),
+        "margins.json": write_json(out / "margins.json", result.margins),
+    }
+    if plots:
+        paths["accuracy_vs_alpha.png"] = plot_accuracy_vs_alpha(rows, out / "accuracy_vs_alpha.png")
+        paths["tradeoff.png"] = plot_tradeoff(rows, out / "tradeoff.png")
+    return paths
+
+
+def format_table(rows: list[dict]) -> str:
+    """A compact text table: one line per (model, alpha, option), one column per attack."""
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    keys = list(dict.fromkeys((r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"]) for r in rows))
+    acc = {(r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows}
+    lines = ["model alpha  option      " + " ".join(f"{a:>10}" for a in attacks)]
+    for model, alpha, r_option, mix_space in keys:
+        option = f"{r_option}/{mix_space}" if r_option else "-"
+        cells = [acc.get((model, alpha, r_option, mix_space, a)) for a in attacks]
+        alpha_s = "-" if alpha is None else f"{alpha:.3g}"
+        lines.append(f"{model:<5} {alpha_s:<6} {option:<11} " + " ".join(
+            f"{c:>10.4f}" if c is not None else f"{'':>10}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,273 @@
+"""The alpha-sweep engine: clean, transfer (STD, ROB) and adaptive (MIX) accuracy of h^alpha.
+
+What is computed once and reused (the engine's contract; `reference_sweep` computes every
+(alpha, attack) pair from scratch and serves as its test oracle and benchmark baseline):
+
+- g's and h's outputs on the clean images, once; for ``r_option=one`` every mixture's outputs on
+  a fixed image set, for the whole alpha vector, follow from those logits without a model pass;
+  other R_i options evaluate one vector-alpha `MixedClassifier` pass per image set;
+- the STD (PGD on g) and ROB (PGD on h) adversarial images, once per sweep, judged by every
+  mixture at every alpha;
+- MIX (PGD on the mixture) per alpha, except at alpha = 0 and alpha = 1 where the mixture is
+  log_softmax(g) (logit space: g) and log_softmax(h) (h): PGD on it maximises the same loss as
+  PGD on g (h) with the same settings and seed, so MIX there *is* STD's (ROB's) images and
+  outcomes. (Equal in exact arithmetic; float rounding of the extra log_softmax could flip the
+  sign of a vanishing gradient component. ``reuse=False`` attacks the mixture instead.)
+
+Every reported number counts an example only if it is classified correctly on the clean image
+(see `mixrobust.evaluation.outcomes`; margins likewise split the attacked images of clean-correct
+examples only). So `skip_misclassified` can leave out of an attack the examples whose every
+reported outcome is already decided: for MIX (and AutoAttack) those the mixture gets wrong clean;
+for STD and ROB, whose images every model judges, those that g, h and every mixture get wrong
+clean. Their attacked outcome is recorded as the clean one; without random start that is also
+what PGD would report for them (x itself is a visited point that fools the model), and the
+other examples' searches do not depend on the batch, so no reported number changes. With
+``random_start`` skipping would change the random draws, so it is then ignored (with a warning).
+AutoAttack always runs on the examples the mixture gets right clean, as both implementations
+would do themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_device
+from mixrobust.errors import ConfigError
+from mixrobust.evaluation.margins import margin_summary, probability_gap
+from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
+from mixrobust.evaluation.outcomes import Outcomes, aggregate
+from mixrobust.evaluation.preflight import run_preflight
+from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
+from mixrobust.mixing.options import check_alphas
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """Per-example outcomes, Table-1 margins, pre-flight warnings and phase timings (seconds)."""
+
+    outcomes: Outcomes
+    margins: dict
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        """Result rows by the counting rule of `mixrobust.evaluation.outcomes`."""
+        return aggregate(self.outcomes)
+
+
+def mix_cached(g_logits: Tensor, h_logits: Tensor, alphas: Sequence[float], mix_space: MixSpace | str) -> Tensor:
+    """Eq. (4) outputs (A, N, K) for every alpha from g's and h's logits (N, K) (``r_option=one``).
+
+    Identical to ``MixedClassifier(g, h, alphas, "one", mix_space)(x)`` given those logits.
+    """
+    if MixSpace.parse(mix_space) is MixSpace.PROB:
+        return mix_log_probs(torch.log_softmax(g_logits, -1), torch.log_softmax(h_logits, -1), alphas)
+    return mix_logits(g_logits, h_logits, alphas)
+
+
+@dataclass
+class _Judged:
+    """How the models fare on one image set: correctness and probability gap per example."""
+
+    base: dict[str, tuple[np.ndarray, np.ndarray]]  # "g"/"h" -> ((N,) bool, (N,) float)
+    correct: np.ndarray  # (M, A, N) bool, every mixture
+    gap: np.ndarray  # (M, A, N) float
+
+
+class _Sweep:
+    """One sweep's state: models, data and the mixtures (vector alpha to judge, scalar to attack)."""
+
+    def __init__(self, g, h, x, y, alphas, options, attack, batch_size, detach_r):
+        self.g, self.h, self.x, self.y = g, h, x, y
+        self.alphas, self.options, self.batch_size = alphas, options, batch_size
+        self.device = model_device(g, x.device)
+        kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
+        self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
+        self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
+
+    def outputs(self, model: nn.Module, x: Tensor) -> Tensor:
+        """float32 outputs of `model` on `x` (N >= 1) in chunks, without gradients, on x's device: (..., N, K)."""
+        parts = []
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, x.shape[0], self.batch_size):
+                xb = x[start:start + self.batch_size].to(self.device)
+                parts.append(model(xb).float().to(x.device))
+        return torch.cat(parts, dim=-2)
+
+    def judge(self, x: Tensor, y: Tensor) -> _Judged:
+        """Every model on image set `x` (n, C, H, W) with labels `y` (n,)."""
+        gl, hl = self.outputs(self.g, x), self.outputs(self.h, x)  # (n, K)
+        base = {name: ((out.argmax(1) == y).cpu().numpy(), probability_gap(out).cpu().numpy())
+                for name, out in (("g", gl), ("h", hl))}
+        outs = [mix_cached(gl, hl, self.alphas, o.mix_space) if o.cached else self.outputs(mixer, x)
+                for o, mixer in zip(self.options, self.vector)]  # M x (A, n, K)
+        out = torch.stack(outs)  # (M, A, n, K)
+        return _Judged(base, (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy())
+
+    def judge_single(self, m: int, alpha: float, x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mixture `m` at `alpha` on `x` (n, ...): ((n,) bool correct, (n,) gap)."""
+        if self.options[m].cached:
+            out = mix_cached(self.outputs(self.g, x), self.outputs(self.h, x), [alpha], self.options[m].mix_space)[0]
+        else:
+            self.single[m].alpha = alpha
+            out = self.outputs(self.single[m], x)
+        return (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy()
+
+    def run_attack(self, attack: Attack, model: nn.Module, keep: np.ndarray | None) -> tuple[Tensor, np.ndarray]:
+        """Attack the examples where `keep` (N,) is True (all if None): (x_adv (n, ...), their indices (n,))."""
+        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
+        sel = torch.from_numpy(idx)
+        x, y = self.x[sel], self.y[sel]
+        if not len(idx):
+            return x, idx
+        return attack_in_batches(attack, model, x, y, self.batch_size), idx
+
+    def judge_subset(self, clean: _Judged, x_adv: Tensor, idx: np.ndarray) -> _Judged:
+        """`judge` on images that equal the clean ones except at `idx`: the rest is taken from `clean`."""
+        base = {k: (c.copy(), v.copy()) for k, (c, v) in clean.base.items()}
+        out = _Judged(base, clean.correct.copy(), clean.gap.copy())
+        if len(idx):
+            part = self.judge(x_adv, self.y[torch.from_numpy(idx)])
+            for k, (c, v) in part.base.items():
+                out.base[k][0][idx], out.base[k][1][idx] = c, v
+            out.correct[..., idx], out.gap[..., idx] = part.correct, part.gap
+        return out
+
+
+def _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size) -> tuple:
+    alphas, _ = check_alphas(list(alphas) if not isinstance(alphas, (int, float)) else [alphas])
+    options = tuple(o if isinstance(o, MixOption) else MixOption(*o) for o in options)
+    if not options:
+        raise ConfigError("give at least one mixing option (r_option, mix_space)")
+    attacks = parse_attacks(attacks)
+    if AttackName.AUTOATTACK in attacks and autoattack is None:
+        raise ConfigError("attacks include autoattack: pass autoattack=mixrobust.evaluation.AutoAttack(...)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not x.is_floating_point() or x.ndim != 4 or y.shape != x.shape[:1] or x.shape[0] == 0:
+        raise ConfigError(f"expected images (N, C, H, W) and labels (N,) with N >= 1, got {tuple(x.shape)} "
+                          f"and {tuple(y.shape)}")
+    if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+        raise ConfigError("images must lie in [0,1] (normalization lives inside the models)")
+    num_classes, _ = check_compatible(g, h, x.shape[1:])
+    if num_classes is not None and y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise ConfigError(f"labels range over [{int(y.min())}, {int(y.max())}] but g and h have {num_classes} classes")
+    return alphas, options, attacks
+
+
+def run_sweep(
+    g: nn.Module,
+    h: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    alphas: Sequence[float],
+    attack: PGD,
+    options: Sequence[MixOption | tuple[str, str]] = (MixOption(),),
+    attacks: Sequence[str] = ("std", "rob", "mix"),
+    autoattack: Attack | None = None,
+    batch_size: int = 500,
+    skip_misclassified: bool = True,
+    reuse: bool = True,
+    detach_r: bool = False,
+    preflight: bool = True,
+    index: np.ndarray | None = None,
+) -> SweepResult:
+    """Sweep `alphas` for every mixing option of g and h on images `x` (N, C, H, W) in [0,1], labels `y` (N,).
+
+    `attack` (its norm and eps are the threat) runs as STD (on g), ROB (on h) and MIX (on each
+    mixture); `attacks` chooses which of std, rob, mix, autoattack count for the mixtures' rows
+    and worst case (g's and h's own PGD always run: base rows, margins and the alpha 0/1 reuse).
+    `autoattack` is the AutoAttack instance when ``autoattack`` is among `attacks`. Everything is
+    validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
+    `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
+    `index` (N,) records where the examples come from (default 0..N-1).
+    """
+    alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size)
+    if skip_misclassified and attack.random_start:
+        log.warning("skip_misclassified is ignored with random_start: skipping would change the random starts")
+        skip_misclassified = False
+    y = y.long()
+    warnings = run_preflight({"g": g, "h": h}, x[:batch_size], y[:batch_size]) if preflight else []
+    sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r)
+    timings, t0 = {}, time.perf_counter()
+
+    clean = sweep.judge(x, y)
+    timings["clean"] = time.perf_counter() - t0
+    judged = {}
+    anyone = clean.base["g"][0] | clean.base["h"][0] | clean.correct.any(axis=(0, 1))  # (N,) right somewhere
+    for name, model in (("std", g), ("rob", h)):
+        t0 = time.perf_counter()
+        keep = anyone if skip_misclassified else None
+        judged[name] = sweep.judge_subset(clean, *sweep.run_attack(attack, model, keep))
+        timings[name] = time.perf_counter() - t0
+        log.info("%s: PGD on %s done in %.1f s", name.upper(), "g" if name == "std" else "h", timings[name])
+
+    shape = clean.correct.shape  # (M, A, N)
+    adaptive = [a for a in attacks if a in (AttackName.MIX, AttackName.AUTOATTACK)]
+    results = {a.value: (np.zeros(shape, bool), np.zeros(shape)) for a in adaptive}
+    for name in adaptive:
+        t0 = time.perf_counter()
+        for m, option in enumerate(options):
+            for a, alpha in enumerate(alphas):
+                correct, gap = results[name.value][0][m, a], results[name.value][1][m, a]
+                if name is AttackName.MIX and reuse and alpha in (0.0, 1.0):
+                    src = judged["std" if alpha == 0.0 else "rob"]
+                    correct[:], gap[:] = src.correct[m, a], src.gap[m, a]
+                    continue
+                keep = clean.correct[m, a] if skip_misclassified or name is AttackName.AUTOATTACK else None
+                sweep.single[m].alpha = alpha
+                x_adv, idx = sweep.run_attack(attack if name is AttackName.MIX else autoattack, sweep.single[m], keep)
+                correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
+                if len(idx):
+                    correct[idx], gap[idx] = sweep.judge_single(m, alpha, x_adv, y[torch.from_numpy(idx)])
+                log.info("%s %s alpha=%g: accuracy %.4f", name.value.upper(), option.label, alpha,
+                         float((correct & clean.correct[m, a]).mean()) if correct.size else float("nan"))
+        timings[name.value] = time.perf_counter() - t0
+
+    mix_outcomes = {CLEAN: clean.correct}
+    for name in attacks:
+        mix_outcomes[name.value] = judged[name.value].correct if name.value in judged else results[name.value][0]
+    base = {k: {CLEAN: clean.base[k][0], "std": judged["std"].base[k][0], "rob": judged["rob"].base[k][0]}
+            for k in ("g", "h")}
+    outcomes = Outcomes(
+        alphas=np.asarray(alphas, dtype=np.float64), options=options, attacks=tuple(a.value for a in attacks),
+        mix=mix_outcomes, base=base,
+        index=np.arange(y.shape[0]) if index is None else np.asarray(index, dtype=np.int64),
+        labels=y.cpu().numpy(), norm=attack.norm.value, eps=attack.eps, steps=attack.steps,
+        meta={"attack": repr(attack), "autoattack": repr(autoattack) if autoattack is not None else None,
+              "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r},
+    )
+    margins = _margins(clean, judged, results.get("mix"), alphas, options)
+    return SweepResult(outcomes, margins, warnings, timings)
+
+
+def _attacked(gap: np.ndarray, correct: np.ndarray, clean_correct: np.ndarray) -> dict:
+    """Margins on attacked images of the clean-correct examples, split into survived / broken."""
+    return margin_summary(gap[clean_correct], correct[clean_correct])
+
+
+def _margins(clean: _Judged, judged: dict, mix: tuple | None, alphas, options) -> dict:
+    """margins.json: g and h on clean / own-PGD images; each mixture on clean / MIX images."""
+    out = {}
+    for model, own in (("g", "std"), ("h", "rob")):
+        ok = clean.base[model][0]
+        out[model] = {"clean": margin_summary(clean.base[model][1], ok),
+                      "attacked": _attacked(judged[own].base[model][1], judged[own].base[model][0], ok),
+                      "attack": own}
+    out["mix"] = [
+        {"alpha": alpha, "r_option": o.r_option.value, "mix_space": o.mix_space.value, "attack": "mix" if mix else None,
+         "clean": margin_summary(clean.gap[m, a], clean.correct[m, a]),
+         "attacked": _attacked(mix[1][m, a], mix[0][m, a], clean.correct[m, a]) if mix else None}
+        for m, o in enumerate(options) for a, alpha in enumerate(alphas)
+    ]
+    return out

@@ -1,0 +1,272 @@
+"""evaluate.py end to end on two digits checkpoints trained by the train pipeline.
+
+Numbers are checked against independent computations: the loaded classifiers' own predictions,
+PGD run directly on h, and the metrics.json that train.py wrote for the same test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixrobust import load_classifier
+from mixrobust.attacks import PGD, attack_in_batches
+from mixrobust.data import DigitsDataModule
+from mixrobust.errors import CheckpointError, ConfigError
+from mixrobust.evaluation import aggregate, load_outcomes, predict_correct, read_results_csv, rows_to_csv
+from mixrobust.evaluation.report import FILES
+from mixrobust.models import create_model
+from mixrobust.pipelines import evaluate, train
+from tests.conftest import compose_config
+
+TRAIN_FAST = ["trainer.enable_progress_bar=false", "logger=none"]
+# h is adversarially trained in l_inf 0.1 (a few epochs are enough there; 0.2 needs the full
+# recipe), and every PGD here (train.py's test attack included) has 5 steps, to keep this file fast
+THREAT = ["threat.eps=0.1", "threat.step_size=0.05"]
+STEPS = 5
+ALPHAS = "mix.alphas=[0.0,0.5,1.0]"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """g (standard, ~90% clean) and h (pgd_at in l_inf 0.1: ~90% clean, ~55% under PGD-5), trained
+    by train.run; with the metrics.json of each."""
+    runs = {}
+    fast = ["trainer.max_epochs=4", "val_attack_steps=2", f"test_attack_steps={STEPS}"]
+    for name, overrides in (("g", ["objective=standard", "optimizer=adamw", "optimizer.lr=3e-3", *fast]),
+                            ("h", ["objective=pgd_at", "objective.steps=2", *fast, *THREAT])):
+        out = tmp_path_factory.mktemp(name)
+        metrics = train.run(compose_config("train", [*overrides, *TRAIN_FAST], out))
+        runs[name] = (metrics["best_checkpoint"], metrics)
+    return runs
+
+
+def eval_cfg(ckpts, out: Path, *overrides: str):
+    return compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}", "logger=none",
+                                       f"attack.steps={STEPS}", *overrides], out)
+
+
+@pytest.fixture(scope="module")
+def evaluated(ckpts, tmp_path_factory):
+    """The default sweep (data set from the checkpoints) in h's threat on the full test split."""
+    out = tmp_path_factory.mktemp("evaluate")
+    return evaluate.run(eval_cfg(ckpts, out, ALPHAS, *THREAT)), out
+
+
+def table(rows) -> dict:
+    return {(r["model"], None if math.isnan(r["alpha"]) else r["alpha"], r["attack"]): r["accuracy"] for r in rows}
+
+
+def test_outputs_exist_and_parse(evaluated):
+    result, out = evaluated
+    for name in (*FILES, "run.json"):
+        assert (out / name).is_file(), name
+    rows = result["rows"]
+    csv_rows, json_rows = read_results_csv(out / "results.csv"), json.loads((out / "results.json").read_text())
+    assert len(csv_rows) == len(json_rows) == len(rows) == 2 * 4 + 3 * 5  # g, h: 4 rows; 3 alphas x 5
+    for c, j, r in zip(csv_rows, json_rows, rows):
+        assert c["accuracy"] == j["accuracy"] == r["accuracy"] and c["attack"] == j["attack"] == r["attack"]
+        assert (j["alpha"] is None) == (r["model"] != "mix")
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"] == "digits" and run["split"] == "test" and run["n"] == 360
+    assert run["threat"] == {"norm": "linf", "eps": 0.1, "step_size": 0.05}
+    margins = json.loads((out / "margins.json").read_text())
+    assert margins["g"]["attack"] == "std" and len(margins["mix"]) == 3
+    assert margins["g"]["clean"]["correct"]["n"] + margins["g"]["clean"]["incorrect"]["n"] == 360
+    import matplotlib.image
+
+    for name in ("accuracy_vs_alpha.png", "tradeoff.png"):
+        assert matplotlib.image.imread(out / name).shape[0] > 200
+
+
+def test_clean_endpoints_equal_base_models(evaluated, ckpts):
+    result, _ = evaluated
+    got = table(result["rows"])
+    x, y = DigitsDataModule().eval_tensors("test")
+    for name, alpha in (("g", 0.0), ("h", 1.0)):
+        own = predict_correct(load_classifier(ckpts[name][0]), x, y, 500).mean()
+        assert got[("mix", alpha, "clean")] == got[(name, None, "clean")] == pytest.approx(own, abs=1e-12)
+        assert own == pytest.approx(ckpts[name][1]["test/acc"], abs=1e-6)  # the split train.py tested on
+
+
+def test_mix_at_alpha_one_is_h_pgd_accuracy(evaluated, ckpts):
+    result, _ = evaluated
+    got = table(result["rows"])
+    h = load_classifier(ckpts["h"][0])
+    x, y = DigitsDataModule().eval_tensors("test")
+    attack = PGD("linf", eps=0.1, step_size=0.05, steps=STEPS, seed=0)
+    direct = predict_correct(h, attack_in_batches(attack, h, x, y, 500), y, 500).mean()
+    assert got[("mix", 1.0, "mix")] == got[("h", None, "rob")] == pytest.approx(direct, abs=1e-12)
+    assert direct == pytest.approx(ckpts["h"][1]["test/robust_acc"], abs=1e-6)
+    assert got[("mix", 0.0, "mix")] == got[("g", None, "std")]
+
+
+def test_worst_case_is_below_every_attack(evaluated):
+    groups = {}
+    for r in evaluated[0]["rows"]:
+        groups.setdefault((r["model"], r["alpha"] if r["model"] == "mix" else None, r["r_option"]), {})[r["attack"]] = r
+    assert len(groups) == 5
+    for rows in groups.values():
+        worst = rows["worst"]["accuracy"]
+        assert all(worst <= r["accuracy"] for r in rows.values())
+        assert all(r["accuracy"] <= rows["clean"]["accuracy"] for r in rows.values())
+
+
+def test_outcomes_file_reaggregates_to_results_csv(evaluated):
+    _, out = evaluated
+    outcomes = load_outcomes(out / "outcomes.npz")
+    assert rows_to_csv(aggregate(outcomes)) == (out / "results.csv").read_text()
+    np.testing.assert_array_equal(outcomes.index, np.arange(360))
+    # one cell by hand: MIX at alpha 0.5 counts examples right on the clean and on the MIX images
+    by_hand = (outcomes.mix["clean"][0, 1] & outcomes.mix["mix"][0, 1]).mean()
+    assert table(aggregate(outcomes))[("mix", 0.5, "mix")] == by_hand
+
+
+def test_bf16_autocast_attack_is_close_to_float32(ckpts, tmp_path):
+    common = [*THREAT, "mix.alphas=[0.5]", "n=120"]
+    f32 = table(evaluate.run(eval_cfg(ckpts, tmp_path / "f32", *common))["rows"])
+    bf16 = table(evaluate.run(eval_cfg(ckpts, tmp_path / "bf16", *common, "attack.autocast_dtype=bfloat16"))["rows"])
+    assert "bfloat16" in json.loads((tmp_path / "bf16" / "run.json").read_text())["attack"]
+    assert f32[("mix", 0.5, "clean")] == bf16[("mix", 0.5, "clean")]  # evaluation itself stays float32
+    for key in (("mix", 0.5, "mix"), ("h", None, "rob"), ("g", None, "std"), ("mix", 0.5, "std")):
+        assert abs(bf16[key] - f32[key]) <= 2 / 120, key
+
+
+# ---------------------------------------------------------------- bad input, before any attack
+
+
+def variant(src: str, path: Path, num_classes=None, input_shape=None, data=None) -> str:
+    """A copy of checkpoint `src` with another class count, input shape or data set in its record."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    spec = ckpt["mixrobust"]["model"]
+    if num_classes or input_shape:
+        torch.manual_seed(0)
+        model = create_model(spec["arch"], num_classes or spec["num_classes"], input_shape or spec["input_shape"],
+                             spec["mean"], spec["std"], **spec["kwargs"])
+        ckpt["state_dict"] = {f"model.{k}": v for k, v in model.state_dict().items()}
+        ckpt["mixrobust"]["model"] = model.spec
+    if data:
+        ckpt["mixrobust"]["data"] = data
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture
+def no_attacks(monkeypatch):
+    monkeypatch.setattr(PGD, "__call__", lambda *a, **k: pytest.fail("an attack ran"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, pattern",
+    [
+        (["mix.alphas=[0.0,1.5]"], ConfigError, r"alpha must be in \[0, 1\]"),
+        (["mix.r_options=[one,grad_gi]"], ConfigError, "unknown r_option 'grad_gi'; valid values: one, grad_g_i"),
+        (["mix.mix_spaces=[probs]"], ConfigError, "unknown mix_space 'probs'; valid values: prob, logit"),
+        (["attacks=[std,cw]"], ConfigError, "unknown attack 'cw'; valid values: std, rob, mix, autoattack"),
+        (["mix.gammas=[1.0]"], ConfigError, "set exactly one of mix.alphas"),
+        (["g_ckpt=/no/such/g.ckpt"], CheckpointError, "checkpoint not found: /no/such/g.ckpt"),
+        (["threat.eps=-1"], ConfigError, "threat.eps must be a finite number >= 0"),
+        (["split=valid"], ConfigError, "unknown split 'valid'"),
+        (["n=100000"], ConfigError, "n=100000 examples requested, but the split has 360"),
+    ],
+)
+def test_bad_config_fails_before_any_attack(ckpts, tmp_path, no_attacks, overrides, error, pattern):
+    with pytest.raises(error, match=pattern):
+        evaluate.run(eval_cfg(ckpts, tmp_path, *overrides))
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (dict(num_classes=5), "g has 10 classes but h has 5"),
+        (dict(input_shape=(1, 16, 16)), r"g takes inputs of shape \(1, 8, 8\) but h takes \(1, 16, 16\)"),
+        (dict(data="mnist"), "g was trained on 'digits' and h on 'mnist': choose the evaluation data explicitly"),
+    ],
+)
+def test_mismatched_checkpoints_fail_before_any_attack(ckpts, tmp_path, no_attacks, change, pattern):
+    h = variant(ckpts["h"][0], tmp_path / "h.ckpt", **change)
+    with pytest.raises(ConfigError, match=pattern):
+        evaluate.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}"))
+
+
+def test_missing_checkpoint_keys(tmp_path):
+    cfg = compose_config("evaluate", ["logger=none"], tmp_path)
+    with pytest.raises(ConfigError, match="missing config value.*g_ckpt, h_ckpt"):
+        evaluate.run(cfg)
+
+
+def test_autoattack_not_installed_fails_before_any_attack(ckpts, tmp_path, no_attacks, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match="pip install pyautoattack.*torchattacks"):
+        evaluate.run(eval_cfg(ckpts, tmp_path, "attacks=[mix,autoattack]"))
+
+
+def test_explicit_data_set_and_budget_differing_from_training_warn(ckpts, tmp_path, monkeypatch, caplog):
+    """Choosing data= explicitly is allowed when a checkpoint says otherwise (a warning), as is
+    evaluating at another eps than h was trained for."""
+    h = variant(ckpts["h"][0], tmp_path / "h.ckpt", data="mnist")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(evaluate, "run_sweep", stop)
+    with caplog.at_level(logging.WARNING), pytest.raises(Stop):
+        evaluate.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}", "data=digits"))
+    assert "h was trained on 'mnist' but is evaluated on 'digits'" in caplog.text
+    assert "h was trained against linf eps=0.1 but is evaluated at linf eps=0.2" in caplog.text
+
+
+def test_data_set_and_budget_default_to_the_checkpoints(ckpts, tmp_path, monkeypatch):
+    """Without data= or threat.*: the checkpoints' data set, its test split and its l_inf budget."""
+    seen = {}
+
+    def capture(g, h, x, y, **kwargs):
+        seen.update(x=x, y=y, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run_sweep", capture)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.run(compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}"], tmp_path))
+    attack = seen["attack"]
+    assert (attack.norm.value, attack.eps, attack.step_size, attack.steps) == ("linf", 0.2, 0.05, 20)
+    x, y = DigitsDataModule().eval_tensors("test")
+    assert torch.equal(seen["x"], x) and torch.equal(seen["y"], y)
+    assert seen["alphas"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+# ---------------------------------------------------------------- entry point and W&B
+
+
+def test_evaluate_script_with_wandb_offline(ckpts, tmp_path):
+    """python evaluate.py: Hydra run dir, W&B (offline) table and plots, the output dir printed last."""
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(root / "evaluate.py"), f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}",
+         f"hydra.run.dir={run_dir}", "logger=wandb", "n=24", "mix.alphas=[0.5]", "attack.steps=2", *THREAT],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+    assert read_results_csv(run_dir / "results.csv")[0]["n"] == 24
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    media = runs[0] / "files" / "media"
+    for stem in ("accuracy_vs_alpha", "tradeoff"):
+        assert len(list((media / "images" / "eval").glob(f"{stem}_*.png"))) == 1, stem
+    (logged,) = (media / "table" / "eval").glob("results_*.table.json")
+    assert len(json.loads(logged.read_text())["data"]) == len(read_results_csv(run_dir / "results.csv"))
