@@ -18,6 +18,7 @@ from torch import nn
 
 from mixrobust.errors import ConfigError
 from mixrobust.models.registry import register_model
+from mixrobust.models.resnet import init_weights
 
 
 class WideBlock(nn.Module):
@@ -70,14 +71,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.stages(self.conv1(x))  # (N, 64k, H/4, W/4)
