@@ -168,3 +168,20 @@ def test_ddp_two_cpu_processes_matches_one_process(tmp_path):
     assert single["test/acc"] >= 0.9 and ddp["test/acc"] >= 0.9
     assert abs(single["test/acc"] - ddp["test/acc"]) <= 0.03  # 360 test images: 3 points = 11 images
     assert load_classifier(ddp["best_checkpoint"]).record["data"] == "digits"
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_cifar10_real_data_end_to_end(data_root, make_cfg):
+    """Real CIFAR-10 (.npz layout) through the whole pipeline on the CPU: one short PGD-AT epoch."""
+    cfg = make_cfg([
+        *FAST, "trainer.max_epochs=1", "data=cifar10", f"data_root={data_root}", "model=resnet20",
+        "objective=pgd_at", "objective.steps=2", "data.batch_size=32", "data.eval_batch_size=100",
+        "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+        "test_attack_steps=2", "val_attack_steps=2",
+    ])
+    metrics = train.run(cfg)
+    assert {"test/acc", "test/robust_acc"} <= set(metrics)
+    model = load_classifier(metrics["best_checkpoint"])
+    assert model.record["data"] == "cifar10" and model.input_shape == (3, 32, 32)
+    assert model.record["threat"]["eps"] == pytest.approx(8 / 255)
