@@ -1,0 +1,300 @@
+"""The certification pipeline end to end on two digits checkpoints trained by the train pipeline.
+
+Numbers are checked against independent computations: the same seeded noise draws counted again
+here and turned into radii with scipy's beta and normal quantiles, `SmoothedClassifier.certify`,
+g's own predictions, and certified accuracies recounted from certify.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mixrobust import load_classifier
+from mixrobust.certify import SmoothedClassifier
+from mixrobust.certify.mixture import certify_mixture, sample_votes
+from mixrobust.certify.report import read_rows, select_alpha
+from mixrobust.data import DigitsDataModule
+from mixrobust.errors import ConfigError
+from mixrobust.pipelines import certify, train
+from tests.conftest import compose_config
+
+# AdamW for 4 epochs: h reaches ~88% clean / ~77% under sigma=0.25 noise on digits in a few seconds
+TRAIN_FAST = ["trainer.max_epochs=4", "optimizer=adamw", "optimizer.lr=3e-3", "val_attack_steps=2",
+              "test_attack_steps=2", "trainer.enable_progress_bar=false", "logger=none"]
+SIGMA, N0, N, FP, NUM = 0.25, 20, 200, 0.01, 40
+ALPHAS = [0.0, 0.3, 0.5, 0.75, 1.0]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """g (standard) and h (gaussian_noise, sigma 0.25) trained for 4 epochs by train.run."""
+    paths = {}
+    for name, extra in (("g", []), ("h", ["objective=gaussian_noise", f"objective.sigma={SIGMA}"])):
+        cfg = compose_config("train", [*TRAIN_FAST, *extra], tmp_path_factory.mktemp(name))
+        paths[name] = train.run(cfg)["best_checkpoint"]
+    return paths
+
+
+def cert_cfg(ckpts, out, *overrides, g=None, h=None, experiment="digits_certify"):
+    alphas = "[" + ",".join(map(str, ALPHAS)) + "]"
+    return compose_config("evaluate", [
+        f"experiment={experiment}", f"g_ckpt={g or ckpts['g']}", f"h_ckpt={h or ckpts['h']}", "logger=none",
+        f"n={NUM}", f"certify.n0={N0}", f"certify.n={N}", f"certify.failure_prob={FP}", f"certify.alphas={alphas}",
+        "certify.batch_size=300", *overrides], out)
+
+
+def run_quiet(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return certify.run(cfg)
+
+
+@pytest.fixture(scope="module")
+def certified(ckpts, tmp_path_factory):
+    """Sound certification of the first 40 test images, h's checkpoint also serving as the RS baseline."""
+    out = tmp_path_factory.mktemp("certify")
+    return run_quiet(cert_cfg(ckpts, out, f"certify.baseline_ckpt={ckpts['h']}")), out
+
+
+def images():
+    x, y = DigitsDataModule().eval_tensors("test")
+    return x[:NUM], y[:NUM]
+
+
+def redraw(ckpts, seed, n0=N0, n=N):
+    """The pipeline's draws for h, repeated: same seed, batch size and order (selection first)."""
+    smoothed = SmoothedClassifier(load_classifier(ckpts["h"]), SIGMA, votes="hard", batch_size=300, seed=seed)
+    x, _ = images()
+    sel = smoothed.sample_counts(x, n0).numpy() if n0 else None
+    return sel, smoothed.sample_counts(x, n).numpy()
+
+
+def by_alpha(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["alpha"], []).append(r)
+    return out
+
+
+def test_files_and_summary(certified):
+    result, out = certified
+    for name in ("certify.csv", "baseline_certify.csv", "certified_accuracy.csv", "certified_accuracy.png",
+                 "certify_summary.json"):
+        assert (out / name).is_file(), name
+    rows = read_rows(out / "certify.csv")
+    alphas = sorted(by_alpha(rows))
+    assert set(ALPHAS) <= set(alphas) and len(rows) == NUM * len(alphas)
+    assert [r["index"] for r in rows[:: len(alphas)]] == list(range(NUM))
+    _, y = images()
+    assert [r["label"] for r in rows[:: len(alphas)]] == y.tolist()
+    summary = json.loads((out / "certify_summary.json").read_text())
+    assert summary["n_examples"] == NUM and summary["data"] == "digits" and summary["sigma"] == SIGMA
+    assert summary["settings"]["n0"] == N0 and summary["settings"]["n"] == N and summary["settings"]["mode"] == "sound"
+    assert math.isclose(summary["lipschitz_constant"], math.sqrt(2 / math.pi) / SIGMA)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "certified_accuracy.png").shape[0] > 100
+
+
+def test_radii_zero_where_h_wrong_or_alpha_below_half(certified):
+    _, out = certified
+    rows = read_rows(out / "certify.csv")
+    assert any(r["rs_radius"] > 0 for r in rows) and any(not r["correct"] for r in rows)
+    for r in rows:
+        assert r["correct"] == (r["h_pred"] == r["label"])
+        if not r["correct"] or r["alpha"] < 0.5:
+            assert r["lipschitz_radius"] == 0.0 and r["rs_radius"] == 0.0, r
+
+
+def test_alpha_one_equals_plain_rs_and_lipschitz_radii(ckpts, certified):
+    """At alpha = 1: Theorem 5 = Cohen's sigma Phi^-1(pA) and Theorem 4 = (2 pA - 1) / (2 L), pA the
+    Clopper-Pearson lower bound on the selected class, recomputed from the same seeded draws."""
+    result, out = certified
+    sel, est = redraw(ckpts, seed=0)
+    y_hat = sel.argmax(1)
+    k = est[np.arange(NUM), y_hat]
+    p_a = np.where(k > 0, stats.beta.ppf(FP, k, N - k + 1), 0.0)
+    _, labels = images()
+    ok = (p_a > 0.5) & (y_hat == labels.numpy())
+    rows = [r for r in read_rows(out / "certify.csv") if r["alpha"] == 1.0]
+    rs = np.array([r["rs_radius"] for r in rows])
+    lip = np.array([r["lipschitz_radius"] for r in rows])
+    np.testing.assert_allclose(rs, np.where(ok, SIGMA * stats.norm.ppf(np.where(ok, p_a, 0.75)), 0.0), atol=1e-9)
+    lip_const = math.sqrt(2 / math.pi) / SIGMA
+    np.testing.assert_allclose(lip, np.where(ok, (2 * p_a - 1) / (2 * lip_const), 0.0), atol=1e-12)
+    np.testing.assert_allclose([r["p_y"] for r in rows], p_a, atol=1e-12)
+    assert ok.sum() >= 10  # enough certified points for the comparison to mean something
+    # and SmoothedClassifier.certify on the same draws gives the same radius
+    smoothed = SmoothedClassifier(load_classifier(ckpts["h"]), SIGMA, batch_size=300, seed=0)
+    pred, radius, _ = smoothed.certify(images()[0], N0, N, FP)
+    np.testing.assert_allclose(rs, np.where(pred.numpy() == labels.numpy(), radius.numpy(), 0.0), atol=1e-9)
+
+
+def test_mixture_prediction_and_clean_accuracy(ckpts, certified):
+    result, out = certified
+    x, labels = images()
+    with torch.no_grad():
+        g_pred = load_classifier(ckpts["g"])(x).argmax(1).numpy()
+    rows = by_alpha(read_rows(out / "certify.csv"))
+    assert [r["mix_pred"] for r in rows[0.0]] == g_pred.tolist()
+    _, est = redraw(ckpts, seed=0)
+    top = est.max(1, keepdims=True)
+    at_one = [r["mix_pred"] for r in rows[1.0]]
+    assert all(est[j, c] == top[j, 0] for j, c in enumerate(at_one))  # an argmax of h's votes
+    summary = result["summary"]
+    for alpha, alpha_rows in rows.items():
+        acc = np.mean([r["mix_pred"] == r["label"] for r in alpha_rows])
+        assert math.isclose(summary["clean_accuracy"]["mix"][repr(alpha)], acc)
+    assert math.isclose(summary["clean_accuracy"]["g"], float((g_pred == labels.numpy()).mean()))
+
+
+def test_certified_accuracy_recounted_from_csv(certified):
+    _, out = certified
+    rows = by_alpha(read_rows(out / "certify.csv"))
+    curves = read_rows(out / "certified_accuracy.csv")
+    checked = 0
+    for c in curves:
+        if c["model"] != "mix" or c["alpha"] not in (0.5, 0.75, 1.0):
+            continue
+        radii = np.array([r[f"{c['theorem']}_radius"] for r in rows[c["alpha"]]])
+        correct = np.array([r["correct"] for r in rows[c["alpha"]]])
+        expect = np.mean(correct & (radii > 0) & (radii >= c["radius"]))
+        assert math.isclose(c["certified_accuracy"], expect), c
+        checked += 1
+    assert checked == 3 * 2 * 201
+    base = read_rows(out / "baseline_certify.csv")
+    for c in (c for c in curves if c["model"] == "baseline"):
+        expect = np.mean([b["correct"] and b["radius"] > 0 and b["radius"] >= c["radius"] for b in base])
+        assert math.isclose(c["certified_accuracy"], expect)
+
+
+def test_baseline_is_cohens_certify(ckpts, certified):
+    _, out = certified
+    base = read_rows(out / "baseline_certify.csv")
+    smoothed = SmoothedClassifier(load_classifier(ckpts["h"]), SIGMA, batch_size=300, seed=1)  # the pipeline's seed + 1
+    pred, radius, p_lower = smoothed.certify(images()[0], N0, N, FP)
+    assert [b["pred"] for b in base] == pred.tolist()
+    np.testing.assert_allclose([b["p_lower"] for b in base], p_lower.numpy(), atol=1e-12)
+    expect = np.where(pred.numpy() == np.array([b["label"] for b in base]), radius.numpy(), 0.0)
+    np.testing.assert_allclose([b["radius"] for b in base], expect, atol=1e-9)
+
+
+def test_alpha_selection_matches_baseline_accuracy(certified):
+    summary = certified[0]["summary"]
+    sel = summary["alpha_selection"]
+    grid = {float(a): v for a, v in sel["grid_accuracy"].items()}
+    target = summary["clean_accuracy"]["baseline"]
+    assert sel["target"] == target and sel["method"] == "at_least"
+    reach = [a for a, v in grid.items() if v >= target]
+    if reach:
+        assert sel["alpha"] == max(reach) and sel["reason"] is None
+        assert repr(sel["alpha"]) in summary["clean_accuracy"]["mix"]  # the selected alpha was certified too
+    else:
+        assert sel["alpha"] is None and "no alpha reaches" in sel["reason"]
+    assert select_alpha([0.0, 0.5, 1.0], [0.9, 0.8, 0.7], target=0.95)["alpha"] is None  # unreachable: reported
+    assert select_alpha([0.0, 0.5, 1.0], [0.9, 0.8, 0.7], target=0.8)["alpha"] == 0.5
+
+
+def test_sound_radius_at_most_plugin_on_same_samples(ckpts):
+    sel, est = redraw(ckpts, seed=3)
+    x, labels = images()
+    with torch.no_grad():
+        g_lp = torch.log_softmax(load_classifier(ckpts["g"])(x).double(), 1).numpy()
+    from mixrobust.certify.mixture import Votes
+
+    votes = Votes(sel, est, N, "hard")
+    alphas = [0.5, 0.6, 0.8, 1.0]
+    for bound in ("complement", "bonferroni", "runner_up"):
+        sound = certify_mixture(votes, g_lp, labels, alphas, SIGMA, "sound", FP, bound)
+        plug = certify_mixture(votes, g_lp, labels, alphas, SIGMA, "plugin")
+        assert np.all(sound.rs_radius <= plug.rs_radius + 1e-12)
+        assert np.all(sound.lipschitz_radius <= plug.lipschitz_radius + 1e-12)
+        assert (sound.rs_radius > 0).sum() >= 5 and np.any(sound.rs_radius < plug.rs_radius)
+        # radii grow with alpha
+        assert np.all(np.diff(sound.rs_radius, axis=0) >= -1e-12)
+    # the plug-in mode of the pipeline's own sampler draws n estimation samples only
+    smoothed = SmoothedClassifier(load_classifier(ckpts["h"]), SIGMA, batch_size=300, seed=3)
+    assert sample_votes(smoothed, x, N0, N, "plugin").select is None
+
+
+def test_reproducible_with_seed(ckpts, certified, tmp_path):
+    _, out = certified
+    again = tmp_path / "again"
+    run_quiet(cert_cfg(ckpts, again, f"certify.baseline_ckpt={ckpts['h']}"))
+    assert (again / "certify.csv").read_bytes() == (out / "certify.csv").read_bytes()
+    assert (again / "certified_accuracy.csv").read_bytes() == (out / "certified_accuracy.csv").read_bytes()
+    other = tmp_path / "other"
+    run_quiet(cert_cfg(ckpts, other, "seed=5"))
+    assert (other / "certify.csv").read_bytes() != (out / "certify.csv").read_bytes()
+
+
+def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
+    result = run_quiet(cert_cfg(ckpts, tmp_path, "certify.mode=plugin", "certify.alphas=[0.8]"))
+    _, est = redraw(ckpts, seed=0, n0=0)
+    p = est / N
+    top2 = np.sort(p, 1)[:, ::-1]
+    _, labels = images()
+    ok = (p.argmax(1) == labels.numpy()) & (top2[:, 0] > top2[:, 1])
+    a = 0.8
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r5 = 0.5 * SIGMA * (stats.norm.ppf(a * top2[:, 0]) - stats.norm.ppf(a * top2[:, 1] + 1 - a))
+    expect = np.where(ok & (r5 > 0), r5, 0.0)
+    cert = result["certificate"]
+    np.testing.assert_allclose(cert.rs_radius[list(cert.alphas).index(a)], expect, atol=1e-9)
+
+
+BAD = [
+    ("certify.sigma=0", "sigma"),
+    ("certify.sigma=-0.5", "sigma"),
+    ("certify.n0=300", "n0"),
+    ("certify.failure_prob=0", "failure_prob"),
+    ("certify.failure_prob=1.5", "failure_prob"),
+    ("certify.alphas=[0.5,1.2]", "alpha"),
+    ("certify.alphas=[-0.1]", "alpha"),
+    ("certify.mode=exact", "valid values: sound, plugin"),
+    ("certify.bound=union", "valid values: complement, bonferroni, runner_up"),
+    ("certify.target_accuracy=1.5", "target_accuracy"),
+    ("certify.radius_points=1", "radius_points"),
+    ("certify.radius_max=0", "radius_max"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD)
+def test_bad_input_fails_before_any_work(tmp_path, override, message):
+    """Validated before the (nonexistent) checkpoints are even opened, and no file is written."""
+    cfg = cert_cfg({"g": tmp_path / "no_g.ckpt", "h": tmp_path / "no_h.ckpt"}, tmp_path / "out", override)
+    with pytest.raises(ConfigError, match=message):
+        certify.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_low_alpha_warns_and_non_noise_h_warns(ckpts, tmp_path):
+    with pytest.warns(UserWarning, match=r"0\.3 < 1/2"):
+        certify.certify_settings(cert_cfg(ckpts, tmp_path))
+    with pytest.raises(ConfigError, match="records no noise level"):
+        certify.run(cert_cfg(ckpts, tmp_path / "a", h=ckpts["g"]))
+    with pytest.warns(UserWarning, match="not gaussian_noise"):
+        result = certify.run(cert_cfg(ckpts, tmp_path / "b", "certify.sigma=0.25", "certify.alphas=[1.0]", h=ckpts["g"]))
+    assert result["summary"]["sigma"] == 0.25
+
+
+def test_plain_override_and_paper_preset(ckpts, tmp_path):
+    cfg = compose_config("evaluate", [f"g_ckpt={ckpts['g']}", f"h_ckpt={ckpts['h']}", "+certify=default", "++task=certify",
+                                      "logger=csv", "n=10", "certify.n0=10", "certify.n=50", "certify.alphas=[1.0]",
+                                      "certify.target_accuracy=0.0"], tmp_path)
+    summary = run_quiet(cfg)["summary"]
+    assert summary["data"] == "digits" and summary["n_examples"] == 10  # data from the checkpoints
+    assert summary["alpha_selection"]["alpha"] == 1.0  # every alpha reaches accuracy 0
+    logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "cert/rs_acc@0.25" in logged and "cert/selected_alpha" in logged
+    paper = compose_config("evaluate", ["experiment=paper_fig3", "g_ckpt=a.ckpt", "h_ckpt=b.ckpt"], tmp_path / "p")
+    assert paper.task == "certify" and paper.certify.mode == "plugin" and paper.certify.n == 10000 and paper.n == 500
+    with pytest.raises(ConfigError, match="certify.baseline_ckpt"):
+        certify.run(paper)
