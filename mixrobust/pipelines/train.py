@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> dict:
             monitor="val/selection",
             mode="max",
             save_last=True,
+            enable_version_counter=False,  # a rerun into the same run dir replaces best.ckpt, never best-v1.ckpt
         )
         logger = build_logger(cfg, str(output_dir))
         callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")] if logger else [checkpoint]
