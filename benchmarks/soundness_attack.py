@@ -18,7 +18,7 @@ On MNIST with g a standard model and h a Gaussian-noise model (sigma = 0.5), for
 Expected: no flips beyond what failure_prob (and check-fp) allow. ``--scales 1 3`` also attacks
 balls 3x the certificate, where flips should appear: evidence that the attack itself is not weak.
 
-    OMP_NUM_THREADS=1 python benchmarks/soundness_attack.py --data-root /work/shared/data --bf16   # ~10 min
+    OMP_NUM_THREADS=1 python benchmarks/soundness_attack.py --data-root ../shared/data --bf16   # ~10 min
 """
 
 from __future__ import annotations

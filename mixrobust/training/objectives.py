@@ -9,6 +9,7 @@ training loss is computed in the mode the caller left the model in (train mode d
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -22,15 +23,16 @@ from mixrobust.threat import Norm, Threat, ascent_step, project
 Output = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
-class Objective:
+class Objective(ABC):
     """Base class. `name` is the config name; `monitor` the validation metric that picks the best checkpoint."""
 
     name: ClassVar[str]
     monitor: ClassVar[str] = "val/acc"
     robust: ClassVar[bool] = False
 
+    @abstractmethod
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Output:
-        raise NotImplementedError
+        """The training loss on (x, y), the logits it was computed on, and extra values to log."""
 
     def spec(self) -> dict:
         """Plain-dict description stored in checkpoints."""
