@@ -53,20 +53,22 @@ class Votes:
 
 
 def sample_votes(
-    smoothed: SmoothedClassifier, x: torch.Tensor, n0: int, n: int, mode: Mode = "sound", soft_bound: str = "hoeffding"
+    smoothed: SmoothedClassifier, x: torch.Tensor, n0: int, n: int, mode: Mode = "sound", soft_bound: str = "hoeffding",
+    keys=None,
 ) -> Votes:
     """Draw the votes a certification needs, selection samples first (as `SmoothedClassifier.certify`).
 
     Sound mode: n0 selection and n estimation samples per image; plug-in mode: n estimation
     samples only. With soft votes and ``soft_bound="bernstein"`` the squared softmaxes are summed too.
+    `keys` (N,) name the images' noise streams (their positions in the split; default 0..N-1).
     """
     check_choice("mode", mode, ("sound", "plugin"))
-    select = _np(smoothed.sample_counts(x, n0)) if mode == "sound" else None
+    select = _np(smoothed.sample_counts(x, n0, keys)) if mode == "sound" else None
     sq = None
     if mode == "sound" and smoothed.votes == "soft" and soft_bound == "bernstein":
-        est, sq = (_np(t) for t in smoothed.sample_soft_moments(x, n))
+        est, sq = (_np(t) for t in smoothed.sample_soft_moments(x, n, keys))
     else:
-        est = _np(smoothed.sample_counts(x, n))
+        est = _np(smoothed.sample_counts(x, n, keys))
     return Votes(select, est, int(n), smoothed.votes, sq)
 
 

@@ -20,6 +20,15 @@ from mixrobust.errors import ConfigError, check_choice
 
 Votes = Literal["hard", "soft"]
 
+#: Noisy images per forward pass when `batch_size` is None: large batches keep a GPU busy; on a
+#: CPU, passes whose activations fit in cache run about twice as fast as passes of 1,000.
+DEFAULT_BATCH = {"cuda": 4000, "cpu": 128}
+
+
+def noise_block(numel: int) -> int:
+    """Noise samples drawn per generator call for images of `numel` values: at most 1,024 and 64 MiB."""
+    return int(min(1024, max(16, 2**24 // max(1, numel))))
+
 
 def _check_n(name: str, n: int) -> int:
     if int(n) != n or int(n) < 1:
@@ -44,10 +53,14 @@ class SmoothedClassifier(nn.Module):
 
     `votes` picks hard (one-hot argmax counts) or soft (softmax sums) votes for `sample_counts`,
     `probs`, `certify`; `forward` always averages softmaxes (it must be differentiable).
-    `batch_size` noisy images go through the base model per forward pass. Noise comes from a
-    torch.Generator seeded once with `seed` per device, so a fresh object with the same seed
-    reproduces the same numbers; successive calls draw fresh noise. `n_forward` is the number of
-    noise samples per image in `forward`. The base model is put in eval mode and frozen.
+    `batch_size` noisy images go through the base model per forward pass (None: `DEFAULT_BATCH`
+    for the device). Votes use per-image noise streams (see `_accumulate`): a fresh object with
+    the same seed reproduces the same numbers, successive calls draw fresh noise, and an image's
+    votes do not depend on the batch size or on the other images. `forward` draws from one
+    generator per device seeded with `seed`. `n_forward` is the number of noise samples per image
+    in `forward`. The base model is put in eval mode and frozen; with `channels_last` (default) its
+    weights are converted to channels-last memory format on the first vote, which changes no
+    value beyond float rounding and makes convolutions faster on CPUs and GPUs.
     """
 
     def __init__(
@@ -55,14 +68,18 @@ class SmoothedClassifier(nn.Module):
         base: nn.Module,
         sigma: float,
         votes: Votes = "hard",
-        batch_size: int = 1000,
+        batch_size: int | None = None,
         seed: int = 0,
         n_forward: int = 8,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.sigma = check_sigma(sigma)
         self.votes = check_choice("votes", votes, ("hard", "soft"))
-        self.batch_size = _check_n("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else _check_n("batch_size", batch_size)
+        self.channels_last = bool(channels_last)
+        self._channels_last_done = False
+        self._calls = 0
         self.n_forward = _check_n("n_forward", n_forward)
         self.seed = int(seed)
         self.base = base.eval()
@@ -79,6 +96,7 @@ class SmoothedClassifier(nn.Module):
         """Restart every noise stream from `seed`."""
         self.seed = int(seed)
         self._generators.clear()
+        self._calls = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -89,23 +107,69 @@ class SmoothedClassifier(nn.Module):
         gen = self._generator(like.device)
         return self.sigma * torch.randn(shape, generator=gen, device=like.device, dtype=like.dtype)
 
-    @torch.no_grad()
-    def _accumulate(self, x: torch.Tensor, n: int, soft: bool, squares: bool = False):
-        """Sum of votes over n noise samples per input, in chunks of `batch_size` noisy images.
+    def _batch(self, x: torch.Tensor) -> int:
+        return self.batch_size or DEFAULT_BATCH.get(x.device.type, DEFAULT_BATCH["cpu"])
 
-        The N*n (image, sample) pairs are laid out flat; each chunk is a slice of them, so one
-        forward pass may mix several images and no Python loop runs over images.
+    def _noise_stream(self, x: torch.Tensor, n: int, key: int, call: int, block: int):
+        """Image `x` (C, H, W) plus its n noise samples, in blocks of `block`, from the image's own generator."""
+        seed = int(np.random.SeedSequence([self.seed, call, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        for start in range(0, n, block):
+            noise = torch.randn((min(block, n - start), *x.shape), generator=gen, device=x.device, dtype=x.dtype)
+            yield noise.mul_(self.sigma).add_(x)
+
+    def _noisy_batches(self, x: torch.Tensor, n: int, keys: list[int], call: int):
+        """Yield (image index (B,), noisy images (B, C, H, W)) with B <= the forward batch size.
+
+        Small n: whole images are packed together (batch // n per pass); large n: each image's
+        samples fill passes of their own, so no pass mixes two images' samples.
+        """
+        batch = self._batch(x)
+        block = noise_block(x[0].numel())
+        per = max(1, batch // n) if n < batch else 1
+        memory = torch.channels_last if x.ndim == 4 and self.channels_last else torch.contiguous_format
+        for first in range(0, x.shape[0], per):
+            parts = ((i, blk) for i in range(first, min(first + per, x.shape[0]))
+                     for blk in self._noise_stream(x[i], n, keys[i], call, block))
+            pending, size = [], 0
+            for i, part in parts:
+                while part.shape[0]:
+                    take = min(batch - size, part.shape[0])
+                    pending.append((i, part[:take]))
+                    size, part = size + take, part[take:]
+                    if size == batch:
+                        yield self._pack(pending, memory)
+                        pending, size = [], 0
+            if pending:
+                yield self._pack(pending, memory)
+
+    @staticmethod
+    def _pack(pending, memory):
+        img = torch.cat([torch.full((p.shape[0],), i, dtype=torch.long, device=p.device) for i, p in pending])
+        noisy = pending[0][1] if len(pending) == 1 else torch.cat([p for _, p in pending])
+        return img, noisy.contiguous(memory_format=memory)
+
+    @torch.no_grad()
+    def _accumulate(self, x: torch.Tensor, n: int, soft: bool, squares: bool = False, keys=None):
+        """Sum of votes over n noise samples per input, in forward passes of at most `batch_size` noisy images.
+
+        Image i's noise comes from its own generator, seeded from (seed, the number of sampling
+        calls so far, keys[i]) and drawn in blocks whose size depends only on the image size, so its
+        votes do not depend on the batch size, on which other images are sampled with it, or on
+        how a run is sharded across processes (keys: the images' positions in the evaluated split).
         """
         n = _check_n("n", n)
         if x.shape[0] == 0:
             raise ConfigError("got an empty batch of images")
-        num, total = x.shape[0], x.shape[0] * n
+        keys = list(range(x.shape[0])) if keys is None else [int(k) for k in keys]
+        if len(keys) != x.shape[0]:
+            raise ConfigError(f"got {len(keys)} keys for {x.shape[0]} images")
+        call, self._calls = self._calls, self._calls + 1
+        self._prepare(x)
+        num = x.shape[0]
         totals = sq = None
-        for start in range(0, total, self.batch_size):
-            stop = min(start + self.batch_size, total)
-            img = torch.arange(start, stop, device=x.device) // n  # (B,) image index of each sample
-            batch = x[img]  # (B, C, H, W)
-            logits = self.base(batch + self._noise(batch.shape, batch))  # (B, K)
+        for img, noisy in self._noisy_batches(x, n, keys, call):
+            logits = self.base(noisy)  # (B, K)
             if totals is None:
                 k = logits.shape[1]
                 dtype = torch.float64 if soft else torch.long
@@ -121,25 +185,31 @@ class SmoothedClassifier(nn.Module):
                 totals.view(-1).index_add_(0, flat, torch.ones_like(flat))
         return totals, sq
 
-    def sample_counts(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Votes from n noise samples per image -> (N, K) on x's device.
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Channels-last weights for image batches (once): oneDNN and cuDNN convolutions run faster."""
+        if self.channels_last and x.ndim == 4 and not self._channels_last_done:
+            self.base.to(memory_format=torch.channels_last)
+            self._channels_last_done = True
+
+    def sample_counts(self, x: torch.Tensor, n: int, keys=None) -> torch.Tensor:
+        """Votes from n noise samples per image -> (N, K) on x's device (`keys`: see `_accumulate`).
 
         Hard votes: integer counts of the base model's argmax (each row sums to n). Soft votes:
         summed softmax probabilities (float64; each row sums to n up to rounding).
         """
-        return self._accumulate(x, n, soft=self.votes == "soft")[0]
+        return self._accumulate(x, n, soft=self.votes == "soft", keys=keys)[0]
 
-    def sample_soft_moments(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_soft_moments(self, x: torch.Tensor, n: int, keys=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed softmax probabilities and summed squares (N, K) each, for empirical Bernstein bounds."""
-        return self._accumulate(x, n, soft=True, squares=True)
+        return self._accumulate(x, n, soft=True, squares=True, keys=keys)
 
     @torch.no_grad()
-    def probs(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    def probs(self, x: torch.Tensor, n: int, keys=None) -> torch.Tensor:
         """Monte Carlo estimate of the smoothed probabilities h(x) -> (N, K), float32, no gradient."""
         n = _check_n("n", n)
-        return (self.sample_counts(x, n).double() / n).float()
+        return (self.sample_counts(x, n, keys).double() / n).float()
 
-    def predict(self, x: torch.Tensor, n: int, failure_prob: float) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, n: int, failure_prob: float, keys=None) -> torch.Tensor:
         """Cohen et al.'s PREDICT -> (N,) classes on x's device, -1 for abstain.
 
         With hard votes, the top-two counts nA, nB are tested with a two-sided binomial test
@@ -151,7 +221,7 @@ class SmoothedClassifier(nn.Module):
         fp = check_failure_prob(failure_prob)
         if self.votes != "hard":
             raise ConfigError("predict's binomial test needs votes='hard' (counts of base predictions)")
-        counts = self.sample_counts(x, n)  # (N, K)
+        counts = self.sample_counts(x, n, keys)  # (N, K)
         top2 = counts.topk(2, dim=1)
         n_a, n_b = top2.values[:, 0].cpu().numpy(), top2.values[:, 1].cpu().numpy()
         pvals = two_sided_binomial_pvalue(n_a, n_b)
@@ -160,7 +230,7 @@ class SmoothedClassifier(nn.Module):
         return pred
 
     def certify(
-        self, x: torch.Tensor, n0: int, n: int, failure_prob: float
+        self, x: torch.Tensor, n0: int, n: int, failure_prob: float, keys=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cohen et al.'s CERTIFY for a batch -> (pred (N,), radius (N,), p_lower (N,)) on x's device.
 
@@ -177,8 +247,8 @@ class SmoothedClassifier(nn.Module):
                 f"n0 (selection samples) must not exceed n (estimation samples), got n0={n0} > n={n}"
             )
         fp = check_failure_prob(failure_prob)
-        c_a = self.sample_counts(x, n0).argmax(dim=1)  # (N,)
-        counts = self.sample_counts(x, n)  # (N, K)
+        c_a = self.sample_counts(x, n0, keys).argmax(dim=1)  # (N,)
+        counts = self.sample_counts(x, n, keys)  # (N, K)
         hits = counts.gather(1, c_a[:, None]).squeeze(1).double().cpu().numpy()
         if self.votes == "hard":
             p_lower = clopper_pearson_lower(hits, n, fp)
@@ -200,7 +270,7 @@ class SmoothedClassifier(nn.Module):
         m = self.n_forward
         rep = x.repeat_interleave(m, dim=0)  # (N*m, C, H, W)
         noisy = rep + self._noise(rep.shape, rep)
-        chunks = [torch.softmax(self.base(c).float(), dim=1) for c in noisy.split(self.batch_size)]
+        chunks = [torch.softmax(self.base(c).float(), dim=1) for c in noisy.split(self._batch(x))]
         p = torch.cat(chunks).view(x.shape[0], m, -1).mean(dim=1)  # (N, K)
         return p.clamp_min(torch.finfo(p.dtype).tiny).log()
 

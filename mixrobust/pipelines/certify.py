@@ -60,7 +60,7 @@ def certify_settings(cfg: DictConfig) -> dict:
         "soft_bound": check_choice("certify.soft_bound", c.soft_bound, ("hoeffding", "bernstein")),
         "alpha_method": check_choice("certify.alpha_method", c.alpha_method, ("at_least", "closest", "interpolate")),
         "n0": n0, "n": n, "failure_prob": check_failure_prob(c.failure_prob),
-        "batch_size": _whole("batch_size", c.batch_size),
+        "batch_size": None if c.get("batch_size") is None else _whole("batch_size", c.batch_size),
         "sigma": None if c.sigma is None else check_sigma(c.sigma),
         "baseline_sigma": None if c.get("baseline_sigma") is None else check_sigma(c.baseline_sigma),
         "lipschitz": None if c.get("lipschitz") is None else float(c.lipschitz),
@@ -188,7 +188,8 @@ def run(cfg: DictConfig) -> dict:
         timings = {}
         start = time.perf_counter()
         smoothed = SmoothedClassifier(h, sigma, votes=s["votes"], batch_size=s["batch_size"], seed=int(cfg.seed))
-        votes = sample_votes(smoothed, x, s["n0"], s["n"], s["mode"], s["soft_bound"])
+        keys = index.tolist()
+        votes = sample_votes(smoothed, x, s["n0"], s["n"], s["mode"], s["soft_bound"], keys=keys)
         timings["sample_h"] = time.perf_counter() - start
         labels = y.cpu().numpy()
         base_cert = None
@@ -196,7 +197,7 @@ def run(cfg: DictConfig) -> dict:
             start = time.perf_counter()
             base_smooth = SmoothedClassifier(baseline, baseline_sigma, votes="hard", batch_size=s["batch_size"],
                                              seed=int(cfg.seed) + 1)
-            base_cert = certify_baseline(sample_votes(base_smooth, x, s["n0"], s["n"], "sound"), labels,
+            base_cert = certify_baseline(sample_votes(base_smooth, x, s["n0"], s["n"], "sound", keys=keys), labels,
                                          baseline_sigma, s["failure_prob"])
             timings["certify_baseline"] = time.perf_counter() - start
         g_log_probs = _log_probs(g, x, int(cfg.get("batch_size", 500)))
