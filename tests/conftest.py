@@ -7,7 +7,11 @@ import os
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads of
 # concurrent processes (DDP workers, subprocess checks) slow every model pass ten-fold.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import tempfile
 from pathlib import Path
+
+# evaluation caches of this test session go to a fresh folder, not the repository's outputs/cache
+os.environ["MIXROBUST_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixrobust-test-cache-")
 
 import pytest
 from hydra import compose, initialize_config_dir

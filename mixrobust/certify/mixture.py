@@ -52,6 +52,15 @@ class Votes:
         return self.est / self.n
 
 
+def concat_votes(parts: Sequence[Votes]) -> Votes:
+    """The votes of disjoint image shards joined in order (as if sampled in one call)."""
+    def cat(name):
+        arrays = [getattr(p, name) for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    return Votes(cat("select"), cat("est"), parts[0].n, parts[0].votes, cat("est_sq"))
+
+
 def sample_votes(
     smoothed: SmoothedClassifier, x: torch.Tensor, n0: int, n: int, mode: Mode = "sound", soft_bound: str = "hoeffding",
     keys=None,

@@ -110,6 +110,22 @@ def aggregate(outcomes: Outcomes) -> list[dict]:
     return rows
 
 
+def concat_outcomes(parts: list[Outcomes]) -> Outcomes:
+    """Outcomes of disjoint example shards (same alphas, options, attacks), joined in the given order."""
+    first = parts[0]
+    for other in parts[1:]:
+        if (not np.array_equal(other.alphas, first.alphas) or other.options != first.options
+                or other.attacks != first.attacks):
+            raise ValueError("cannot join outcomes of different sweeps (alphas, options or attacks differ)")
+    return Outcomes(
+        alphas=first.alphas, options=first.options, attacks=first.attacks,
+        mix={k: np.concatenate([p.mix[k] for p in parts], axis=-1) for k in first.mix},
+        base={m: {k: np.concatenate([p.base[m][k] for p in parts]) for k in first.base[m]} for m in first.base},
+        index=np.concatenate([p.index for p in parts]), labels=np.concatenate([p.labels for p in parts]),
+        norm=first.norm, eps=first.eps, steps=first.steps, meta=first.meta,
+    )
+
+
 # --- the outcomes file ---------------------------------------------------------------------------
 
 def save_outcomes(path: str | os.PathLike, outcomes: Outcomes) -> Path:

@@ -101,3 +101,41 @@ def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "wo
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Accuracy vs eps for rows of one norm (an eps sweep): one panel per attack (columns; clean
+    only if there is no other) and mixing option (rows), one line per alpha of h^alpha (coloured
+    by alpha) and g, h as black dashed / dotted lines where they have rows for that attack."""
+    options = _options(rows) or [(None, None)]
+    present = list(dict.fromkeys(r["attack"] for r in rows))
+    attacks = [a for a in STYLES if a in present and a != "clean"] + [a for a in present if a not in STYLES]
+    attacks = attacks or ["clean"]
+    alphas = sorted({r["alpha"] for r in rows if r["model"] == "mix"})
+    fig, axes = plt.subplots(len(options), len(attacks), figsize=(4.2 * len(attacks), 3.4 * len(options)),
+                             squeeze=False, layout="constrained")
+    for i, option in enumerate(options):
+        for j, attack in enumerate(attacks):
+            ax = axes[i, j]
+            for alpha in alphas:
+                pts = sorted((r["eps"], r["accuracy"]) for r in rows if r["model"] == "mix" and r["alpha"] == alpha
+                             and (r["r_option"], r["mix_space"]) == option and r["attack"] == attack)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, color=plt.cm.viridis(0.9 * alpha),
+                            label=f"alpha={alpha:.3g}")
+            for model, ls in (("g", "--"), ("h", ":")):
+                pts = sorted((r["eps"], r["accuracy"]) for r in rows if r["model"] == model and r["attack"] == attack)
+                if pts:
+                    ax.plot(*zip(*pts), color="k", ls=ls, marker="x", ms=4, lw=1.0, label=model)
+            title = attack.upper() if attack != "clean" else attack
+            ax.set(xlabel=f"eps ({rows[0]['norm']})" if i == len(options) - 1 else "", ylabel="accuracy",
+                   ylim=(-0.02, 1.02),
+                   title=title if option == (None, None) else f"{title}, {option[0]} / {option[1]}")
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        axes[0, 0].legend(fontsize=6, loc="best")
+    ns = sorted({r["n"] for r in rows if r["n"] is not None})
+    fig.suptitle(f"Accuracy vs eps ({rows[0]['norm']}" + (f", n={ns[0]}" if len(ns) == 1 else "") + ")", fontsize=10)
+    return _save(fig, path)

@@ -42,7 +42,8 @@ from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_d
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
-from mixrobust.evaluation.outcomes import Outcomes, aggregate
+from mixrobust.evaluation.cache import DiskCache, tensor_digest
+from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
@@ -52,16 +53,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SweepResult:
-    """Per-example outcomes, Table-1 margins, pre-flight warnings and phase timings (seconds)."""
+    """Per-example outcomes, Table-1 margins, pre-flight warnings and phase timings (seconds).
+
+    `gaps` holds the per-example probability gaps the margins are computed from (last axis:
+    examples): ``g/clean``, ``g/std``, ``h/clean``, ``h/rob``, ``mix/clean`` (M, A, N) and, when MIX
+    ran, ``mix/mix``; `merge_results` joins the results of example shards through them.
+    """
 
     outcomes: Outcomes
     margins: dict
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    gaps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         """Result rows by the counting rule of `mixrobust.evaluation.outcomes`."""
         return aggregate(self.outcomes)
+
+
+def merge_results(parts: Sequence[SweepResult]) -> SweepResult:
+    """One result from the results of disjoint example shards, in shard order (exactly as one run would give).
+
+    Outcomes and gaps are concatenated along the example axis and the margins recomputed from them;
+    warnings are the first shard's (pre-flight runs on it), timings the slowest shard's per phase.
+    """
+    parts = list(parts)
+    outcomes = concat_outcomes([p.outcomes for p in parts])
+    gaps = {k: np.concatenate([p.gaps[k] for p in parts], axis=-1) for k in parts[0].gaps}
+    timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
+    return SweepResult(outcomes, margins_from(outcomes, gaps), list(parts[0].warnings), timings, gaps)
+
+
+def module_digest(model: nn.Module) -> str:
+    """sha256 of a model's class name and state (parameter and buffer names and values): its cache identity."""
+    state = model.state_dict()
+    names = f"{type(model).__module__}.{type(model).__qualname__}:" + ",".join(state)
+    return tensor_digest(torch.frombuffer(bytearray(names.encode()), dtype=torch.uint8), *state.values())
 
 
 def mix_cached(g_logits: Tensor, h_logits: Tensor, alphas: Sequence[float], mix_space: MixSpace | str) -> Tensor:
@@ -86,10 +113,14 @@ class _Judged:
 class _Sweep:
     """One sweep's state: models, data and the mixtures (vector alpha to judge, scalar to attack)."""
 
-    def __init__(self, g, h, x, y, alphas, options, attack, batch_size, detach_r):
+    def __init__(self, g, h, x, y, alphas, options, attack, batch_size, detach_r, cache: DiskCache | None = None):
         self.g, self.h, self.x, self.y = g, h, x, y
         self.alphas, self.options, self.batch_size = alphas, options, batch_size
         self.device = model_device(g, x.device)
+        self.cache = cache if cache is not None and cache.enabled else None
+        if self.cache is not None:  # what every entry of this sweep is keyed by
+            self.key_parts = {"g": module_digest(g), "h": module_digest(h), "data": tensor_digest(x, y.long()),
+                              "device": self.device.type, "batch_size": batch_size}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
@@ -103,9 +134,52 @@ class _Sweep:
                 parts.append(model(xb).float().to(x.device))
         return torch.cat(parts, dim=-2)
 
-    def judge(self, x: Tensor, y: Tensor) -> _Judged:
-        """Every model on image set `x` (n, C, H, W) with labels `y` (n,)."""
-        gl, hl = self.outputs(self.g, x), self.outputs(self.h, x)  # (n, K)
+    def base_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """g's and h's float32 outputs (n, K) on `x`."""
+        return self.outputs(self.g, x), self.outputs(self.h, x)
+
+    def clean_logits(self) -> tuple[Tensor, Tensor]:
+        """g's and h's outputs on the clean images, from the cache when it holds them."""
+        if self.cache is None:
+            return self.base_logits(self.x)
+        key = self.cache.key("logits", **self.key_parts)
+        entry = self.cache.get_or_compute(key, lambda: dict(zip(("g", "h"), self.base_logits(self.x))))
+        return entry["g"].to(self.x.device), entry["h"].to(self.x.device)
+
+    def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None):
+        """PGD on base model `target` ("g" or "h") for the examples where `keep` is True (all if None).
+
+        Returns (x_adv (n, ...), their indices (n,), (g's, h's outputs on x_adv) or None). With a
+        cache, the images and outputs of every example attacked so far under the same key (models,
+        data, attack, batch size, device) are read back, only the missing examples are attacked,
+        and the entry is extended; an example's images do not depend on which others are attacked
+        with it (no random start; with one, every example is attacked at once).
+        """
+        model = self.g if target == "g" else self.h
+        if self.cache is None:
+            x_adv, idx = self.run_attack(attack, model, keep)
+            return x_adv, idx, None
+        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
+        key = self.cache.key("adversarial", target=target, attack=repr(attack), **self.key_parts)
+        entry = self.cache.load(key)
+        have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
+        missing = np.setdiff1d(idx, have)
+        if len(missing) or entry is None:
+            x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing))
+            gl, hl = self.base_logits(x_new) if len(missing) else (torch.zeros(0), torch.zeros(0))
+            new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "g": gl.cpu(), "h": hl.cpu()}
+            if entry is not None:
+                order = np.argsort(np.concatenate([have, missing]), kind="stable")
+                new = {k: torch.cat([entry[k], new[k]])[torch.from_numpy(order)] for k in new}
+            self.cache.save(key, new)
+            entry = new
+        pos = torch.from_numpy(np.searchsorted(entry["index"].numpy(), idx))
+        dev = self.x.device
+        return entry["x_adv"][pos].to(dev), idx, (entry["g"][pos].to(dev), entry["h"][pos].to(dev))
+
+    def judge(self, x: Tensor, y: Tensor, logits: tuple[Tensor, Tensor] | None = None) -> _Judged:
+        """Every model on image set `x` (n, C, H, W) with labels `y` (n,) (`logits`: g's and h's outputs, if known)."""
+        gl, hl = logits if logits is not None else self.base_logits(x)  # (n, K)
         base = {name: ((out.argmax(1) == y).cpu().numpy(), probability_gap(out).cpu().numpy())
                 for name, out in (("g", gl), ("h", hl))}
         outs = [mix_cached(gl, hl, self.alphas, o.mix_space) if o.cached else self.outputs(mixer, x)
@@ -131,12 +205,12 @@ class _Sweep:
             return x, idx
         return attack_in_batches(attack, model, x, y, self.batch_size), idx
 
-    def judge_subset(self, clean: _Judged, x_adv: Tensor, idx: np.ndarray) -> _Judged:
+    def judge_subset(self, clean: _Judged, x_adv: Tensor, idx: np.ndarray, logits=None) -> _Judged:
         """`judge` on images that equal the clean ones except at `idx`: the rest is taken from `clean`."""
         base = {k: (c.copy(), v.copy()) for k, (c, v) in clean.base.items()}
         out = _Judged(base, clean.correct.copy(), clean.gap.copy())
         if len(idx):
-            part = self.judge(x_adv, self.y[torch.from_numpy(idx)])
+            part = self.judge(x_adv, self.y[torch.from_numpy(idx)], logits)
             for k, (c, v) in part.base.items():
                 out.base[k][0][idx], out.base[k][1][idx] = c, v
             out.correct[..., idx], out.gap[..., idx] = part.correct, part.gap
@@ -181,6 +255,7 @@ def run_sweep(
     detach_r: bool = False,
     preflight: bool = True,
     index: np.ndarray | None = None,
+    cache: DiskCache | None = None,
 ) -> SweepResult:
     """Sweep `alphas` for every mixing option of g and h on images `x` (N, C, H, W) in [0,1], labels `y` (N,).
 
@@ -190,7 +265,11 @@ def run_sweep(
     `autoattack` is the AutoAttack instance when ``autoattack`` is among `attacks`. Everything is
     validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
-    `index` (N,) records where the examples come from (default 0..N-1).
+    `index` (N,) records where the examples come from (default 0..N-1). With a `cache`
+    (`mixrobust.evaluation.cache.DiskCache`), g's and h's outputs on the clean images and the STD
+    and ROB images (with g's and h's outputs on them) are read from and written to it, keyed by
+    the models' weights, the images and labels, the attack, the batch size and the device type,
+    so the jobs of a sweep split over alpha compute them once.
     """
     alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size)
     if skip_misclassified and attack.random_start:
@@ -198,17 +277,17 @@ def run_sweep(
         skip_misclassified = False
     y = y.long()
     warnings = run_preflight({"g": g, "h": h}, x[:batch_size], y[:batch_size]) if preflight else []
-    sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r)
+    sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache)
     timings, t0 = {}, time.perf_counter()
 
-    clean = sweep.judge(x, y)
+    clean = sweep.judge(x, y, sweep.clean_logits())
     timings["clean"] = time.perf_counter() - t0
     judged = {}
     anyone = clean.base["g"][0] | clean.base["h"][0] | clean.correct.any(axis=(0, 1))  # (N,) right somewhere
-    for name, model in (("std", g), ("rob", h)):
+    for name, target in (("std", "g"), ("rob", "h")):
         t0 = time.perf_counter()
         keep = anyone if skip_misclassified else None
-        judged[name] = sweep.judge_subset(clean, *sweep.run_attack(attack, model, keep))
+        judged[name] = sweep.judge_subset(clean, *sweep.adversarial(attack, target, keep))
         timings[name] = time.perf_counter() - t0
         log.info("%s: PGD on %s done in %.1f s", name.upper(), "g" if name == "std" else "h", timings[name])
 
@@ -247,8 +326,11 @@ def run_sweep(
         meta={"attack": repr(attack), "autoattack": repr(autoattack) if autoattack is not None else None,
               "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r},
     )
-    margins = _margins(clean, judged, results.get("mix"), alphas, options)
-    return SweepResult(outcomes, margins, warnings, timings)
+    gaps = {"g/clean": clean.base["g"][1], "g/std": judged["std"].base["g"][1], "h/clean": clean.base["h"][1],
+            "h/rob": judged["rob"].base["h"][1], "mix/clean": clean.gap}
+    if "mix" in results:
+        gaps["mix/mix"] = results["mix"][1]
+    return SweepResult(outcomes, margins_from(outcomes, gaps), warnings, timings, gaps)
 
 
 def _attacked(gap: np.ndarray, correct: np.ndarray, clean_correct: np.ndarray) -> dict:
@@ -256,18 +338,18 @@ def _attacked(gap: np.ndarray, correct: np.ndarray, clean_correct: np.ndarray) -
     return margin_summary(gap[clean_correct], correct[clean_correct])
 
 
-def _margins(clean: _Judged, judged: dict, mix: tuple | None, alphas, options) -> dict:
+def margins_from(outcomes: Outcomes, gaps: dict[str, np.ndarray]) -> dict:
     """margins.json: g and h on clean / own-PGD images; each mixture on clean / MIX images."""
     out = {}
     for model, own in (("g", "std"), ("h", "rob")):
-        ok = clean.base[model][0]
-        out[model] = {"clean": margin_summary(clean.base[model][1], ok),
-                      "attacked": _attacked(judged[own].base[model][1], judged[own].base[model][0], ok),
-                      "attack": own}
+        ok = outcomes.base[model][CLEAN]
+        out[model] = {"clean": margin_summary(gaps[f"{model}/clean"], ok),
+                      "attacked": _attacked(gaps[f"{model}/{own}"], outcomes.base[model][own], ok), "attack": own}
+    clean, mix = outcomes.mix[CLEAN], "mix/mix" in gaps
     out["mix"] = [
         {"alpha": alpha, "r_option": o.r_option.value, "mix_space": o.mix_space.value, "attack": "mix" if mix else None,
-         "clean": margin_summary(clean.gap[m, a], clean.correct[m, a]),
-         "attacked": _attacked(mix[1][m, a], mix[0][m, a], clean.correct[m, a]) if mix else None}
-        for m, o in enumerate(options) for a, alpha in enumerate(alphas)
+         "clean": margin_summary(gaps["mix/clean"][m, a], clean[m, a]),
+         "attacked": _attacked(gaps["mix/mix"][m, a], outcomes.mix["mix"][m, a], clean[m, a]) if mix else None}
+        for m, o in enumerate(outcomes.options) for a, alpha in enumerate(outcomes.alphas.tolist())
     ]
     return out

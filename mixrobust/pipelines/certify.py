@@ -13,6 +13,7 @@ clean accuracy, or ``certify.target_accuracy``).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -28,6 +29,7 @@ from mixrobust.certify.mixture import (
     certify_baseline,
     certify_mixture,
     clean_accuracy_by_alpha,
+    concat_votes,
     sample_votes,
 )
 from mixrobust.certify.radii import check_alpha, check_sigma
@@ -36,7 +38,8 @@ from mixrobust.certify.smoothing import SmoothedClassifier
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, check_choice
 from mixrobust.mixing import check_compatible
-from mixrobust.pipelines.common import build_logger, finish_wandb, log, require_keys
+from mixrobust.pipelines.common import build_logger, finish_wandb, finished_run, log, require_keys, run_fingerprint
+from mixrobust.pipelines.distributed import check_devices, run_sharded
 from mixrobust.pipelines.evaluate import resolve_data, resolve_device, select_examples
 
 
@@ -161,8 +164,22 @@ def _log_to_logger(logger, summary: dict, paths: dict, cfg: DictConfig) -> None:
     logger.finalize("success")
 
 
+def _vote_shard(payload: dict, start: int, stop: int, device: torch.device) -> list:
+    """Votes of every smoothed model in ``payload["models"]`` on images [start, stop), sampled on `device`."""
+    x, keys, s = payload["x"][start:stop].to(device), payload["keys"][start:stop], payload["settings"]
+    out = []
+    for model, sigma, votes, seed, mode in payload["models"]:
+        smoothed = SmoothedClassifier(model.to(device), sigma, votes=votes, batch_size=s["batch_size"], seed=seed)
+        out.append(sample_votes(smoothed, x, s["n0"], s["n"], mode, s["soft_bound"], keys=keys))
+    return out
+
+
 def run(cfg: DictConfig) -> dict:
-    """Validate, load, sample h once, certify every alpha (and the baseline), write the files; returns the summary."""
+    """Validate, load, sample h once, certify every alpha (and the baseline), write the files; returns the summary.
+
+    Skips the work when ``cfg.output_dir`` already holds a finished run of the same configuration
+    (``resume: true``); ``distributed.devices: k`` samples the votes in k processes.
+    """
     require_keys(cfg, "g_ckpt", "h_ckpt", "certify", "output_dir")
     if cfg.certify.get("require_baseline", False) or OmegaConf.is_missing(cfg.certify, "baseline_ckpt"):
         require_keys(cfg, "certify.baseline_ckpt")
@@ -177,8 +194,19 @@ def run(cfg: DictConfig) -> dict:
         baseline = load_classifier(cfg.certify.baseline_ckpt, map_location=device)
         check_compatible(g, baseline)
         baseline_sigma = smoothing_sigma("the baseline", baseline, s["baseline_sigma"])
+    ckpts = [cfg.g_ckpt, cfg.h_ckpt] + ([cfg.certify.baseline_ckpt] if baseline is not None else [])
+    fingerprint = run_fingerprint(cfg, *ckpts)
+    files = ["certify.csv", "certified_accuracy.csv", "certify_summary.json"] + (
+        ["certified_accuracy.png"] if cfg.get("plots", True) else [])
+    if cfg.get("resume", True) and finished_run(output_dir, fingerprint, files, marker="certify_summary.json"):
+        summary = json.loads((output_dir / "certify_summary.json").read_text())
+        return {"summary": summary, "certificate": None, "baseline": None, "files": summary["files"],
+                "output_dir": str(output_dir), "skipped": True}
+    (output_dir / "certify_summary.json").unlink(missing_ok=True)  # an old marker must not vouch for new files
     datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
     x, y, index = select_examples(cfg, datamodule, g)
+    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), str(cfg.get("device", "auto")),
+                            len(y))
     x, y = x.to(device), y.to(device)
     log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
              datamodule.name, cfg.split, len(y), device, sigma, s["mode"], s["n0"], s["n"], s["failure_prob"])
@@ -187,19 +215,18 @@ def run(cfg: DictConfig) -> dict:
         logger = build_logger(cfg, str(output_dir))
         timings = {}
         start = time.perf_counter()
-        smoothed = SmoothedClassifier(h, sigma, votes=s["votes"], batch_size=s["batch_size"], seed=int(cfg.seed))
-        keys = index.tolist()
-        votes = sample_votes(smoothed, x, s["n0"], s["n"], s["mode"], s["soft_bound"], keys=keys)
-        timings["sample_h"] = time.perf_counter() - start
+        models = [(h, sigma, s["votes"], int(cfg.seed), s["mode"])]
+        if baseline is not None:  # Cohen et al.'s CERTIFY: hard votes, selection samples
+            models.append((baseline, baseline_sigma, "hard", int(cfg.seed) + 1, "sound"))
+        payload = {"x": x.cpu() if devices > 1 else x, "keys": index.tolist(), "settings": s, "models": models}
+        parts = run_sharded(_vote_shard, payload, len(y), devices, str(cfg.get("device", "auto")))
+        sampled = [concat_votes([p[i] for p in parts]) for i in range(len(models))]
+        votes = sampled[0]
+        timings["sample"] = time.perf_counter() - start
         labels = y.cpu().numpy()
         base_cert = None
         if baseline is not None:
-            start = time.perf_counter()
-            base_smooth = SmoothedClassifier(baseline, baseline_sigma, votes="hard", batch_size=s["batch_size"],
-                                             seed=int(cfg.seed) + 1)
-            base_cert = certify_baseline(sample_votes(base_smooth, x, s["n0"], s["n"], "sound", keys=keys), labels,
-                                         baseline_sigma, s["failure_prob"])
-            timings["certify_baseline"] = time.perf_counter() - start
+            base_cert = certify_baseline(sampled[1], labels, baseline_sigma, s["failure_prob"])
         g_log_probs = _log_probs(g, x, int(cfg.get("batch_size", 500)))
 
         # alpha selection on a fine grid (cheap: no sampling), then certify the chosen alpha as well
@@ -238,13 +265,14 @@ def run(cfg: DictConfig) -> dict:
                 "baseline": base_cert.clean_accuracy if base_cert is not None else None,
             },
             "alpha_selection": {**selection, "grid_accuracy": {repr(float(a)): float(v) for a, v in zip(fine, fine_acc)}},
-            "certified_accuracy": table,
+            "certified_accuracy": table, "processes": devices, "fingerprint": fingerprint,
             "timings": timings, "files": {k: str(v) for k, v in paths.items()},
         }
+        summary["files"]["certify_summary.json"] = str(output_dir / "certify_summary.json")
+        _log_to_logger(logger, summary, paths, cfg)
+        # last: its fingerprint marks the run finished (see resume)
         paths["certify_summary.json"] = write_json(output_dir / "certify_summary.json", summary)
-        summary["files"]["certify_summary.json"] = str(paths["certify_summary.json"])
         log.info("certification done (%.1f s sampling); selected alpha %s; results in %s",
                  sum(timings.values()), selection["alpha"], output_dir)
-        _log_to_logger(logger, summary, paths, cfg)
     return {"summary": summary, "certificate": cert, "baseline": base_cert, "files": summary["files"],
-            "output_dir": str(output_dir)}
+            "output_dir": str(output_dir), "skipped": False}

@@ -1,10 +1,13 @@
-"""Pieces shared by the pipelines: config checks, loggers, W&B life cycle."""
+"""Pieces shared by the pipelines: config checks, loggers, W&B life cycle, caches and resuming."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
@@ -33,12 +36,120 @@ def instantiate(node, *args, **kwargs):
         raise
 
 
+def hydra_job() -> dict | None:
+    """The Hydra job this code runs in: mode, sweep dir, job number and override strings (None outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return {"multirun": hc.mode is not None and hc.mode.name == "MULTIRUN", "sweep_dir": str(hc.sweep.dir),
+            "num": hc.job.get("num"), "overrides": list(hc.overrides.task),
+            "override_dirname": hc.job.override_dirname, "launcher": hc.launcher,
+            "experiment": hc.runtime.choices.get("experiment")}
+
+
+def wandb_run_settings(cfg: DictConfig, node) -> dict:
+    """W&B group, name, job type and tags for this job, where the logger config leaves them unset.
+
+    In a multirun every job is its own run, grouped under the sweep (its folder, e.g.
+    ``multirun/paper_fig2``), named after its overrides; the task and the experiment are tags.
+    """
+    job = hydra_job()
+    task = str(cfg.get("task", "train"))
+    tags = [t for t in (task, job and job["experiment"]) if t]
+    out = {"tags": list(node.get("tags") or []) + [t for t in tags if t not in (node.get("tags") or [])],
+           "job_type": node.get("job_type") or task}
+    if job and job["multirun"]:
+        out["group"] = node.get("group") or job["sweep_dir"]
+        out["name"] = node.get("name") or job["override_dirname"] or f"job{job['num']}"
+    return out
+
+
 def build_logger(cfg: DictConfig, output_dir: str):
-    """Instantiate ``cfg.logger`` (None or ``false`` disables logging). W&B defaults to offline mode."""
+    """Instantiate ``cfg.logger`` (None or ``false`` disables logging). W&B defaults to offline mode.
+
+    A W&B logger gets its sweep group, run name and tags (`wandb_run_settings`) and the job's
+    overrides in its config. If an online W&B run cannot start (no network, no login), the job
+    warns and logs offline instead, so a sweep never fails or hangs for lack of network.
+    """
     node = cfg.get("logger")
     if not node:
         return False
-    return instantiate(node, save_dir=output_dir)
+    if not str(node.get("_target_", "")).endswith("WandbLogger"):
+        return instantiate(node, save_dir=output_dir)
+    extra = wandb_run_settings(cfg, node)
+    job = hydra_job()
+    logger = instantiate(node, save_dir=output_dir, **extra)
+    try:
+        logger.experiment  # starts the run now, not in the middle of the work
+    except Exception as exc:  # wandb raises several types (CommError, UsageError, timeouts)
+        if node.get("offline", True):
+            raise
+        import wandb
+
+        log.warning("W&B online run could not start (%s: %s); logging offline instead (sync later with `wandb "
+                    "sync %s/wandb/offline-run-*`)", type(exc).__name__, exc, output_dir)
+        if wandb.run is not None:
+            wandb.finish(exit_code=1, quiet=True)
+        logger = instantiate(node, save_dir=output_dir, **{**extra, "offline": True})
+    logger.log_hyperparams({"job_overrides": job["overrides"] if job else []})
+    return logger
+
+
+# --- caches and resuming -------------------------------------------------------------------------
+
+def build_cache(cfg: DictConfig):
+    """The shared on-disk cache of ``cfg.cache`` (`mixrobust.evaluation.cache.DiskCache`), None when disabled."""
+    from mixrobust.evaluation.cache import DiskCache
+
+    node = cfg.get("cache")
+    if not node or not node.get("enabled", True):
+        return None
+    return DiskCache(node.dir)
+
+
+#: Keys that do not change any number a run reports (device: only in float rounding, and a local
+#: multi-GPU sweep hands a resumed job another GPU): they are left out of its fingerprint.
+VOLATILE_KEYS = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "preflight", "device", "hydra")
+
+
+def run_fingerprint(cfg: DictConfig, *checkpoints: str) -> str:
+    """sha256 of the resolved config (without `VOLATILE_KEYS`), the checkpoints' contents and the package version."""
+    from mixrobust import __version__
+    from mixrobust.evaluation.cache import file_digest
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in VOLATILE_KEYS:
+        container.pop(key, None)
+    resolved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(container)), resolve=True)
+    blob = json.dumps({"config": resolved, "checkpoints": [file_digest(c) for c in checkpoints],
+                       "version": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def finished_run(output_dir: str | Path, fingerprint: str, files: Sequence[str], marker: str = "run.json") -> bool:
+    """Whether `output_dir` holds a finished run with this fingerprint and every one of `files`.
+
+    The marker file is written last and atomically, so a run killed at any point has none (or an
+    old one); a finished run of a different configuration is recomputed with a warning.
+    """
+    path = Path(output_dir) / marker
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != fingerprint:
+        log.warning("%s holds a run of a different configuration (or checkpoints); recomputing it", output_dir)
+        return False
+    missing = [f for f in files if not (Path(output_dir) / f).is_file()]
+    if missing:
+        log.warning("%s lacks %s; recomputing it", output_dir, ", ".join(missing))
+        return False
+    log.info("%s already holds this run's results: skipped (resume=false recomputes)", output_dir)
+    return True
 
 
 @contextlib.contextmanager

@@ -34,12 +34,24 @@ from mixrobust.evaluation import (
     format_table,
     mix_options,
     parse_attacks,
+    read_results_csv,
     run_sweep,
     write_results,
 )
+from mixrobust.evaluation.report import FILES
+from mixrobust.evaluation.sweep import merge_results
 from mixrobust.mixing import alphas_from_gammas, check_compatible
 from mixrobust.mixing.options import check_alphas
-from mixrobust.pipelines.common import build_logger, finish_wandb, log, require_keys
+from mixrobust.pipelines.common import (
+    build_cache,
+    build_logger,
+    finish_wandb,
+    finished_run,
+    log,
+    require_keys,
+    run_fingerprint,
+)
+from mixrobust.pipelines.distributed import check_devices, run_sharded
 from mixrobust.threat import Norm, Threat
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -153,14 +165,32 @@ def _log_to_logger(logger, rows: list[dict], paths: dict, cfg: DictConfig) -> No
     logger.finalize("success")
 
 
+def _sweep_shard(payload: dict, start: int, stop: int, device: torch.device):
+    """`run_sweep` on examples [start, stop) (one process's shard), models moved to `device`."""
+    g, h = payload["g"].to(device), payload["h"].to(device)
+    part = slice(start, stop)
+    return run_sweep(g, h, payload["x"][part], payload["y"][part], index=payload["index"][part], **payload["kwargs"])
+
+
 def run(cfg: DictConfig) -> dict:
-    """Validate, load, sweep, write the results files; returns rows, margins and file paths."""
+    """Validate, load, sweep, write the results files; returns rows, margins and file paths.
+
+    Skips the work when ``cfg.output_dir`` already holds a finished run of the same configuration
+    (``resume: true``, the default; see `mixrobust.pipelines.common.finished_run`).
+    """
     require_keys(cfg, "g_ckpt", "h_ckpt", "threat", "attack", "mix", "output_dir")
     output_dir = Path(cfg.output_dir)
     settings = sweep_settings(cfg)
     device = resolve_device(str(cfg.get("device", "auto")))
     g, h = (load_classifier(cfg[k], map_location=device) for k in ("g_ckpt", "h_ckpt"))
     check_compatible(g, h)
+    fingerprint = run_fingerprint(cfg, cfg.g_ckpt, cfg.h_ckpt)
+    files = [f for f in FILES if f.endswith(".png") <= bool(cfg.get("plots", True))]
+    if cfg.get("resume", True) and finished_run(output_dir, fingerprint, files):
+        rows = read_results_csv(output_dir / "results.csv")
+        return {"rows": rows, "margins": None, "files": {f: str(output_dir / f) for f in files}, "seconds": 0.0,
+                "output_dir": str(output_dir), "skipped": True}
+    (output_dir / "run.json").unlink(missing_ok=True)  # an old run's marker must not vouch for new files
     datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
     threat = build_threat(cfg, h.record)
     attack = instantiate(cfg.attack)
@@ -172,27 +202,33 @@ def run(cfg: DictConfig) -> dict:
         autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=cfg.seed,
                                 implementation=cfg.autoattack.implementation, batch_size=cfg.batch_size)
     x, y, index = select_examples(cfg, datamodule, g)
-    log.info("evaluating %s (%s split, %d examples) on %s: %s", datamodule.name, cfg.split, len(y), device, attack)
+    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), str(cfg.get("device", "auto")),
+                            len(y))
+    cache = build_cache(cfg)
+    log.info("evaluating %s (%s split, %d examples) on %s%s: %s", datamodule.name, cfg.split, len(y), device,
+             f" x {devices} processes" if devices > 1 else "", attack)
+    payload = {"g": g, "h": h, "x": x, "y": y, "index": index.numpy(), "kwargs": dict(
+        alphas=settings["alphas"], attack=attack, options=settings["options"],
+        attacks=[a.value for a in settings["attacks"]], autoattack=autoattack, batch_size=int(cfg.batch_size),
+        skip_misclassified=bool(cfg.skip_misclassified), detach_r=settings["detach_r"],
+        preflight=bool(cfg.preflight), cache=cache)}
 
     with finish_wandb():
         logger = build_logger(cfg, str(output_dir))
         start = time.perf_counter()
-        result = run_sweep(
-            g, h, x, y, alphas=settings["alphas"], attack=attack, options=settings["options"],
-            attacks=[a.value for a in settings["attacks"]], autoattack=autoattack, batch_size=int(cfg.batch_size),
-            skip_misclassified=bool(cfg.skip_misclassified), detach_r=settings["detach_r"],
-            preflight=bool(cfg.preflight), index=index.numpy(),
-        )
+        parts = run_sharded(_sweep_shard, payload, len(y), devices, str(cfg.get("device", "auto")))
+        result = parts[0] if len(parts) == 1 else merge_results(parts)
         seconds = time.perf_counter() - start
         paths = write_results(output_dir, result, plots=bool(cfg.get("plots", True)))
         rows = result.rows()
-        write_json(output_dir / "run.json", {
+        _log_to_logger(logger, rows, paths, cfg)
+        write_json(output_dir / "run.json", {  # last: its fingerprint marks the run finished (see resume)
             "g_ckpt": str(cfg.g_ckpt), "h_ckpt": str(cfg.h_ckpt), "data": datamodule.name, "split": cfg.split,
             "n": len(y), "threat": threat.as_dict(), "attack": repr(attack), "autoattack": repr(autoattack),
-            "device": str(device), "seconds": seconds, "timings": result.timings, "warnings": result.warnings,
-            "g_record": g.record, "h_record": h.record,
+            "device": str(device), "processes": devices, "seconds": seconds, "timings": result.timings,
+            "warnings": result.warnings, "g_record": g.record, "h_record": h.record, "fingerprint": fingerprint,
+            "cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
         })
         log.info("sweep done in %.1f s; results in %s\n%s", seconds, output_dir, format_table(rows))
-        _log_to_logger(logger, rows, paths, cfg)
     return {"rows": rows, "margins": result.margins, "files": {k: str(v) for k, v in paths.items()},
-            "seconds": seconds, "output_dir": str(output_dir)}
+            "seconds": seconds, "output_dir": str(output_dir), "skipped": False}

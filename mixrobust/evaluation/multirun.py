@@ -1,0 +1,340 @@
+"""One report over a Hydra multirun sweep of ``evaluate.py task=mix`` jobs.
+
+A job folder is complete when it holds ``run.json`` and ``results.csv`` (run.json is written
+last, atomically, so its presence means every results file is final). Folders with ``.hydra/``
+but not both files are incomplete jobs (still running, failed, or not ``task=mix``): they are
+listed and left out. Jobs are found at any depth below the sweep folder, except in ``report/``
+and dot-folders, and ordered by their relative path with integer parts compared as numbers
+(``2`` before ``10``).
+
+`write_report` writes, atomically, into ``<sweep_dir>/report`` (or `out_dir`):
+
+- ``combined.csv``: every row of every completed job, in job order then the job's row order,
+  with the columns ``job,overrides,`` + `COLUMNS` (``overrides``: the job's Hydra overrides,
+  sorted, joined by spaces); floats keep full precision, None / NaN are empty cells. It holds no
+  timings, dates or absolute paths, so the same results give the same bytes however the jobs
+  finished or were resumed;
+- ``jobs.json``: the completed and incomplete jobs with their overrides, the stale ones (finished
+  jobs of an earlier launch into the same folder whose overrides the latest launch, recorded by
+  Hydra in ``multirun.yaml``, no longer asks for: left out) and the missing ones (asked for, not
+  finished);
+- with plots, from the rows deduplicated across jobs (`dedupe_for_plots`; g's and h's rows
+  repeat in every job of an alpha sweep): ``accuracy_vs_alpha.png`` and ``tradeoff.png`` (the
+  paper's Figures 2 and 1). If the rows span several (norm, eps) threat settings, one pair per
+  setting instead, e.g. ``accuracy_vs_alpha_linf_eps0.3.png``, plus ``robust_vs_eps.png``
+  (``robust_vs_eps_<norm>.png`` when several norms) for each norm with two or more eps values.
+  Plots of an earlier report that this one no longer writes are removed.
+
+`SweepReport` is a Hydra callback that writes the report when a multirun ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from mixrobust.atomic import write_json, write_text
+from mixrobust.errors import ConfigError
+from mixrobust.evaluation.outcomes import COLUMNS
+from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
+from mixrobust.evaluation.report import read_results_csv
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+JOB_FILES = ("run.json", "results.csv")
+#: Columns of combined.csv, in order.
+COMBINED_COLUMNS = ("job", "overrides", *COLUMNS)
+#: What identifies a result row across jobs (everything but the accuracy).
+ROW_KEY = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "steps", "n")
+PLOT_PREFIXES = ("accuracy_vs_alpha", "tradeoff", "robust_vs_eps")
+
+
+@dataclass
+class Job:
+    """A completed job: its folder, its name (path relative to the sweep folder), its Hydra
+    overrides and its results.csv rows."""
+
+    path: Path
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What `make_report` wrote: the output folder, file name -> path, the jobs used and the
+    incomplete job folders left out."""
+
+    out_dir: Path
+    files: dict[str, Path]
+    jobs: list[Job]
+    incomplete: list[Path]
+
+
+# --- finding jobs --------------------------------------------------------------------------------
+
+def _sort_key(relative: Path) -> tuple:
+    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in relative.parts)
+
+
+def _name(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def read_overrides(job_dir: Path) -> list[str]:
+    """The job's override strings from ``.hydra/overrides.yaml`` ([] if the file is absent or empty)."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    data = yaml.safe_load(path.read_text()) or []
+    if not isinstance(data, list):
+        raise ConfigError(f"{path} should hold a YAML list of override strings, not {type(data).__name__}")
+    return [str(x) for x in data]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}: it was not written by "
+                          "evaluate.py task=mix of this version; rerun that job or move it out of the sweep")
+    return [{c: row[c] for c in COLUMNS} for row in read_results_csv(path)]
+
+
+def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
+    """Completed jobs (with their rows) and incomplete job folders below `sweep_dir`, both sorted
+    (see the module docstring)."""
+    root = Path(sweep_dir)
+    done, incomplete = [], []
+    for folder, dirnames, filenames in os.walk(root):
+        here = Path(folder)
+        if all(f in filenames for f in JOB_FILES):
+            done.append(here)
+            dirnames[:] = []
+        elif ".hydra" in dirnames:
+            incomplete.append(here)
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (here == root and d == REPORT_DIR)]
+    done.sort(key=lambda p: _sort_key(p.relative_to(root)))
+    incomplete.sort(key=lambda p: _sort_key(p.relative_to(root)))
+    jobs = [Job(path=p, name=_name(p, root), overrides=read_overrides(p), rows=_read_rows(p / "results.csv"))
+            for p in done]
+    return jobs, incomplete
+
+
+def sweep_jobs(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
+    """The override sets of the jobs the latest launch into `sweep_dir` asked for, or None if unknown.
+
+    Hydra writes ``multirun.yaml`` into the sweep folder at every launch; its sweeper params and
+    command-line task overrides are expanded into jobs exactly as Hydra's basic sweeper does
+    (other sweepers' folders, or folders without the file, give None: every job counts).
+    """
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.load(path)
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
+    if sweeper is None or not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = OmegaConf.to_container(sweeper.get("params") or {}, resolve=False)
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+# --- rows ----------------------------------------------------------------------------------------
+
+def combine(jobs: list[Job]) -> list[dict]:
+    """Every row of every job, in job order then row order, with leading ``job`` and ``overrides``."""
+    return [{"job": job.name, "overrides": " ".join(sorted(job.overrides)), **{c: row[c] for c in COLUMNS}}
+            for job in jobs for row in job.rows]
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+def combined_csv(rows: list[dict]) -> str:
+    """CSV text with a header of `COMBINED_COLUMNS`, cells formatted as in `rows_to_csv`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COMBINED_COLUMNS)
+    writer.writerows([_cell(row[c]) for c in COMBINED_COLUMNS] for row in rows)
+    return buffer.getvalue()
+
+
+def _key(row: dict) -> tuple:
+    return tuple(None if isinstance(row[k], float) and math.isnan(row[k]) else row[k] for k in ROW_KEY)
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def dedupe_for_plots(rows: list[dict]) -> list[dict]:
+    """One row per `ROW_KEY`, the first seen. Rows with the same key but different accuracies (jobs
+    that differ in something else than alpha / eps, e.g. seed or checkpoints) give one warning per
+    pair of jobs."""
+    kept: dict[tuple, dict] = {}
+    conflicts: dict[tuple[str, str], list[tuple]] = {}
+    for row in rows:
+        key = _key(row)
+        first = kept.setdefault(key, row)
+        if first is not row and not _same(first["accuracy"], row["accuracy"]):
+            conflicts.setdefault((first.get("job", "?"), row.get("job", "?")), []).append(
+                (key, first["accuracy"], row["accuracy"]))
+    for (job_a, job_b), items in conflicts.items():
+        key, acc_a, acc_b = items[0]
+        log.warning("jobs %s and %s disagree on %d result row(s), e.g. %s: accuracy %r vs %r; the plots use "
+                    "job %s's (do the jobs differ in more than alpha / eps, e.g. seed or checkpoints?)",
+                    job_a, job_b, len(items), ", ".join(f"{k}={v}" for k, v in zip(ROW_KEY, key) if v is not None),
+                    acc_a, acc_b, job_a)
+    return list(kept.values())
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _eps_label(eps: float) -> str:
+    return f"{eps:.6g}"
+
+
+def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """The report's figures from deduplicated rows (see the module docstring); name -> path."""
+    out = Path(out_dir)
+    settings = sorted({(r["norm"], r["eps"]) for r in rows}, key=lambda s: (str(s[0]), s[1] or 0.0))
+    labels = [_eps_label(eps) if eps is not None else "none" for _, eps in settings]
+    if len({(n, lab) for (n, _), lab in zip(settings, labels)}) < len(settings):
+        labels = [repr(eps) for _, eps in settings]
+    paths: dict[str, Path] = {}
+    for (norm, eps), label in zip(settings, labels):
+        part = [r for r in rows if (r["norm"], r["eps"]) == (norm, eps)]
+        suffix = "" if len(settings) == 1 else f"_{norm}_eps{label}"
+        if not any(r["model"] == "mix" for r in part):
+            log.warning("no mixture rows for %s eps=%s: no accuracy-vs-alpha plots for it", norm, label)
+            continue
+        for column in ("n", "steps"):
+            values = {r[column] for r in part if r["attack"] != "clean" and r[column] is not None}
+            if len(values) > 1:
+                log.warning("the %s eps=%s rows come from jobs with different %s (%s): the plots overlay them",
+                            norm, label, column, ", ".join(map(str, sorted(values))))
+        for stem, plot in (("accuracy_vs_alpha", plot_accuracy_vs_alpha), ("tradeoff", plot_tradeoff)):
+            name = f"{stem}{suffix}.png"
+            paths[name] = plot(part, out / name)
+    if len(settings) > 1:
+        norms = sorted({str(n) for n, _ in settings})
+        for norm in norms:
+            part = [r for r in rows if str(r["norm"]) == norm]
+            if len({r["eps"] for r in part}) > 1:
+                name = "robust_vs_eps.png" if len(norms) == 1 else f"robust_vs_eps_{norm}.png"
+                paths[name] = plot_accuracy_vs_eps(part, out / name)
+    return paths
+
+
+def _remove_stale_plots(out: Path, keep: dict[str, Path]) -> None:
+    for path in sorted(out.glob("*.png")):
+        if path.name not in keep and path.name.startswith(PLOT_PREFIXES):
+            log.info("removing %s from an earlier report", path)
+            path.unlink(missing_ok=True)
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def _no_jobs_message(root: Path, incomplete: list[Path]) -> str:
+    msg = (f"no completed job in {root}: a job folder must hold {' and '.join(JOB_FILES)} (evaluate.py task=mix "
+           "writes run.json last, when the job finished); pass the folder of a `python evaluate.py -m ...` run "
+           "(its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
+    if incomplete:
+        msg += f"; {len(incomplete)} incomplete job(s): {', '.join(_name(p, root) for p in incomplete)}"
+    return msg
+
+
+def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                plots: bool = True) -> Report:
+    """Write the report of the sweep in `sweep_dir` (see the module docstring)."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise ConfigError(f"sweep folder {root} does not exist (or is not a folder); pass the folder of a "
+                          "`python evaluate.py -m ...` run (its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
+    jobs, incomplete = find_jobs(root)
+    wanted, stale = sweep_jobs(root), []
+    if wanted is not None:  # jobs of an earlier launch with another grid are not part of this sweep
+        stale = [j for j in jobs if frozenset(j.overrides) not in wanted]
+        jobs = [j for j in jobs if frozenset(j.overrides) in wanted]
+        if stale:
+            log.warning("%d job folder(s) in %s are not part of the latest launch (multirun.yaml); left out: %s",
+                        len(stale), root, ", ".join(j.name for j in stale))
+    if not jobs:
+        raise ConfigError(_no_jobs_message(root, incomplete))
+    if incomplete:
+        log.warning("%d job folder(s) in %s hold no %s (still running, failed, or not task=mix); left out: %s",
+                    len(incomplete), root, " + ".join(JOB_FILES), ", ".join(_name(p, root) for p in incomplete))
+    out = Path(out_dir) if out_dir is not None else root / REPORT_DIR
+    rows = combine(jobs)
+    files = {
+        "combined.csv": write_text(out / "combined.csv", combined_csv(rows)),
+        "jobs.json": write_json(out / "jobs.json", {
+            "completed": [{"job": j.name, "overrides": j.overrides, "rows": len(j.rows)} for j in jobs],
+            "incomplete": [{"job": _name(p, root), "overrides": read_overrides(p)} for p in incomplete],
+            "stale": [{"job": j.name, "overrides": j.overrides} for j in stale],
+            "missing": [] if wanted is None else sorted(
+                sorted(w) for w in set(wanted) - {frozenset(j.overrides) for j in jobs}),
+        }),
+    }
+    if plots:
+        files.update(write_plots(dedupe_for_plots(rows), out))
+    _remove_stale_plots(out, files)
+    return Report(out_dir=out, files=files, jobs=jobs, incomplete=incomplete)
+
+
+def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """`make_report`, returning file name -> path."""
+    return make_report(sweep_dir, out_dir, plots).files
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the sweep report into ``<hydra.sweep.dir>/report`` when a multirun ends.
+
+    Enable with ``hydra.callbacks.sweep_report._target_: mixrobust.evaluation.multirun.SweepReport``.
+    `plots` None follows the app's ``plots`` setting. A failing report is logged, not raised: the
+    jobs' results are already saved and ``evaluate.py task=report report.dir=...`` can redo it.
+    """
+
+    def __init__(self, plots: bool | None = None, out_dir: str | None = None) -> None:
+        self.plots = plots
+        self.out_dir = out_dir
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        if sweep_dir is None:
+            log.info("no hydra.sweep.dir in the config: no sweep report")
+            return
+        root = Path(str(sweep_dir))
+        plots = self.plots if self.plots is not None else bool(config.get("plots", True))
+        try:
+            if not root.is_dir() or not find_jobs(root)[0]:
+                log.info("no completed job in %s: no sweep report", root)
+                return
+            report = make_report(root, self.out_dir, plots=plots)
+        except Exception:  # the jobs' own results are safe; the report can be redone
+            log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s", root)
+            return
+        log.info("sweep report of %d job(s) in %s", len(report.jobs), report.out_dir)

@@ -1,0 +1,326 @@
+"""Where each job of a Hydra sweep runs: which GPU, how many CPU threads.
+
+Three launch modes (``python evaluate.py -m ... hydra/launcher=<choice>``, conf/hydra/launcher/):
+
+* ``basic`` (default) runs the jobs one after another in this process: each job gets ``cuda`` if
+  a GPU is visible, else ``cpu``; nothing else changes.
+* ``local_gpus`` runs one joblib (loky) worker process per visible GPU. Each job *leases* a GPU:
+  it takes an exclusive ``flock`` on ``<sweep dir>/.gpu_locks/<host>/gpu<k>.lock``, starting at
+  ``job_num % count`` and trying the next GPU while one is held, keeps the lock while it runs and
+  uses ``cuda:<k>``. ``local_cpus`` runs n_jobs CPU worker processes; each job then uses at most
+  ``cores // n_jobs`` torch threads so the workers do not oversubscribe the cores.
+* ``slurm`` submits a job array (hydra-submitit-launcher); each job sees the GPUs SLURM gave it
+  (usually one, used as ``cuda``; with several, the leases above apply within the allocation).
+
+Why leases rather than ``job_num % count``: joblib hands the next job to whichever worker is free,
+so which jobs run together depends on how long earlier ones took. With 2 GPUs, jobs 0 and 1 start on
+GPUs 0 and 1; if job 1 runs long while jobs 0 and 2 finish, job 3 starts next to it and
+``3 % 2 == 1``: two jobs on GPU 1 while GPU 0 idles. A lock per GPU, held for the job's lifetime and
+released explicitly (loky reuses worker processes between jobs, so process exit cannot be relied
+on), gives every concurrently running job its own GPU whatever the order; the modulo only picks
+where to start looking, and is the fallback when more jobs run than there are GPUs.
+
+The decision is the pure function `plan_placement` (testable without Hydra or GPUs);
+`job_placement` reads the Hydra runtime, applies the plan and holds the lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from mixrobust.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LEASE = "lease"
+"""`Placement.device` value meaning: lease a GPU (`lease_gpu`), then use ``cuda:<k>``."""
+
+LOCK_DIR_NAME = ".gpu_locks"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one job runs.
+
+    device: a torch device string (``cpu``, ``cuda``, ``cuda:1``, ...) or `LEASE`.
+    threads: the torch CPU thread count to set for the job, or None to leave it alone.
+    """
+
+    device: str
+    threads: int | None = None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def visible_gpus() -> int:
+    """Number of CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use: joblib's count (affinity mask, cgroup quota), else os.cpu_count()."""
+    try:
+        from joblib import cpu_count
+
+        return max(1, int(cpu_count()))
+    except Exception:  # joblib missing or unable to read the limits
+        return max(1, os.cpu_count() or 1)
+
+
+def gpu_for_job(job_num: int, count: int) -> int:
+    """The GPU index that job `job_num` starts looking at among `count` GPUs: ``job_num % count``."""
+    _check_int("GPU count", count, 1)
+    _check_int("job number", job_num, 0)
+    return job_num % count
+
+
+def effective_n_jobs(n_jobs: int, cpu_count: int) -> int:
+    """Joblib's meaning of n_jobs: a positive number as is, -1 = all cores, -2 = all but one, ..."""
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+        raise ConfigError(f"hydra.launcher.n_jobs must be a non-zero integer, got {n_jobs!r}")
+    return n_jobs if n_jobs > 0 else max(1, cpu_count + 1 + n_jobs)
+
+
+def plan_placement(
+    device: str,
+    multirun: bool,
+    gpu_count: int,
+    n_jobs: int | None = None,
+    cpu_count: int = 1,
+    current_threads: int | None = None,
+) -> Placement:
+    """Decide where a job runs (pure; see the module docstring).
+
+    device: the config's device, ``auto`` or a torch device string (used as given).
+    multirun: whether this is a job of a Hydra ``-m`` sweep.
+    gpu_count: visible CUDA devices.
+    n_jobs: the launcher's ``n_jobs`` (joblib) or None (basic, SLURM: one job per process/allocation).
+    cpu_count: cores available to the sweep's process.
+    current_threads: torch's thread count now (OMP_NUM_THREADS, which loky also sets in its
+        workers); the plan never raises it, only lowers it to ``cpu_count // n_jobs``.
+    """
+    if not isinstance(device, str) or not device:
+        raise ConfigError(f"device must be 'auto' or a torch device string, got {device!r}")
+    _check_int("GPU count", gpu_count, 0)
+    _check_int("CPU count", cpu_count, 1)
+    if device == "auto":
+        if multirun and gpu_count >= 2:
+            resolved = LEASE
+        else:
+            resolved = "cuda" if gpu_count else "cpu"
+    else:
+        import torch
+
+        try:
+            torch.device(device)
+        except RuntimeError as err:
+            raise ConfigError(f"device must be 'auto' or a torch device string, got {device!r}: {err}") from None
+        resolved = device
+    threads = None
+    if multirun and resolved.split(":")[0] == "cpu" and n_jobs is not None:
+        parallel = effective_n_jobs(n_jobs, cpu_count)
+        if parallel > 1:
+            threads = max(1, cpu_count // parallel)
+            if current_threads is not None and current_threads >= 1:
+                threads = min(threads, current_threads)
+    return Placement(resolved, threads)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`; None if another holder has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def lease_gpu(count: int, lock_dir: str | os.PathLike[str], job_num: int) -> Iterator[int]:
+    """Hold a GPU index exclusively among the jobs that share `lock_dir`, for the ``with`` block.
+
+    Tries GPUs ``job_num % count``, then the next ones (wrapping around), taking a non-blocking
+    exclusive ``flock`` on ``lock_dir/gpu<k>.lock``; the first one free is yielded and its lock
+    released on exit (explicitly: worker processes outlive jobs). If every GPU is held (more
+    concurrent jobs than GPUs), or the file system cannot lock, yields ``job_num % count`` unlocked
+    and logs a warning.
+    """
+    start = gpu_for_job(job_num, count)
+    lock_dir = Path(lock_dir)
+    fd: int | None = None
+    gpu = start
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for offset in range(count):
+            k = (start + offset) % count
+            fd = _try_lock(lock_dir / f"gpu{k}.lock")
+            if fd is not None:
+                gpu = k
+                break
+    except OSError as err:  # e.g. ENOLCK on a file system without locks, read-only sweep dir
+        log.warning("cannot lock GPUs under %s (%s); job %d uses GPU %d without a lease", lock_dir, err, job_num, gpu)
+    else:
+        if fd is None:
+            log.warning(
+                "all %d GPUs are leased by running jobs (more concurrent jobs than GPUs; lower "
+                "hydra.launcher.n_jobs); job %d shares GPU %d",
+                count, job_num, gpu,
+            )
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid={os.getpid()} host={socket.gethostname()} job={job_num}\n".encode())
+            log.info("job %d leased GPU %d (%s)", job_num, gpu, lock_dir / f"gpu{gpu}.lock")
+    try:
+        yield gpu
+    finally:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+
+def gpu_lock_dir(sweep_dir: str | os.PathLike[str]) -> Path:
+    """``<sweep_dir>/.gpu_locks/<host>[-<CUDA_VISIBLE_DEVICES>]``: one lock namespace per set of GPUs.
+
+    The host and visible-device list keep jobs on other nodes of a shared file system (SLURM), or
+    with other GPUs of the same node, from contending for locks of GPUs they do not see.
+    """
+    key = socket.gethostname()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        key += "-" + visible
+    return Path(sweep_dir) / LOCK_DIR_NAME / re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+
+
+@dataclass(frozen=True)
+class _HydraJob:
+    multirun: bool
+    job_num: int
+    n_jobs: int | None
+    sweep_dir: Path | None
+
+
+def _hydra_job() -> _HydraJob:
+    """What `job_placement` needs from the Hydra runtime (a plain, single run outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return _HydraJob(False, 0, None, None)
+    hc = HydraConfig.get()
+    if hc.get("mode") != RunMode.MULTIRUN:
+        return _HydraJob(False, 0, None, None)
+    try:
+        job_num = int(hc.job.num)
+    except Exception:  # missing in an odd launcher
+        job_num = 0
+    try:
+        n_jobs = hc.launcher.get("n_jobs")
+    except Exception:  # an interpolation that cannot resolve here
+        n_jobs = None
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int):
+        n_jobs = None
+    sweep_dir = Path(str(hc.sweep.dir))
+    if not sweep_dir.is_absolute():  # relative to where the sweep was started (hydra.job.chdir may move cwd)
+        sweep_dir = Path(str(hc.runtime.cwd)) / sweep_dir
+    return _HydraJob(True, job_num, n_jobs, sweep_dir)
+
+
+@contextlib.contextmanager
+def job_placement(device: str = "auto") -> Iterator[str]:
+    """Place the current job; yields the torch device string to use for the ``with`` block.
+
+    Outside a Hydra multirun, with an explicit `device` or with fewer than 2 visible GPUs: ``cuda``
+    if a GPU is visible else ``cpu`` for ``auto``, `device` unchanged otherwise. In a multirun job
+    with >= 2 GPUs and ``auto``: leases a GPU (`lease_gpu`, lock dir `gpu_lock_dir`), makes it the
+    current CUDA device and yields ``cuda:<k>``; its cached memory is freed and the lease released
+    on exit. On CPU in a joblib multirun with n_jobs > 1: at most ``cores // n_jobs`` torch
+    threads for the block.
+    """
+    import torch
+
+    job = _hydra_job()
+    gpu_count = visible_gpus()
+    threads_before = torch.get_num_threads()
+    cpu_count = available_cpus()
+    plan = plan_placement(
+        device,
+        multirun=job.multirun,
+        gpu_count=gpu_count,
+        n_jobs=job.n_jobs,
+        cpu_count=cpu_count,
+        current_threads=threads_before,
+    )
+    if plan.threads is not None:
+        log.info(
+            "job %d: %d torch threads (%d cores, n_jobs=%s, %d threads before)",
+            job.job_num, plan.threads, cpu_count, job.n_jobs, threads_before,
+        )
+        if plan.threads != threads_before:
+            torch.set_num_threads(plan.threads)
+    try:
+        if plan.device == LEASE:
+            assert job.sweep_dir is not None
+            with lease_gpu(gpu_count, gpu_lock_dir(job.sweep_dir), job.job_num) as k:
+                torch.cuda.set_device(k)
+                try:
+                    yield f"cuda:{k}"
+                finally:
+                    # the worker process outlives the job: give its cached blocks back for the next lessee
+                    torch.cuda.empty_cache()
+        else:
+            yield plan.device
+    finally:
+        if plan.threads is not None and torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+
+
+@contextlib.contextmanager
+def placed(cfg, device_key: str, *, gpu_only: bool = False) -> Iterator[None]:
+    """Run a pipeline's ``with`` block with its device placed by `job_placement`.
+
+    ``cfg[device_key]`` (e.g. ``device``: auto / cpu / cuda) is replaced, for the block, by the
+    device the job was given (``cuda:<k>`` for a leased GPU in a local multi-GPU sweep). For the
+    Lightning trainer (``gpu_only``) a leased GPU becomes ``trainer.devices=[k]``.
+    """
+    from omegaconf import open_dict
+
+    if gpu_only:  # train.py: only a one-GPU trainer is placed; DDP and CPU trainers keep their settings
+        t = cfg.trainer
+        wanted = "auto" if t.get("accelerator") in ("gpu", "cuda", "auto") and str(t.get("devices")) == "1" else "cpu"
+        with job_placement(wanted) as device:
+            if device.startswith("cuda:"):
+                with open_dict(cfg):
+                    t.devices = [int(device.split(":")[1])]
+            yield
+        return
+    if int(cfg.get("distributed", {}).get("devices", 1)) > 1:  # several processes: Fabric places them
+        yield
+        return
+    with job_placement(str(cfg.get(device_key, "auto"))) as device:
+        with open_dict(cfg):
+            cfg[device_key] = device
+        yield

@@ -1,0 +1,303 @@
+"""Per-job placement for multirun sweeps: GPU choice, GPU leases, CPU threads, launcher configs."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+from pathlib import Path
+
+import pytest
+
+from mixrobust import launch
+from mixrobust.errors import ConfigError
+from mixrobust.launch import LEASE, Placement, gpu_for_job, lease_gpu, plan_placement
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+LAUNCHERS = sorted(p.stem for p in (REPO / "conf" / "hydra" / "launcher").glob("*.yaml"))
+LOGGER = "mixrobust.launch"
+
+
+@pytest.mark.parametrize(
+    ("job_num", "count", "expected"),
+    [(0, 1, 0), (5, 1, 0), (0, 4, 0), (3, 4, 3), (4, 4, 0), (9, 4, 1), (7, 3, 1)],
+)
+def test_gpu_for_job(job_num, count, expected):
+    assert gpu_for_job(job_num, count) == expected
+
+
+@pytest.mark.parametrize(("job_num", "count"), [(0, 0), (1, -2), (0, 1.5), (0, True), (-1, 2)])
+def test_gpu_for_job_rejects_bad_input(job_num, count):
+    with pytest.raises(ConfigError):
+        gpu_for_job(job_num, count)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        # single run: the visible GPU or the CPU, no lease, threads left alone
+        (dict(device="auto", multirun=False, gpu_count=0), Placement("cpu")),
+        (dict(device="auto", multirun=False, gpu_count=4), Placement("cuda")),
+        (dict(device="auto", multirun=False, gpu_count=0, n_jobs=4, cpu_count=8), Placement("cpu")),
+        # multirun: lease only with >= 2 GPUs
+        (dict(device="auto", multirun=True, gpu_count=0), Placement("cpu")),
+        (dict(device="auto", multirun=True, gpu_count=1), Placement("cuda")),
+        (dict(device="auto", multirun=True, gpu_count=4), Placement(LEASE)),
+        (dict(device="auto", multirun=True, gpu_count=4, n_jobs=4, cpu_count=16), Placement(LEASE)),
+        # an explicit device is used as given
+        (dict(device="cuda:1", multirun=True, gpu_count=4), Placement("cuda:1")),
+        (dict(device="cuda", multirun=False, gpu_count=0), Placement("cuda")),
+        (dict(device="cpu", multirun=True, gpu_count=4), Placement("cpu")),
+        # joblib on CPU: cores // n_jobs threads, never more than now, never below 1
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=2, cpu_count=8), Placement("cpu", 4)),
+        (dict(device="cpu", multirun=True, gpu_count=4, n_jobs=3, cpu_count=8), Placement("cpu", 2)),
+        (dict(device="auto", multirun=True, gpu_count=1, n_jobs=2, cpu_count=8), Placement("cuda")),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=16, cpu_count=8), Placement("cpu", 1)),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=2, cpu_count=8, current_threads=1), Placement("cpu", 1)),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=2, cpu_count=8, current_threads=8), Placement("cpu", 4)),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=1, cpu_count=8), Placement("cpu")),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=None, cpu_count=8), Placement("cpu")),
+        # joblib's negative n_jobs: -1 = all cores, -2 = all but one
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=-1, cpu_count=8), Placement("cpu", 1)),
+        (dict(device="auto", multirun=True, gpu_count=0, n_jobs=-5, cpu_count=8), Placement("cpu", 2)),
+    ],
+)
+def test_plan_placement(kwargs, expected):
+    assert plan_placement(**kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(device="gpu", multirun=False, gpu_count=0),
+        dict(device="", multirun=False, gpu_count=0),
+        dict(device="auto", multirun=True, gpu_count=-1),
+        dict(device="auto", multirun=True, gpu_count=0, n_jobs=0, cpu_count=4),
+        dict(device="auto", multirun=True, gpu_count=0, n_jobs=2, cpu_count=0),
+    ],
+)
+def test_plan_placement_rejects_bad_input(kwargs):
+    with pytest.raises(ConfigError):
+        plan_placement(**kwargs)
+
+
+def test_lease_gpu_nested_leases_fallback_and_release(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with lease_gpu(2, tmp_path, job_num=1) as first:
+        assert first == 1  # starts at job_num % count
+        with lease_gpu(2, tmp_path, job_num=3) as second:
+            assert second == 0  # GPU 1 is held: wraps around to the free one
+            caplog.clear()
+            with lease_gpu(2, tmp_path, job_num=5) as third:
+                assert third == 1  # all held: plain modulo, with a warning
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+            assert len(warnings) == 1 and "job 5 shares GPU 1" in warnings[0].getMessage()
+        # GPU 0 was released when the second lease ended
+        caplog.clear()
+        with lease_gpu(2, tmp_path, job_num=1) as again:
+            assert again == 0
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu0.lock", "gpu1.lock"]
+    assert "job=1" in (tmp_path / "gpu1.lock").read_text()
+
+
+def test_lease_gpu_releases_on_error(tmp_path):
+    with pytest.raises(RuntimeError):
+        with lease_gpu(2, tmp_path, job_num=0):
+            raise RuntimeError("job failed")
+    with lease_gpu(2, tmp_path, job_num=0) as gpu:
+        assert gpu == 0
+
+
+def _wait(release) -> None:
+    release.wait(60)
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_lease_gpu_released_while_forked_children_live(tmp_path):
+    # DataLoader workers forked during a job inherit the lock's file description: closing the
+    # job's copy alone would leave the GPU locked until they exit; the explicit unlock frees it
+    ctx = multiprocessing.get_context("fork")
+    release = ctx.Event()
+    with lease_gpu(2, tmp_path, job_num=0) as gpu:
+        assert gpu == 0
+        child = ctx.Process(target=_wait, args=(release,))
+        child.start()
+    try:
+        assert child.is_alive()
+        with lease_gpu(2, tmp_path, job_num=2) as again:
+            assert again == 0
+    finally:
+        release.set()
+        child.join(60)
+
+
+def test_lease_gpu_rejects_zero_gpus(tmp_path):
+    with pytest.raises(ConfigError):
+        with lease_gpu(0, tmp_path, job_num=0):
+            pass
+
+
+def _hold_lease(lock_dir: str, job_num: int, leased, release) -> None:
+    with lease_gpu(3, lock_dir, job_num) as gpu:
+        leased.put((job_num, gpu))
+        release.wait(60)
+
+
+def test_lease_gpu_across_processes_gives_distinct_gpus(tmp_path):
+    # fork, where there is one: spawned children would each re-import torch (seconds apiece); forked
+    # ones open their own lock files after the fork, so they contend exactly as separate jobs do
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    leased, release = ctx.Queue(), ctx.Event()
+    # 0, 3 and 6 all start at GPU 0: plain modulo would put the three jobs on one GPU
+    procs = [ctx.Process(target=_hold_lease, args=(str(tmp_path), n, leased, release)) for n in (0, 3, 6)]
+    for p in procs:
+        p.start()
+    try:
+        got = [leased.get(timeout=120) for _ in procs]
+    except queue.Empty:
+        pytest.fail("a process did not report its lease")
+    finally:
+        release.set()
+        for p in procs:
+            p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(gpu for _, gpu in got) == [0, 1, 2]
+
+
+def test_gpu_lock_dir_is_per_host_and_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    plain = launch.gpu_lock_dir(tmp_path)
+    assert plain.parent == tmp_path / ".gpu_locks"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    other = launch.gpu_lock_dir(tmp_path)
+    assert other.parent == plain.parent and other.name == plain.name + "-2_3"
+
+
+def _multirun_hydra_config(tmp_path, launcher: str, job_num: int):
+    from hydra import compose, initialize_config_dir
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = job_num
+        cfg.hydra.sweep.dir = "sweep"  # relative: resolved against hydra.runtime.cwd
+        cfg.hydra.runtime.cwd = str(tmp_path)
+    return cfg
+
+
+@pytest.fixture
+def hydra_runtime():
+    """Install a Hydra config as the running job's (HydraConfig.get()), and remove it afterwards."""
+    from hydra.core.hydra_config import HydraConfig
+
+    yield lambda cfg: HydraConfig.instance().set_config(cfg)
+    HydraConfig.instance().cfg = None
+
+
+def test_job_placement_outside_hydra_and_explicit_device(monkeypatch):
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    with launch.job_placement() as device:
+        assert device == "cpu"
+    with launch.job_placement("cuda:3") as device:
+        assert device == "cuda:3"
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
+    with launch.job_placement() as device:
+        assert device == "cuda"  # not a multirun: no lease
+
+
+def test_job_placement_multirun_leases_a_gpu(tmp_path, monkeypatch, hydra_runtime):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
+    selected = []
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    elsewhere = tmp_path / "elsewhere"  # the job's cwd (hydra.job.chdir); the sweep dir is not under it
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    hydra_runtime(_multirun_hydra_config(tmp_path, "local_gpus", job_num=5))
+    lock_dir = launch.gpu_lock_dir(tmp_path / "sweep")
+    with lease_gpu(4, lock_dir, job_num=1):  # another running job holds GPU 1
+        with launch.job_placement() as device:
+            assert device == "cuda:2" and selected == [2]
+            assert "job=5" in (lock_dir / "gpu2.lock").read_text()
+        with launch.job_placement("cpu") as device:
+            assert device == "cpu"  # explicit device: no lease
+
+
+def test_job_placement_multirun_limits_cpu_threads(tmp_path, monkeypatch, hydra_runtime, caplog):
+    import torch
+
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
+    hydra_runtime(_multirun_hydra_config(tmp_path, "local_cpus", job_num=0))  # n_jobs: 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(6)
+        with launch.job_placement() as device:
+            assert device == "cpu"
+            assert torch.get_num_threads() == 4  # 8 cores // 2 jobs
+        assert torch.get_num_threads() == 6  # restored
+        assert any("4 torch threads" in r.getMessage() for r in caplog.records)
+        torch.set_num_threads(2)
+        with launch.job_placement():
+            assert torch.get_num_threads() == 2  # never raised above what was set (OMP_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", LAUNCHERS)
+def test_launcher_config_composes_and_target_resolves(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    node = cfg.hydra.launcher
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == name
+    if name == "slurm":
+        assert node.submitit_folder.endswith("/.submitit/%j")
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+        # every key is one the plugin knows (a typo would be silently passed to sbatch or fail late)
+        assert set(node) <= set(OmegaConf.structured(SlurmQueueConf))
+    else:
+        n_jobs = OmegaConf.to_container(node, resolve=True)["n_jobs"]
+        assert isinstance(n_jobs, int) and n_jobs >= 1
+        if name == "local_gpus":
+            import torch
+
+            assert n_jobs == max(1, torch.cuda.device_count())
+    cls = get_class(node._target_)
+    assert cls.__name__ == {"slurm": "SlurmLauncher"}.get(name, "JoblibLauncher")
+
+
+def test_expected_launchers_exist():
+    assert {"local_cpus", "local_gpus", "slurm"} <= set(LAUNCHERS)
+
+
+def test_gpu_count_resolver():
+    import torch
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"n": "${mr.gpu_count:}"})
+    assert cfg.n == max(1, torch.cuda.device_count())
+
+
+def test_gpu_count_resolver_is_at_least_one(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 3
