@@ -255,3 +255,42 @@ def test_report_pipeline_logs_to_wandb(tmp_path, monkeypatch):
     cfg.logger.group = "fig2"  # an explicit logger.group wins (the jobs used it too)
     report_pipeline.run(cfg)
     assert seen["group"] == "fig2"
+
+
+def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path):
+    """multirun.yaml (written by Hydra at each launch) says which jobs the latest launch asked for."""
+    sweep = alpha_sweep(tmp_path / "sweep")  # three jobs: alphas 0.25, 0.5, 0.75
+    multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                                      "params": {"mix.alphas": "[0.25],[0.5],[0.9]"}},
+                          "overrides": {"task": ["threat.eps=0.3", "mix.mix_spaces=[prob,logit]"]}}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    write_report(sweep)
+    jobs = json.loads((sweep / "report" / "jobs.json").read_text())
+    assert [j["job"] for j in jobs["completed"]] == ["0", "1"]
+    assert [j["job"] for j in jobs["stale"]] == ["2"]  # alpha 0.75 is not in the latest grid
+    assert jobs["missing"] == [sorted(["mix.alphas=[0.9]", "threat.eps=0.3", "mix.mix_spaces=[prob,logit]"])]
+    assert {r["job"] for r in read_csv(sweep / "report" / "combined.csv")} == {"0", "1"}
+
+
+def test_certification_jobs_get_a_combined_csv_and_one_figure_each(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, sigma in enumerate((0.25, 0.5)):
+        job = sweep / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"h_ckpt=rs{sigma}.ckpt"]))
+        rows = [{"model": "mix", "alpha": a, "theorem": t, "radius": r, "certified_accuracy": (1 - r) * a * (1 - i / 4)}
+                for a in (0.5, 1.0) for t in ("rs", "lipschitz") for r in (0.0, 0.5)]
+        rows.append({"model": "baseline", "alpha": "", "theorem": "cohen", "radius": 0.0, "certified_accuracy": 0.7})
+        with open(job / "certified_accuracy.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["model", "alpha", "theorem", "radius", "certified_accuracy"])
+            writer.writeheader()
+            writer.writerows(rows)
+        (job / "certify_summary.json").write_text(json.dumps({"sigma": sigma, "alpha_selection": {"alpha": 0.5}}))
+    files = write_report(sweep)
+    assert "combined.csv" not in files and {"certified_accuracy_0.png", "certified_accuracy_1.png"} <= set(files)
+    combined = read_csv(sweep / "report" / "combined_certified.csv")
+    assert len(combined) == 2 * 9 and list(combined[0]) == ["job", "overrides", "sigma", "model", "alpha", "theorem",
+                                                            "radius", "certified_accuracy"]
+    assert {(r["job"], r["sigma"]) for r in combined} == {("0", "0.25"), ("1", "0.5")}
+    got = [float(r["certified_accuracy"]) for r in combined if r["job"] == "1" and r["model"] == "mix"]
+    assert got == pytest.approx([(1 - r) * a * 0.75 for a in (0.5, 1.0) for _ in range(2) for r in (0.0, 0.5)])

@@ -364,3 +364,25 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep(ckpts, tmp_path):
         assert f"mix.alphas=[{'0.4' if job == '0' else '0.7'}]" in run.display_name
         assert "eval/results/_type" in keys  # the results table
     assert runs["0"].run_id != runs["1"].run_id
+
+
+def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    """No API key (as on a cluster node without network or login): the job warns and logs offline."""
+    import wandb
+
+    from mixrobust.pipelines.common import build_logger
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    cfg = OmegaConf.create({"task": "mix", "logger": {"_target_": "lightning.pytorch.loggers.WandbLogger",
+                                                      "project": "mixrobust", "offline": False, "tags": []}})
+    with caplog.at_level(logging.WARNING, logger="mixrobust"):
+        logger = build_logger(cfg, str(tmp_path / "run"))
+    try:
+        assert "logging offline instead" in caplog.text and logger._offline
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    finally:
+        wandb.finish()
+        monkeypatch.delenv("WANDB_MODE", raising=False)  # WandbLogger sets it for offline runs

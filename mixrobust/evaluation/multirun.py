@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -44,6 +45,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.atomic import write_json, write_text
+from mixrobust.certify.report import CURVE_COLUMNS, plot_certified_accuracy
+from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.outcomes import COLUMNS
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
@@ -53,11 +56,15 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 JOB_FILES = ("run.json", "results.csv")
+#: The files of a finished certification job (evaluate.py task=certify; the summary is written last).
+CERTIFY_FILES = ("certify_summary.json", "certified_accuracy.csv")
 #: Columns of combined.csv, in order.
 COMBINED_COLUMNS = ("job", "overrides", *COLUMNS)
 #: What identifies a result row across jobs (everything but the accuracy).
 ROW_KEY = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "steps", "n")
-PLOT_PREFIXES = ("accuracy_vs_alpha", "tradeoff", "robust_vs_eps")
+PLOT_PREFIXES = ("accuracy_vs_alpha", "tradeoff", "robust_vs_eps", "certified_accuracy_")
+#: Columns of combined_certified.csv, in order.
+CERTIFIED_COLUMNS = ("job", "overrides", "sigma", *CURVE_COLUMNS)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Job:
     name: str
     overrides: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    kind: str = "mix"  # "mix": results.csv rows; "certify": certified_accuracy.csv rows
 
 
 @dataclass
@@ -120,7 +128,7 @@ def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
     done, incomplete = [], []
     for folder, dirnames, filenames in os.walk(root):
         here = Path(folder)
-        if all(f in filenames for f in JOB_FILES):
+        if all(f in filenames for f in JOB_FILES) or all(f in filenames for f in CERTIFY_FILES):
             done.append(here)
             dirnames[:] = []
         elif ".hydra" in dirnames:
@@ -131,6 +139,9 @@ def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
     done.sort(key=lambda p: _sort_key(p.relative_to(root)))
     incomplete.sort(key=lambda p: _sort_key(p.relative_to(root)))
     jobs = [Job(path=p, name=_name(p, root), overrides=read_overrides(p), rows=_read_rows(p / "results.csv"))
+            if (p / "results.csv").is_file() else
+            Job(path=p, name=_name(p, root), overrides=read_overrides(p),
+                rows=read_curve_rows(p / "certified_accuracy.csv"), kind="certify")
             for p in done]
     return jobs, incomplete
 
@@ -161,9 +172,37 @@ def sweep_jobs(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
 # --- rows ----------------------------------------------------------------------------------------
 
 def combine(jobs: list[Job]) -> list[dict]:
-    """Every row of every job, in job order then row order, with leading ``job`` and ``overrides``."""
+    """Every row of every mix job, in job order then row order, with leading ``job`` and ``overrides``."""
     return [{"job": job.name, "overrides": " ".join(sorted(job.overrides)), **{c: row[c] for c in COLUMNS}}
-            for job in jobs for row in job.rows]
+            for job in jobs if job.kind == "mix" for row in job.rows]
+
+
+def combine_certified(jobs: list[Job]) -> list[dict]:
+    """Every certified-accuracy row of every certification job, with ``job``, ``overrides`` and h's ``sigma``."""
+    out = []
+    for job in jobs:
+        if job.kind == "certify":
+            sigma = json.loads((job.path / "certify_summary.json").read_text()).get("sigma")
+            out += [{"job": job.name, "overrides": " ".join(sorted(job.overrides)), "sigma": sigma,
+                     **{c: row[c] for c in CURVE_COLUMNS}} for row in job.rows]
+    return out
+
+
+def _certify_report(jobs: list[Job], out: Path, plots: bool) -> dict[str, Path]:
+    """combined_certified.csv and, with plots, one Figure-3 plot per certification job."""
+    rows = combine_certified(jobs)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CERTIFIED_COLUMNS)
+    writer.writerows([_cell(row[c]) for c in CERTIFIED_COLUMNS] for row in rows)
+    files = {"combined_certified.csv": write_text(out / "combined_certified.csv", buffer.getvalue())}
+    for job in (j for j in jobs if j.kind == "certify") if plots else ():
+        summary = json.loads((job.path / "certify_summary.json").read_text())
+        name = f"certified_accuracy_{job.name.replace('/', '_')}.png"
+        files[name] = plot_certified_accuracy(job.rows, out / name, summary.get("alpha_selection", {}).get("alpha"),
+                                              title=f"job {job.name}: h sigma={summary.get('sigma')}, "
+                                                    + " ".join(sorted(job.overrides)))
+    return files
 
 
 def _cell(value: Any) -> Any:
@@ -259,7 +298,7 @@ def _remove_stale_plots(out: Path, keep: dict[str, Path]) -> None:
 
 def _no_jobs_message(root: Path, incomplete: list[Path]) -> str:
     msg = (f"no completed job in {root}: a job folder must hold {' and '.join(JOB_FILES)} (evaluate.py task=mix "
-           "writes run.json last, when the job finished); pass the folder of a `python evaluate.py -m ...` run "
+           f"writes run.json last, when the job finished) or {' and '.join(CERTIFY_FILES)} (task=certify); pass the folder of a `python evaluate.py -m ...` run "
            "(its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
     if incomplete:
         msg += f"; {len(incomplete)} incomplete job(s): {', '.join(_name(p, root) for p in incomplete)}"
@@ -284,12 +323,14 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     if not jobs:
         raise ConfigError(_no_jobs_message(root, incomplete))
     if incomplete:
-        log.warning("%d job folder(s) in %s hold no %s (still running, failed, or not task=mix); left out: %s",
-                    len(incomplete), root, " + ".join(JOB_FILES), ", ".join(_name(p, root) for p in incomplete))
+        log.warning("%d job folder(s) in %s hold no finished results (still running or failed); left out: %s",
+                    len(incomplete), root, ", ".join(_name(p, root) for p in incomplete))
     out = Path(out_dir) if out_dir is not None else root / REPORT_DIR
     rows = combine(jobs)
-    files = {
-        "combined.csv": write_text(out / "combined.csv", combined_csv(rows)),
+    files = {"combined.csv": write_text(out / "combined.csv", combined_csv(rows))} if rows else {}
+    if any(j.kind == "certify" for j in jobs):
+        files.update(_certify_report(jobs, out, plots))
+    files.update({
         "jobs.json": write_json(out / "jobs.json", {
             "completed": [{"job": j.name, "overrides": j.overrides, "rows": len(j.rows)} for j in jobs],
             "incomplete": [{"job": _name(p, root), "overrides": read_overrides(p)} for p in incomplete],
@@ -297,8 +338,8 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             "missing": [] if wanted is None else sorted(
                 sorted(w) for w in set(wanted) - {frozenset(j.overrides) for j in jobs}),
         }),
-    }
-    if plots:
+    })
+    if plots and rows:
         files.update(write_plots(dedupe_for_plots(rows), out))
     _remove_stale_plots(out, files)
     return Report(out_dir=out, files=files, jobs=jobs, incomplete=incomplete)

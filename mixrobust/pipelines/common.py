@@ -37,7 +37,7 @@ def instantiate(node, *args, **kwargs):
 
 
 def hydra_job() -> dict | None:
-    """The Hydra job this code runs in: mode, sweep dir, job number and override strings (None outside Hydra)."""
+    """The Hydra job this code runs in: mode, sweep dir, job number, overrides, preset (None outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -45,8 +45,7 @@ def hydra_job() -> dict | None:
     hc = HydraConfig.get()
     return {"multirun": hc.mode is not None and hc.mode.name == "MULTIRUN", "sweep_dir": str(hc.sweep.dir),
             "num": hc.job.get("num"), "overrides": list(hc.overrides.task),
-            "override_dirname": hc.job.override_dirname, "launcher": hc.launcher,
-            "experiment": hc.runtime.choices.get("experiment")}
+            "override_dirname": hc.job.override_dirname, "experiment": hc.runtime.choices.get("experiment")}
 
 
 def wandb_run_settings(cfg: DictConfig, node) -> dict:
@@ -92,6 +91,7 @@ def build_logger(cfg: DictConfig, output_dir: str):
                     "sync %s/wandb/offline-run-*`)", type(exc).__name__, exc, output_dir)
         if wandb.run is not None:
             wandb.finish(exit_code=1, quiet=True)
+        wandb.teardown()  # forget the failed online session's settings
         logger = instantiate(node, save_dir=output_dir, **{**extra, "offline": True})
     logger.log_hyperparams({"job_overrides": job["overrides"] if job else []})
     return logger
