@@ -156,17 +156,17 @@ class _Sweep:
         with it (no random start; with one, every example is attacked at once).
         """
         model = self.g if target == "g" else self.h
-        if self.cache is None:
+        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
+        if self.cache is None or not len(idx):
             x_adv, idx = self.run_attack(attack, model, keep)
             return x_adv, idx, None
-        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
         key = self.cache.key("adversarial", target=target, attack=repr(attack), **self.key_parts)
         entry = self.cache.load(key)
         have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
         missing = np.setdiff1d(idx, have)
-        if len(missing) or entry is None:
+        if len(missing):
             x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing))
-            gl, hl = self.base_logits(x_new) if len(missing) else (torch.zeros(0), torch.zeros(0))
+            gl, hl = self.base_logits(x_new)
             new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "g": gl.cpu(), "h": hl.cpu()}
             if entry is not None:
                 order = np.argsort(np.concatenate([have, missing]), kind="stable")
