@@ -255,13 +255,19 @@ def test_valid_header_with_garbage_tensors_is_a_miss(tmp_path, caplog):
     assert warnings_about(caplog, "corrupt")
 
 
-def test_tampered_payload_is_a_miss(tmp_path, caplog):
+def saved_entry(tmp_path):
+    """A cache with one saved entry: (cache, key, path, metadata, tensors read back)."""
     cache = DiskCache(tmp_path)
     key = cache.key("logits", ckpt="abc")
     path = cache.save(key, sample_tensors())
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
         tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    return cache, key, path, meta, tensors
+
+
+def test_tampered_payload_is_a_miss(tmp_path, caplog):
+    cache, key, path, meta, tensors = saved_entry(tmp_path)
     tensors["logits"][3, 4] += 1.0
     save_file(tensors, path, metadata=meta)  # valid file, old payload digest
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -281,12 +287,7 @@ def test_foreign_entry_is_a_miss_and_overwritten(tmp_path, caplog):
 
 
 def test_older_format_is_foreign(tmp_path, caplog):
-    cache = DiskCache(tmp_path)
-    key = cache.key("logits", ckpt="abc")
-    path = cache.save(key, sample_tensors())
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    cache, key, path, meta, tensors = saved_entry(tmp_path)
     save_file(tensors, path, metadata={**meta, "format": "mixrobust-cache/0"})
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert cache.load(key) is None

@@ -211,7 +211,7 @@ def test_report_pipeline(tmp_path):
     cfg = OmegaConf.create({"task": "report", "plots": False, "logger": None,
                             "report": {"dir": str(sweep), "out_dir": str(out)}})
     result = report_pipeline.run(cfg)
-    assert result["jobs"] == 3 and result["missing"] == ["3"]
+    assert result["jobs"] == 3 and result["incomplete"] == ["3"]
     assert result["output_dir"] == str(out)
     assert set(result["files"]) == {"combined.csv", "jobs.json"} and (out / "combined.csv").is_file()
     with pytest.raises(ConfigError, match="report.dir="):

@@ -379,3 +379,10 @@ class SweepReport(Callback):
             log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s", root)
             return
         log.info("sweep report of %d job(s) in %s", len(report.jobs), report.out_dir)
+        from mixrobust.pipelines.report import is_wandb, log_to_wandb, sweep_group
+
+        if is_wandb(config):
+            try:
+                log_to_wandb(config, report, sweep_group(root))
+            except Exception:  # the report files are written; W&B is a copy
+                log.exception("logging the sweep report to W&B failed")

@@ -4,7 +4,11 @@ Order of work: every config value is validated (alphas, mixing options, attack n
 AutoAttack implementation), then both checkpoints are loaded and checked against each other
 (class count, input shape, data set) and against the evaluation data, and only then does the
 first attack run. Results go to ``cfg.output_dir`` (see `mixrobust.evaluation.report`), plus
-``run.json`` (what was evaluated, warnings, timings).
+``run.json`` (what was evaluated, warnings, timings, cache use), written last: its fingerprint of
+the configuration and checkpoint contents lets a re-run skip a finished job (``resume``).
+Base-model outputs and STD / ROB images come from the shared cache (``cache.*``,
+`mixrobust.evaluation.cache`), and ``distributed.devices: k`` splits the examples over k
+processes (`mixrobust.pipelines.distributed`).
 
 Data: ``data=<name>`` picks conf/data/<name>.yaml (and, through ``data_threat``, that data
 set's threat budget). Without it, the data set recorded in the checkpoints is used, with its

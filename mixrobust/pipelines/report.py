@@ -22,7 +22,7 @@ from mixrobust.evaluation.multirun import COMBINED_COLUMNS, combine, make_report
 from mixrobust.pipelines.common import build_logger, finish_wandb, log
 
 
-def _is_wandb(cfg: DictConfig) -> bool:
+def is_wandb(cfg: DictConfig) -> bool:
     node = cfg.get("logger")
     return bool(node) and str(node.get("_target_", "")).endswith("WandbLogger")
 
@@ -38,7 +38,8 @@ def sweep_group(sweep_dir: str | os.PathLike) -> str:
         return path.as_posix()
 
 
-def _log_to_wandb(cfg: DictConfig, report, group: str) -> None:
+def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
+    """Log the report's combined table and plots to one W&B run in `group` (``logger.group`` wins)."""
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
     with open_dict(cfg):
@@ -58,7 +59,7 @@ def _log_to_wandb(cfg: DictConfig, report, group: str) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Write the sweep report; returns the files, the number of jobs, the incomplete jobs and the folder."""
+    """Write the sweep report; returns the files, the number of jobs, the incomplete job folders and the folder."""
     sweep_dir = OmegaConf.select(cfg, "report.dir", default=None)
     if sweep_dir is None:
         raise ConfigError("missing report.dir: pass the folder of a `python evaluate.py -m ...` run, e.g. "
@@ -67,11 +68,11 @@ def run(cfg: DictConfig) -> dict:
     report = make_report(sweep_dir, out_dir, plots=bool(cfg.get("plots", True)))
     root = Path(sweep_dir)
     log.info("report of %d job(s) of %s in %s", len(report.jobs), root, report.out_dir)
-    if _is_wandb(cfg):
-        _log_to_wandb(cfg, report, sweep_group(root))
+    if is_wandb(cfg):
+        log_to_wandb(cfg, report, sweep_group(root))
     return {
         "files": {k: str(v) for k, v in report.files.items()},
         "jobs": len(report.jobs),
-        "missing": [p.relative_to(root).as_posix() for p in report.incomplete],
+        "incomplete": [p.relative_to(root).as_posix() for p in report.incomplete],
         "output_dir": str(report.out_dir),
     }
