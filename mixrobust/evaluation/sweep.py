@@ -119,8 +119,10 @@ class _Sweep:
         self.device = model_device(g, x.device)
         self.cache = cache if cache is not None and cache.enabled else None
         if self.cache is not None:  # what every entry of this sweep is keyed by
+            from mixrobust import __version__
+
             self.key_parts = {"g": module_digest(g), "h": module_digest(h), "data": tensor_digest(x, y.long()),
-                              "device": self.device.type, "batch_size": batch_size}
+                              "device": self.device.type, "batch_size": batch_size, "version": __version__}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
