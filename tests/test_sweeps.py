@@ -115,11 +115,20 @@ def _plugin(node):
     return get_class(kwargs.pop("_target_"))(**kwargs)
 
 
-def _compose(primary: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=primary, overrides=overrides, return_hydra_config=True)
+@pytest.fixture(autouse=True)
+def _no_hydra_job_left_behind():
+    """`_compose` installs its config as the running Hydra job's; later tests must not see it."""
     from hydra.core.hydra_config import HydraConfig
 
+    yield
+    HydraConfig.instance().cfg = None
+
+
+def _compose(primary: str, overrides: list[str]) -> DictConfig:
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=primary, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a job
     return cfg
 

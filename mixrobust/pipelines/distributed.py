@@ -64,6 +64,8 @@ def _worker(fabric, work: Callable[..., Any], payload: bytes, n: int) -> bytes |
     part = work(pickle.loads(payload), start, stop, fabric.device)
     parts = [None] * fabric.world_size
     dist.all_gather_object(parts, part)
+    dist.barrier()
+    dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
     return pickle.dumps(parts) if fabric.global_rank == 0 else None
 
 
