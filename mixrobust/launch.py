@@ -318,6 +318,11 @@ def placed(cfg, device_key: str, *, gpu_only: bool = False) -> Iterator[None]:
             yield
         return
     if int(cfg.get("distributed", {}).get("devices", 1)) > 1:  # several processes: Fabric places them
+        job = _hydra_job()
+        if job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
+            raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at "
+                              "the same time (joblib launchers) would share them: use the basic launcher (one "
+                              "job at a time) or SLURM with distributed.devices, or distributed.devices=1")
         yield
         return
     with job_placement(str(cfg.get(device_key, "auto"))) as device:

@@ -301,3 +301,22 @@ def test_gpu_count_resolver_is_at_least_one(monkeypatch):
     assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 1
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 3
+
+
+def test_placed_pins_the_job_and_refuses_processes_per_job_in_a_parallel_sweep(tmp_path, monkeypatch,
+                                                                              hydra_runtime):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(launch, "available_cpus", lambda: 2)
+    hydra_runtime(_multirun_hydra_config(tmp_path, "local_cpus", job_num=1))  # joblib, n_jobs: 2
+    cfg = OmegaConf.create({"device": "auto", "distributed": {"devices": 1}})
+    with launch.placed(cfg, "device"):
+        assert cfg.device == "cpu"
+    cfg = OmegaConf.create({"device": "auto", "distributed": {"devices": 2}})
+    with pytest.raises(ConfigError, match="distributed.devices=1"):
+        with launch.placed(cfg, "device"):
+            pass
+    hydra_runtime(_multirun_hydra_config(tmp_path, "basic", job_num=1))  # one job at a time: allowed
+    with launch.placed(cfg, "device"):
+        assert cfg.device == "auto"  # Fabric places the processes

@@ -260,6 +260,7 @@ def test_report_pipeline_logs_to_wandb(tmp_path, monkeypatch):
 def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path):
     """multirun.yaml (written by Hydra at each launch) says which jobs the latest launch asked for."""
     sweep = alpha_sweep(tmp_path / "sweep")  # three jobs: alphas 0.25, 0.5, 0.75
+    make_job(sweep, "3", *alpha_job(0.5))  # an older launch's job 3 with a grid point the new launch has as job 1
     multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
                                       "params": {"mix.alphas": "[0.25],[0.5],[0.9]"}},
                           "overrides": {"task": ["threat.eps=0.3", "mix.mix_spaces=[prob,logit]"]}}}
@@ -267,7 +268,7 @@ def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path
     write_report(sweep)
     jobs = json.loads((sweep / "report" / "jobs.json").read_text())
     assert [j["job"] for j in jobs["completed"]] == ["0", "1"]
-    assert [j["job"] for j in jobs["stale"]] == ["2"]  # alpha 0.75 is not in the latest grid
+    assert [j["job"] for j in jobs["stale"]] == ["2", "3"]  # alpha 0.75 is not in the grid; 3 is not its job 1
     assert jobs["missing"] == [sorted(["mix.alphas=[0.9]", "threat.eps=0.3", "mix.mix_spaces=[prob,logit]"])]
     assert {r["job"] for r in read_csv(sweep / "report" / "combined.csv")} == {"0", "1"}
 
@@ -294,3 +295,15 @@ def test_certification_jobs_get_a_combined_csv_and_one_figure_each(tmp_path):
     assert {(r["job"], r["sigma"]) for r in combined} == {("0", "0.25"), ("1", "0.5")}
     got = [float(r["certified_accuracy"]) for r in combined if r["job"] == "1" and r["model"] == "mix"]
     assert got == pytest.approx([(1 - r) * a * 0.75 for a in (0.5, 1.0) for _ in range(2) for r in (0.0, 0.5)])
+
+
+def test_results_of_an_earlier_launch_under_new_overrides_are_left_out(tmp_path):
+    """A job that failed early in a later launch keeps old results next to its new .hydra/overrides.yaml."""
+    sweep = alpha_sweep(tmp_path / "sweep")
+    for name in ("0", "1"):
+        marker = sweep / name / "run.json"
+        overrides = yaml.safe_load((sweep / name / ".hydra" / "overrides.yaml").read_text())
+        marker.write_text(json.dumps({"overrides": list(reversed(overrides))}))  # order does not matter
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["mix.alphas=[0.9]"]))  # relaunched
+    jobs, incomplete = find_jobs(sweep)
+    assert [j.name for j in jobs] == ["0", "2"] and [p.name for p in incomplete] == ["1"]

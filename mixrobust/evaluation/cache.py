@@ -72,6 +72,25 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def code_digest() -> str:
+    """sha256 of the mixrobust package's Python sources (paths and contents), computed once per process.
+
+    Part of every cache key and run fingerprint: any change to the code that produced a result
+    (an attack, a model, the mixing) makes cached tensors and finished runs of the old code misses.
+    """
+    global _code_digest
+    if _code_digest is None:
+        root = Path(__file__).resolve().parents[1]
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _code_digest = h.hexdigest()
+    return _code_digest
+
+
+_code_digest: str | None = None
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """Return the sha256 hex digest of a file's content.
 
@@ -251,6 +270,10 @@ class DiskCache:
                 st = os.fstat(f.fileno())
                 data = f.read()
         except FileNotFoundError:
+            self.misses += 1
+            return None
+        except OSError as e:  # unreadable (permissions on a shared folder, I/O error): compute instead
+            log.warning("cache entry %s cannot be read (%s); computing it", path, e)
             self.misses += 1
             return None
         try:

@@ -121,6 +121,19 @@ def _read_rows(path: Path) -> list[dict]:
     return [{c: row[c] for c in COLUMNS} for row in read_results_csv(path)]
 
 
+def _own_results(job_dir: Path) -> bool:
+    """Whether the job's results belong to its current overrides: the marker (run.json or
+    certify_summary.json) records the overrides it was written or resumed under. A job that failed
+    early in a later launch keeps the earlier launch's results next to its new overrides; those are
+    left out (markers without the record, written by hand or by older versions, are trusted)."""
+    marker = job_dir / ("run.json" if (job_dir / "run.json").is_file() else "certify_summary.json")
+    try:
+        recorded = json.loads(marker.read_text()).get("overrides")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return recorded is None or sorted(recorded) == sorted(read_overrides(job_dir))
+
+
 def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
     """Completed jobs (with their rows) and incomplete job folders below `sweep_dir`, both sorted
     (see the module docstring)."""
@@ -129,7 +142,7 @@ def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
     for folder, dirnames, filenames in os.walk(root):
         here = Path(folder)
         if all(f in filenames for f in JOB_FILES) or all(f in filenames for f in CERTIFY_FILES):
-            done.append(here)
+            (done if _own_results(here) else incomplete).append(here)
             dirnames[:] = []
         elif ".hydra" in dirnames:
             incomplete.append(here)
@@ -167,6 +180,16 @@ def sweep_jobs(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
     arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
     overrides = OverridesParser.create().parse_overrides(arguments)
     return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _in_launch(job: Job, wanted: list[frozenset[str]]) -> bool:
+    """Whether `job` is one the latest launch asked for. Hydra numbers a launch's jobs in the
+    sweeper's order, so a numbered job folder must hold that number's overrides (an old folder 11
+    with alpha 0.8 is not the new job 1 with alpha 0.8); other folder names match by overrides."""
+    overrides = frozenset(job.overrides)
+    if job.name.isdigit():
+        return int(job.name) < len(wanted) and wanted[int(job.name)] == overrides
+    return overrides in wanted
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -315,8 +338,8 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     jobs, incomplete = find_jobs(root)
     wanted, stale = sweep_jobs(root), []
     if wanted is not None:  # jobs of an earlier launch with another grid are not part of this sweep
-        stale = [j for j in jobs if frozenset(j.overrides) not in wanted]
-        jobs = [j for j in jobs if frozenset(j.overrides) in wanted]
+        stale = [j for j in jobs if not _in_launch(j, wanted)]
+        jobs = [j for j in jobs if _in_launch(j, wanted)]
         if stale:
             log.warning("%d job folder(s) in %s are not part of the latest launch (multirun.yaml); left out: %s",
                         len(stale), root, ", ".join(j.name for j in stale))

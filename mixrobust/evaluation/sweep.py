@@ -42,7 +42,7 @@ from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_d
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
-from mixrobust.evaluation.cache import DiskCache, tensor_digest
+from mixrobust.evaluation.cache import DiskCache, code_digest, tensor_digest
 from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
@@ -84,6 +84,13 @@ def merge_results(parts: Sequence[SweepResult]) -> SweepResult:
     return SweepResult(outcomes, margins_from(outcomes, gaps), list(parts[0].warnings), timings, gaps)
 
 
+def attack_settings(attack) -> dict:
+    """What an attack's images depend on, exactly (its repr rounds floats): class and every setting."""
+    fields = {k: v for k, v in vars(attack).items() if not k.startswith("_")}
+    return {"class": f"{type(attack).__module__}.{type(attack).__qualname__}",
+            **{k: (float(v) if isinstance(v, float) else str(v)) for k, v in sorted(fields.items())}}
+
+
 def module_digest(model: nn.Module) -> str:
     """sha256 of a model's class name and state (parameter and buffer names and values): its cache identity."""
     state = model.state_dict()
@@ -119,10 +126,8 @@ class _Sweep:
         self.device = model_device(g, x.device)
         self.cache = cache if cache is not None and cache.enabled else None
         if self.cache is not None:  # what every entry of this sweep is keyed by
-            from mixrobust import __version__
-
             self.key_parts = {"g": module_digest(g), "h": module_digest(h), "data": tensor_digest(x, y.long()),
-                              "device": self.device.type, "batch_size": batch_size, "version": __version__}
+                              "device": self.device.type, "batch_size": batch_size, "code": code_digest()}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
@@ -162,7 +167,7 @@ class _Sweep:
         if self.cache is None or not len(idx):
             x_adv, idx = self.run_attack(attack, model, keep)
             return x_adv, idx, None
-        key = self.cache.key("adversarial", target=target, attack=repr(attack), **self.key_parts)
+        key = self.cache.key("adversarial", target=target, attack=attack_settings(attack), **self.key_parts)
         entry = self.cache.load(key)
         have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
         missing = np.setdiff1d(idx, have)
@@ -173,7 +178,10 @@ class _Sweep:
             if entry is not None:
                 order = np.argsort(np.concatenate([have, missing]), kind="stable")
                 new = {k: torch.cat([entry[k], new[k]])[torch.from_numpy(order)] for k in new}
-            self.cache.save(key, new)
+            try:
+                self.cache.save(key, new)
+            except OSError as e:  # a full or read-only cache folder costs the sharing, not the run
+                log.warning("could not write the cache entry %s (%s); continuing without it", self.cache.path(key), e)
             entry = new
         pos = torch.from_numpy(np.searchsorted(entry["index"].numpy(), idx))
         dev = self.x.device

@@ -38,7 +38,15 @@ from mixrobust.certify.smoothing import SmoothedClassifier
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, check_choice
 from mixrobust.mixing import check_compatible
-from mixrobust.pipelines.common import build_logger, finish_wandb, finished_run, log, require_keys, run_fingerprint
+from mixrobust.pipelines.common import (
+    build_logger,
+    finish_wandb,
+    finished_run,
+    job_overrides,
+    log,
+    require_keys,
+    run_fingerprint,
+)
 from mixrobust.pipelines.distributed import check_devices, run_sharded
 from mixrobust.pipelines.evaluate import resolve_data, resolve_device, select_examples
 
@@ -197,7 +205,8 @@ def run(cfg: DictConfig) -> dict:
     ckpts = [cfg.g_ckpt, cfg.h_ckpt] + ([cfg.certify.baseline_ckpt] if baseline is not None else [])
     fingerprint = run_fingerprint(cfg, *ckpts)
     files = ["certify.csv", "certified_accuracy.csv", "certify_summary.json"] + (
-        ["certified_accuracy.png"] if cfg.get("plots", True) else [])
+        ["certified_accuracy.png"] if cfg.get("plots", True) else []) + (
+        ["baseline_certify.csv"] if baseline is not None else [])
     if cfg.get("resume", True) and finished_run(output_dir, fingerprint, files, marker="certify_summary.json"):
         summary = json.loads((output_dir / "certify_summary.json").read_text())
         return {"summary": summary, "certificate": None, "baseline": None, "files": summary["files"],
@@ -218,6 +227,8 @@ def run(cfg: DictConfig) -> dict:
         models = [(h, sigma, s["votes"], int(cfg.seed), s["mode"])]
         if baseline is not None:  # Cohen et al.'s CERTIFY: hard votes, selection samples
             models.append((baseline, baseline_sigma, "hard", int(cfg.seed) + 1, "sound"))
+        if devices > 1:  # each process moves its copy to its own device
+            models = [(m.cpu(), *rest) for m, *rest in models]
         payload = {"x": x.cpu() if devices > 1 else x, "keys": index.tolist(), "settings": s, "models": models}
         parts = run_sharded(_vote_shard, payload, len(y), devices, str(cfg.get("device", "auto")))
         sampled = [concat_votes([p[i] for p in parts]) for i in range(len(models))]
@@ -265,7 +276,7 @@ def run(cfg: DictConfig) -> dict:
                 "baseline": base_cert.clean_accuracy if base_cert is not None else None,
             },
             "alpha_selection": {**selection, "grid_accuracy": {repr(float(a)): float(v) for a, v in zip(fine, fine_acc)}},
-            "certified_accuracy": table, "processes": devices, "fingerprint": fingerprint,
+            "certified_accuracy": table, "processes": devices, "fingerprint": fingerprint, "overrides": job_overrides(),
             "timings": timings, "files": {k: str(v) for k, v in paths.items()},
         }
         summary["files"]["certify_summary.json"] = str(output_dir / "certify_summary.json")

@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mixrobust.atomic import write_json
 from mixrobust.errors import ConfigError, MixrobustError
 
 log = logging.getLogger("mixrobust")
@@ -115,32 +116,40 @@ VOLATILE_KEYS = ("output_dir", "resume", "logger", "plots", "cache", "distribute
 
 
 def run_fingerprint(cfg: DictConfig, *checkpoints: str) -> str:
-    """sha256 of the resolved config (without `VOLATILE_KEYS`), the checkpoints' contents and the package version."""
-    from mixrobust import __version__
-    from mixrobust.evaluation.cache import file_digest
+    """sha256 of the resolved config (without `VOLATILE_KEYS`), the checkpoints' contents and the code."""
+    from mixrobust.evaluation.cache import code_digest, file_digest
 
     container = OmegaConf.to_container(cfg, resolve=False)
     for key in VOLATILE_KEYS:
         container.pop(key, None)
     resolved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(container)), resolve=True)
     blob = json.dumps({"config": resolved, "checkpoints": [file_digest(c) for c in checkpoints],
-                       "version": __version__}, sort_keys=True, default=str)
+                       "code": code_digest()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def job_overrides() -> list[str]:
+    """The running Hydra job's task overrides ([] outside Hydra): recorded in the results marker, so a
+    sweep report can tell a job's own results from those of an earlier launch into the same folder."""
+    job = hydra_job()
+    return job["overrides"] if job else []
 
 
 def finished_run(output_dir: str | Path, fingerprint: str, files: Sequence[str], marker: str = "run.json") -> bool:
     """Whether `output_dir` holds a finished run with this fingerprint and every one of `files`.
 
     The marker file is written last and atomically, so a run killed at any point has none (or an
-    old one); a finished run of a different configuration is recomputed with a warning.
+    old one); a finished run of a different configuration is recomputed with a warning. A
+    finished run found here is adopted by this launch: the marker records this job's overrides.
     """
     path = Path(output_dir) / marker
     if not path.is_file():
         return False
     try:
-        recorded = json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        recorded = None
+        content = json.loads(path.read_text())
+        recorded = content.get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        content, recorded = {}, None
     if recorded != fingerprint:
         log.warning("%s holds a run of a different configuration (or checkpoints); recomputing it", output_dir)
         return False
@@ -149,6 +158,8 @@ def finished_run(output_dir: str | Path, fingerprint: str, files: Sequence[str],
         log.warning("%s lacks %s; recomputing it", output_dir, ", ".join(missing))
         return False
     log.info("%s already holds this run's results: skipped (resume=false recomputes)", output_dir)
+    if content.get("overrides") != job_overrides():
+        write_json(path, {**content, "overrides": job_overrides()})
     return True
 
 

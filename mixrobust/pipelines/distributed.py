@@ -4,10 +4,12 @@
 (`shard_bounds`: sizes differ by at most one, nothing padded or repeated), runs one shard per
 process under Fabric's DDP strategy (gloo on CPUs, NCCL on GPUs) and gathers every shard's
 per-example results to rank 0, which hands them back, in shard order, to the calling process.
-Joined in that order they are exactly the one-process results: each example is evaluated once,
-and the attacks (without random start) and the certification noise (per-image streams) do not
-depend on which other examples share a process. Metrics are computed afterwards from the
-gathered per-example results, so they are synced by construction.
+Joined in that order they are the one-process results: each example is evaluated once, and PGD
+without random start and the certification noise (per-image streams) do not depend on which
+other examples share a process, up to float rounding of model outputs across batch shapes
+(margins agree to about 1e-7; an exact tie could flip). Random starts and AutoAttack's own random
+draws differ from one process. Metrics are computed afterwards from the gathered per-example
+results, so they are synced by construction.
 
 Processes are started with ``spawn`` (Fabric's ``ddp_spawn``), not by re-running the script: that
 works inside a Hydra multirun job, where re-running ``evaluate.py -m ...`` would start the whole
@@ -48,7 +50,7 @@ def accelerator_for(device: str) -> str:
 
 def check_devices(devices, device: str, n: int) -> int:
     """Validated process count: a whole number >= 1, at most the GPUs visible and the examples."""
-    if isinstance(devices, bool) or int(devices) != devices or int(devices) < 1:
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"distributed.devices must be a whole number >= 1, got {devices!r}")
     devices = int(devices)
     if devices > 1 and accelerator_for(device) == "gpu" and devices > torch.cuda.device_count():

@@ -51,6 +51,7 @@ from mixrobust.pipelines.common import (
     build_logger,
     finish_wandb,
     finished_run,
+    job_overrides,
     log,
     require_keys,
     run_fingerprint,
@@ -211,6 +212,8 @@ def run(cfg: DictConfig) -> dict:
     cache = build_cache(cfg)
     log.info("evaluating %s (%s split, %d examples) on %s%s: %s", datamodule.name, cfg.split, len(y), device,
              f" x {devices} processes" if devices > 1 else "", attack)
+    if devices > 1:  # each process moves its copy to its own device; none should land on g's GPU first
+        g, h = g.cpu(), h.cpu()
     payload = {"g": g, "h": h, "x": x, "y": y, "index": index.numpy(), "kwargs": dict(
         alphas=settings["alphas"], attack=attack, options=settings["options"],
         attacks=[a.value for a in settings["attacks"]], autoattack=autoattack, batch_size=int(cfg.batch_size),
@@ -231,7 +234,10 @@ def run(cfg: DictConfig) -> dict:
             "n": len(y), "threat": threat.as_dict(), "attack": repr(attack), "autoattack": repr(autoattack),
             "device": str(device), "processes": devices, "seconds": seconds, "timings": result.timings,
             "warnings": result.warnings, "g_record": g.record, "h_record": h.record, "fingerprint": fingerprint,
-            "cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
+            # hits and misses are counted in this process (with several processes, in theirs: not here)
+            "cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits if devices == 1 else None,
+                                                 "misses": cache.misses if devices == 1 else None},
+            "overrides": job_overrides(),
         })
         log.info("sweep done in %.1f s; results in %s\n%s", seconds, output_dir, format_table(rows))
     return {"rows": rows, "margins": result.margins, "files": {k: str(v) for k, v in paths.items()},

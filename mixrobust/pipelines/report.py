@@ -44,6 +44,9 @@ def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
     OmegaConf.set_readonly(cfg, False)
     with open_dict(cfg):
         cfg.logger.group = cfg.logger.get("group") or group
+        cfg.logger.name = cfg.logger.get("name") or f"report {group}"
+        cfg.logger.job_type = "report"
+        cfg.task = "report"
     with finish_wandb():
         logger = build_logger(cfg, str(report.out_dir))
         if type(logger).__name__ != "WandbLogger":
