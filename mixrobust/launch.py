@@ -223,7 +223,7 @@ class _HydraJob:
     sweep_dir: Path | None
 
 
-def _hydra_job() -> _HydraJob:
+def hydra_placement_job() -> _HydraJob:
     """What `job_placement` needs from the Hydra runtime (a plain, single run outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -262,7 +262,7 @@ def job_placement(device: str = "auto") -> Iterator[str]:
     """
     import torch
 
-    job = _hydra_job()
+    job = hydra_placement_job()
     gpu_count = visible_gpus()
     threads_before = torch.get_num_threads()
     cpu_count = available_cpus()
@@ -318,7 +318,7 @@ def placed(cfg, device_key: str, *, gpu_only: bool = False) -> Iterator[None]:
             yield
         return
     if int(cfg.get("distributed", {}).get("devices", 1)) > 1:  # several processes: Fabric places them
-        job = _hydra_job()
+        job = hydra_placement_job()
         if job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
             raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at "
                               "the same time (joblib launchers) would share them: use the basic launcher (one "

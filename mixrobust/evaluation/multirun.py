@@ -214,11 +214,8 @@ def combine_certified(jobs: list[Job]) -> list[dict]:
 def _certify_report(jobs: list[Job], out: Path, plots: bool) -> dict[str, Path]:
     """combined_certified.csv and, with plots, one Figure-3 plot per certification job."""
     rows = combine_certified(jobs)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CERTIFIED_COLUMNS)
-    writer.writerows([_cell(row[c]) for c in CERTIFIED_COLUMNS] for row in rows)
-    files = {"combined_certified.csv": write_text(out / "combined_certified.csv", buffer.getvalue())}
+    files = {"combined_certified.csv": write_text(out / "combined_certified.csv",
+                                                  combined_csv(rows, CERTIFIED_COLUMNS))}
     for job in (j for j in jobs if j.kind == "certify") if plots else ():
         summary = json.loads((job.path / "certify_summary.json").read_text())
         name = f"certified_accuracy_{job.name.replace('/', '_')}.png"
@@ -234,12 +231,12 @@ def _cell(value: Any) -> Any:
     return repr(value) if isinstance(value, float) else value
 
 
-def combined_csv(rows: list[dict]) -> str:
-    """CSV text with a header of `COMBINED_COLUMNS`, cells formatted as in `rows_to_csv`."""
+def combined_csv(rows: list[dict], columns: tuple[str, ...] = COMBINED_COLUMNS) -> str:
+    """CSV text with a header of `columns`, cells formatted as in `rows_to_csv`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COMBINED_COLUMNS)
-    writer.writerows([_cell(row[c]) for c in COMBINED_COLUMNS] for row in rows)
+    writer.writerow(columns)
+    writer.writerows([_cell(row[c]) for c in columns] for row in rows)
     return buffer.getvalue()
 
 

@@ -43,8 +43,10 @@ def hydra_job() -> dict | None:
 
     if not HydraConfig.initialized():
         return None
+    from mixrobust.launch import hydra_placement_job  # one reading of the run mode for placement and logging
+
     hc = HydraConfig.get()
-    return {"multirun": hc.mode is not None and hc.mode.name == "MULTIRUN", "sweep_dir": str(hc.sweep.dir),
+    return {"multirun": hydra_placement_job().multirun, "sweep_dir": str(hc.sweep.dir),
             "num": hc.job.get("num"), "overrides": list(hc.overrides.task),
             "override_dirname": hc.job.override_dirname, "experiment": hc.runtime.choices.get("experiment")}
 
