@@ -5,8 +5,10 @@ one image at a time, ``x.repeat`` to a fixed batch of noise per forward pass (``
 as in its certify.py), predictions moved to numpy and counted there element by element, a
 Clopper-Pearson bound per image. mixrobust's `SmoothedClassifier.certify` draws each image's noise
 from its own stream, packs small-n images into shared passes, counts on the device, feeds the
-model channels-last batches and uses the device's default pass size (128 noisy images on a CPU,
-where activations then stay in cache; 4,000 on a GPU) unless ``--our-batch`` is given. Both use
+model channels-last batches and uses the device's default pass size (64 noisy images on a CPU,
+where activations then stay in a core's cache; 4,000 on a GPU) unless ``--our-batch`` is given. On
+a CPU it runs one single-threaded pass per thread at a time (``--workers``), where the reference's
+passes are split across the threads. Both use
 the same weights (separate copies), n0, n and failure probability. ``--channels-last`` gives the
 reference channels-last too (a tuned peer, to separate that gain from the rest).
 
@@ -92,6 +94,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compute_only(model: nn.Module, x: torch.Tensor, samples: int, batch: int, repeats: int) -> float:
+    """Seconds per image of the bare forward passes: `samples` inputs per image in passes of `batch`,
+    channels-last, made before the clock starts (no noise, no counting)."""
+    device = x.device
+    inputs = x[:1].expand(batch, *x.shape[1:]).contiguous(memory_format=torch.channels_last)
+    sizes = [batch] * (samples // batch) + ([samples % batch] if samples % batch else [])
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for size in sizes:
+            model(inputs[:size])
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="small_cnn", help=f"registered model: {', '.join(available_models())}")
@@ -104,12 +123,16 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1000, help="the reference's noise batch")
     ap.add_argument("--our-batch", type=int, default=None, help="mixrobust's pass size (default: the device's)")
+    ap.add_argument("--workers", type=int, default=None, help="mixrobust's concurrent CPU passes (default: threads)")
+    ap.add_argument("--compile", action="store_true", help="mixrobust's passes through torch.compile")
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--failure-prob", type=float, default=0.001)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (both implementations)")
     ap.add_argument("--channels-last", action="store_true", help="channels-last inputs for the reference too")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--compute-only", action="store_true",
+                    help="also time the model passes alone (n0 + n pre-made inputs per image at our pass size)")
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds (alternating); the best is reported")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -129,11 +152,13 @@ def main() -> None:
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
 
-    ours = SmoothedClassifier(ours_base, args.sigma, votes="hard", batch_size=args.our_batch, seed=args.seed)
+    ours = SmoothedClassifier(ours_base, args.sigma, votes="hard", batch_size=args.our_batch, seed=args.seed,
+                              workers=args.workers, compile=args.compile,
+                              autocast_dtype="bfloat16" if args.bf16 else None)  # per thread: its workers too
     ref = ReferenceSmooth(base, args.num_classes, args.sigma)
     with autocast, torch.no_grad():
-        # warm-up of both paths (kernel selection, allocator) on one image, untimed
-        ours.certify(x[:1], args.n0, min(args.n, args.batch), args.failure_prob)
+        # warm-up of both paths (kernel selection, allocator, compilation of our pass shapes), untimed
+        ours.certify(x, args.n0, max(args.n0, min(args.n, ours._batch(x))), args.failure_prob)
         ref.certify(x[0], args.n0, min(args.n, args.batch), args.failure_prob, args.batch)
         t_ours, t_ref = [], []
         for _ in range(args.repeats):  # alternate, keep the best of each
@@ -150,8 +175,11 @@ def main() -> None:
                 sync(device)
                 t_ref.append((time.perf_counter() - t0) / args.num_images)
         t_ours, t_ref = min(t_ours), min(t_ref, default=float("nan"))
+        if args.compute_only:
+            t_compute = compute_only(ours_base, x, args.n0 + args.n, ours._batch(x), args.repeats)
 
-    flags = [f for f, on in (("bf16", args.bf16), ("channels_last", args.channels_last)) if on]
+    options = (("bf16", args.bf16), ("channels_last", args.channels_last), ("compile", args.compile))
+    flags = [f for f, on in options if on]
     print(
         f"{args.arch} {tuple(args.input_shape)} on {device} ({torch.get_num_threads()} threads)"
         f" {' '.join(flags)}: n0={args.n0} n={args.n} reference batch={args.batch}"
@@ -165,6 +193,8 @@ def main() -> None:
             f" radius={[round(r, 4) for _, r in ref_out]}"
         )
         print(f"  throughput ratio  : {t_ref / t_ours:.2f}x")
+    if args.compute_only:
+        print(f"  model passes alone: {t_compute:.4f} s/image   (ours / passes alone: {t_ours / t_compute:.2f})")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,13 @@ timeout 70 python3 benchmarks/bench_train_throughput.py --data-root "$D" --objec
 timeout 60 python3 benchmarks/bench_train_throughput.py --data-root "$D" --objective pgd_at --steps 10 --epochs 3 --warmup 1 --reference 5900 2>&1 | grep -A1 "^train throughput"
 fi
 if on certify; then
-# issue 4: CERTIFY at n = 100,000 with a CIFAR ResNet-110, batch 4,000 (float32, then bf16 + channels_last)
-timeout 30 python3 benchmarks/bench_certify.py --arch resnet110 --input-shape 3 32 32 --device cuda --n 100000 --n0 100 --num-images 2 --batch 4000 --skip-reference 2>&1 | tail -2
-timeout 30 python3 benchmarks/bench_certify.py --arch resnet110 --input-shape 3 32 32 --device cuda --n 100000 --n0 100 --num-images 2 --batch 4000 --skip-reference --bf16 --channels-last 2>&1 | tail -2
+# issue 4: CERTIFY at n = 100,000 with a CIFAR ResNet-110, batch 4,000 (float32, then bf16 + channels_last),
+# eager and through torch.compile, each next to the bare eager model passes timed in the same run
+R="--arch resnet110 --input-shape 3 32 32 --device cuda --n 100000 --n0 100 --num-images 2 --batch 4000 --skip-reference --compute-only --repeats 2"
+timeout 45 python3 benchmarks/bench_certify.py $R 2>&1 | tail -3
+timeout 45 python3 benchmarks/bench_certify.py $R --bf16 --channels-last 2>&1 | tail -3
+timeout 120 python3 benchmarks/bench_certify.py $R --compile 2>&1 | tail -3
+timeout 120 python3 benchmarks/bench_certify.py $R --bf16 --channels-last --compile 2>&1 | tail -3
 fi
 if on sweep; then
 # issue 5: the digits sweep (6 alphas x 2 R_i options) on the GPU through the local multi-GPU

@@ -263,6 +263,8 @@ BAD = [
     ("certify.target_accuracy=1.5", "target_accuracy"),
     ("certify.radius_points=1", "radius_points"),
     ("certify.radius_max=0", "radius_max"),
+    ("certify.workers=0", "certify.workers must be a whole number"),
+    ("certify.autocast_dtype=half", "valid values: bfloat16, float16, float32"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from statistics import NormalDist
 
 import numpy as np
@@ -155,6 +156,7 @@ X0 = torch.zeros(1, 1, 2, 2)
         (lambda sm: sm.certify(X0, n0=10, n=100, failure_prob=1.0), "failure_prob must lie strictly"),
         (lambda sm: sm.predict(X0, n=100, failure_prob=1.0), "failure_prob must lie strictly"),
         (lambda sm: sm.predict(X0, n=0, failure_prob=0.01), "n must be a whole number >= 1"),
+        (lambda sm: SmoothedClassifier(Exploding(), sigma=0.5, workers=0), "workers must be a whole number"),
     ],
 )
 def test_bad_inputs_fail_before_sampling(make, match):
@@ -167,6 +169,74 @@ def test_predict_needs_hard_votes():
     sm = SmoothedClassifier(Exploding(), sigma=0.5, votes="soft")
     with pytest.raises(ConfigError, match="hard"):
         sm.predict(torch.zeros(1, 1, 2, 2), 10, 0.01)
+
+
+class ThreadRecorder(nn.Module):
+    """A small CNN that records torch's intra-op thread count and the thread of every pass; fails on pass `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None):
+        super().__init__()
+        self.net = create_model("small_cnn", 10, (1, 8, 8), [0.5], [0.25])
+        self.fail_at, self.calls, self.autocast = fail_at, [], []
+
+    def forward(self, x):
+        self.calls.append((threading.get_ident(), torch.get_num_threads()))
+        self.autocast.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        if len(self.calls) == self.fail_at:
+            raise RuntimeError("pass failed")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("votes", ["hard", "soft"])
+def test_cpu_worker_passes_give_the_votes_of_one_pass_at_a_time(votes):
+    torch.manual_seed(0)
+    base = ThreadRecorder()
+    x = torch.rand(3, 1, 8, 8)
+    threads = torch.get_num_threads()
+    serial = SmoothedClassifier(base, 0.5, votes=votes, batch_size=16, seed=7, workers=1)
+    want = serial.sample_counts(x, 70)
+    assert {n for _, n in base.calls} == {threads} and {t for t, _ in base.calls} == {threading.get_ident()}
+    base.calls.clear()
+    pooled = SmoothedClassifier(base, 0.5, votes=votes, batch_size=16, seed=7, workers=3)
+    got = pooled.sample_counts(x, 70)
+    # the same 3 x 5 passes, their votes added in the same order; single-threaded kernels may round differently
+    assert len(base.calls) == 3 * math.ceil(70 / 16)
+    assert {n for _, n in base.calls} == {1} and threading.get_ident() not in {t for t, _ in base.calls}
+    if votes == "hard":
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.get_num_threads() == threads  # restored for the caller
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_autocast_dtype_applies_in_every_pass_thread(workers):
+    base = ThreadRecorder()
+    sm = SmoothedClassifier(base, 0.5, batch_size=8, workers=workers, autocast_dtype="bfloat16")
+    sm.sample_counts(torch.rand(2, 1, 8, 8), 40)
+    assert len(base.autocast) == 10 and set(base.autocast) == {torch.bfloat16}
+    assert not torch.is_autocast_enabled("cpu")
+    base.autocast.clear()
+    SmoothedClassifier(base, 0.5, batch_size=8, workers=workers).sample_counts(torch.rand(2, 1, 8, 8), 40)
+    assert set(base.autocast) == {None}
+
+
+def test_compiled_passes_give_the_eager_votes_and_stay_out_of_the_state_dict():
+    torch.manual_seed(0)
+    base = create_model("small_cnn", 10, (1, 8, 8), [0.5], [0.25])
+    x = torch.rand(3, 1, 8, 8)
+    eager = SmoothedClassifier(base, 0.5, batch_size=16, seed=2, workers=1)
+    compiled = SmoothedClassifier(base, 0.5, batch_size=16, seed=2, compile=True)
+    assert torch.equal(compiled.sample_counts(x, 40), eager.sample_counts(x, 40))
+    assert set(compiled.state_dict()) == {f"base.{k}" for k in base.state_dict()}
+
+
+def test_a_failing_worker_pass_raises_and_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    sm = SmoothedClassifier(ThreadRecorder(fail_at=5), 0.5, batch_size=8, workers=2)
+    with pytest.raises(RuntimeError, match="pass failed"):
+        sm.sample_counts(torch.rand(2, 1, 8, 8), 100)
+    assert torch.get_num_threads() == threads
 
 
 def test_same_seed_reproduces_and_calls_draw_fresh_noise():

@@ -7,6 +7,9 @@ added in pixel space and the noisy image is not clipped.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -14,6 +17,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from mixrobust.attacks.pgd import parse_autocast_dtype
 from mixrobust.certify.bounds import check_failure_prob, clopper_pearson_lower, hoeffding_lower
 from mixrobust.certify.radii import check_sigma
 from mixrobust.errors import ConfigError, check_choice
@@ -21,8 +25,8 @@ from mixrobust.errors import ConfigError, check_choice
 Votes = Literal["hard", "soft"]
 
 #: Noisy images per forward pass when `batch_size` is None: large batches keep a GPU busy; on a
-#: CPU, passes whose activations fit in cache run about twice as fast as passes of 1,000.
-DEFAULT_BATCH = {"cuda": 4000, "cpu": 128}
+#: CPU, passes whose activations fit in a core's cache run about twice as fast as passes of 1,000.
+DEFAULT_BATCH = {"cuda": 4000, "cpu": 64}
 
 
 def noise_block(numel: int) -> int:
@@ -61,6 +65,23 @@ class SmoothedClassifier(nn.Module):
     in `forward`. The base model is put in eval mode and frozen; with `channels_last` (default) its
     weights are converted to channels-last memory format on the first vote, which changes no
     value beyond float rounding and makes convolutions faster on CPUs and GPUs.
+
+    On a CPU the votes' forward passes run `workers` at a time (None: torch's intra-op thread
+    count), each on a single thread: independent passes keep every core busy without the
+    synchronisation of one pass split over cores (about 1.2x the throughput on 2 cores). The
+    passes and the order in which their votes are added are the same for any `workers`, so the
+    votes are too, up to the float rounding of single- versus multi-threaded kernels. The base
+    model must then be safe to call from several threads (plain modules in eval mode are).
+
+    `compile=True` runs the votes' passes through ``torch.compile(base, dynamic=False)`` (one
+    compilation per distinct pass shape, typically the full pass and a remainder), one pass at a
+    time: on a GPU it fuses the eval-mode layers (1.5x for a CIFAR ResNet-110 in bf16 on an H200),
+    at the cost of compiling first and of float rounding that can differ from the eager model's.
+    `forward` always runs the eager model.
+
+    `autocast_dtype` ("bfloat16"/"float16") runs the votes' passes under ``torch.autocast``: the
+    certificates then hold for the base model as computed at that precision, whose votes can
+    differ from the float32 model's near its decision boundaries.
     """
 
     def __init__(
@@ -72,6 +93,9 @@ class SmoothedClassifier(nn.Module):
         seed: int = 0,
         n_forward: int = 8,
         channels_last: bool = True,
+        workers: int | None = None,
+        compile: bool = False,
+        autocast_dtype: torch.dtype | str | None = None,
     ):
         super().__init__()
         self.sigma = check_sigma(sigma)
@@ -81,6 +105,10 @@ class SmoothedClassifier(nn.Module):
         self._channels_last_done = False
         self._calls = 0
         self.n_forward = _check_n("n_forward", n_forward)
+        self.workers = None if workers is None else _check_n("workers", workers)
+        self.compile = bool(compile)
+        self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
+        self._compiled = {}  # {"base": compiled base}, a plain dict so it is not registered as a submodule
         self.seed = int(seed)
         self.base = base.eval()
         self.base.requires_grad_(False)
@@ -168,22 +196,68 @@ class SmoothedClassifier(nn.Module):
         self._prepare(x)
         num = x.shape[0]
         totals = sq = None
-        for img, noisy in self._noisy_batches(x, n, keys, call):
-            logits = self.base(noisy)  # (B, K)
-            if totals is None:
-                k = logits.shape[1]
-                dtype = torch.float64 if soft else torch.long
-                totals = torch.zeros(num, k, dtype=dtype, device=x.device)  # (N, K)
-                sq = torch.zeros(num, k, dtype=torch.float64, device=x.device) if squares else None
-            if soft:
-                p = torch.softmax(logits.float(), dim=1).double()  # (B, K)
-                totals.index_add_(0, img, p)
-                if squares:
-                    sq.index_add_(0, img, p * p)
-            else:
-                flat = img * totals.shape[1] + logits.argmax(dim=1)  # (B,)
-                totals.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        with self._vote_runner(x.device, soft) as run:
+            for img, (votes, k) in run(self._noisy_batches(x, n, keys, call)):
+                if totals is None:
+                    dtype = torch.float64 if soft else torch.long
+                    totals = torch.zeros(num, k, dtype=dtype, device=x.device)  # (N, K)
+                    sq = torch.zeros(num, k, dtype=torch.float64, device=x.device) if squares else None
+                if soft:
+                    totals.index_add_(0, img, votes)
+                    if squares:
+                        sq.index_add_(0, img, votes * votes)
+                else:
+                    flat = img * totals.shape[1] + votes  # (B,)
+                    totals.view(-1).index_add_(0, flat, torch.ones_like(flat))
         return totals, sq
+
+    @torch.no_grad()  # grad mode is per thread: pool workers need it too
+    def _votes(self, noisy: torch.Tensor, soft: bool) -> tuple[torch.Tensor, int]:
+        """One forward pass -> (softmax (B, K) in float64 if soft, else argmax (B,); the number of classes K)."""
+        if self.compile and "base" not in self._compiled:
+            self._compiled["base"] = torch.compile(self.base, dynamic=False)
+        model = self._compiled["base"] if self.compile else self.base
+        if self.autocast_dtype is None:
+            logits = model(noisy)  # (B, K)
+        else:  # autocast is per thread too
+            with torch.autocast(noisy.device.type, dtype=self.autocast_dtype):
+                logits = model(noisy)
+        votes = torch.softmax(logits.float(), dim=1).double() if soft else logits.argmax(dim=1)
+        return votes, logits.shape[1]
+
+    @contextmanager
+    def _vote_runner(self, device: torch.device, soft: bool):
+        """Yields run(batches) -> iterator of (image index, votes) in batch order.
+
+        On a CPU with more than one worker (and no compilation), passes run concurrently in a
+        thread pool, each worker on one intra-op thread, with at most 2 passes per worker in
+        flight; torch's thread count is restored afterwards (threads started later inherit it).
+        """
+        workers = 1 if device.type != "cpu" or self.compile else (self.workers or torch.get_num_threads())
+        if workers == 1:
+            yield lambda batches: ((img, self._votes(noisy, soft)) for img, noisy in batches)
+            return
+        threads = torch.get_num_threads()
+
+        def single_threaded():
+            torch.set_num_threads(1)
+
+        def passes(pool, batches):
+            pending = deque()
+            for img, noisy in batches:
+                pending.append((img, pool.submit(self._votes, noisy, soft)))
+                if len(pending) >= 2 * workers:
+                    img, done = pending.popleft()
+                    yield img, done.result()
+            while pending:
+                img, done = pending.popleft()
+                yield img, done.result()
+
+        try:
+            with ThreadPoolExecutor(workers, initializer=single_threaded) as pool:
+                yield lambda batches: passes(pool, batches)
+        finally:
+            torch.set_num_threads(threads)
 
     def _prepare(self, x: torch.Tensor) -> None:
         """Channels-last weights for image batches (once): oneDNN and cuDNN convolutions run faster."""

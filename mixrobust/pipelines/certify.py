@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.atomic import write_json
+from mixrobust.attacks import AUTOCAST_DTYPES, parse_autocast_dtype
 from mixrobust.certify.bounds import check_failure_prob
 from mixrobust.certify.mixture import (
     certify_baseline,
@@ -57,6 +58,14 @@ def _whole(name: str, value) -> int:
     return int(value)
 
 
+def _autocast_name(value) -> str | None:
+    """certify.autocast_dtype validated, as JSON-friendly text ("bfloat16", "float16") or None for float32."""
+    if value is not None:
+        check_choice("certify.autocast_dtype", str(value).lower(), AUTOCAST_DTYPES)
+    dtype = parse_autocast_dtype(value)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def certify_settings(cfg: DictConfig) -> dict:
     """Validated ``cfg.certify`` values; one ConfigError per bad value, before any checkpoint is read."""
     c = cfg.certify
@@ -72,6 +81,9 @@ def certify_settings(cfg: DictConfig) -> dict:
         "alpha_method": check_choice("certify.alpha_method", c.alpha_method, ("at_least", "closest", "interpolate")),
         "n0": n0, "n": n, "failure_prob": check_failure_prob(c.failure_prob),
         "batch_size": None if c.get("batch_size") is None else _whole("batch_size", c.batch_size),
+        "workers": None if c.get("workers") is None else _whole("workers", c.workers),
+        "compile": bool(c.get("compile", False)),
+        "autocast_dtype": _autocast_name(c.get("autocast_dtype")),
         "sigma": None if c.sigma is None else check_sigma(c.sigma),
         "baseline_sigma": None if c.get("baseline_sigma") is None else check_sigma(c.baseline_sigma),
         "lipschitz": None if c.get("lipschitz") is None else float(c.lipschitz),
@@ -177,7 +189,8 @@ def _vote_shard(payload: dict, start: int, stop: int, device: torch.device) -> l
     x, keys, s = payload["x"][start:stop].to(device), payload["keys"][start:stop], payload["settings"]
     out = []
     for model, sigma, votes, seed, mode in payload["models"]:
-        smoothed = SmoothedClassifier(model.to(device), sigma, votes=votes, batch_size=s["batch_size"], seed=seed)
+        smoothed = SmoothedClassifier(model.to(device), sigma, votes=votes, batch_size=s["batch_size"], seed=seed,
+                                      workers=s["workers"], compile=s["compile"], autocast_dtype=s["autocast_dtype"])
         out.append(sample_votes(smoothed, x, s["n0"], s["n"], mode, s["soft_bound"], keys=keys))
     return out
 
