@@ -265,6 +265,7 @@ BAD = [
     ("certify.radius_max=0", "radius_max"),
     ("certify.workers=0", "certify.workers must be a whole number"),
     ("certify.autocast_dtype=half", "valid values: bfloat16, float16, float32"),
+    ("certify.compile=yes", "certify.compile must be true or false"),
 ]
 
 

@@ -58,6 +58,12 @@ def _whole(name: str, value) -> int:
     return int(value)
 
 
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"certify.{name} must be true or false, got {value!r}")
+    return value
+
+
 def _autocast_name(value) -> str | None:
     """certify.autocast_dtype validated, as JSON-friendly text ("bfloat16", "float16") or None for float32."""
     if value is not None:
@@ -82,7 +88,7 @@ def certify_settings(cfg: DictConfig) -> dict:
         "n0": n0, "n": n, "failure_prob": check_failure_prob(c.failure_prob),
         "batch_size": None if c.get("batch_size") is None else _whole("batch_size", c.batch_size),
         "workers": None if c.get("workers") is None else _whole("workers", c.workers),
-        "compile": bool(c.get("compile", False)),
+        "compile": _flag("compile", c.get("compile", False)),
         "autocast_dtype": _autocast_name(c.get("autocast_dtype")),
         "sigma": None if c.sigma is None else check_sigma(c.sigma),
         "baseline_sigma": None if c.get("baseline_sigma") is None else check_sigma(c.baseline_sigma),
