@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 class MixrobustError(ValueError):
     """A user-facing error: the message names what is wrong and how to fix it."""
@@ -25,3 +27,10 @@ def check_choice(name: str, value: str, choices) -> str:
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; valid values: {', '.join(map(str, choices))}")
     return value
+
+
+def check_count(name: str, value) -> int:
+    """Return `value` as an int if it is a whole number >= 1 (not a bool), else raise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)

@@ -24,12 +24,12 @@ from mixrobust.threat import Norm, Threat
 AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def parse_autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """Map an autocast setting to a dtype; None and float32 both mean "no autocast"."""
+def parse_autocast_dtype(value: torch.dtype | str | None, key: str = "autocast_dtype") -> torch.dtype | None:
+    """Map an autocast setting to a dtype; None and float32 both mean "no autocast" (`key` names it in errors)."""
     if value is None:
         return None
     name = str(value).removeprefix("torch.").lower()
-    check_choice("autocast_dtype", name, AUTOCAST_DTYPES)
+    check_choice(key, name, AUTOCAST_DTYPES)
     return None if name == "float32" else getattr(torch, name)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from mixrobust.attacks.pgd import parse_autocast_dtype
 from mixrobust.certify.bounds import check_failure_prob, clopper_pearson_lower, hoeffding_lower
 from mixrobust.certify.radii import check_sigma
-from mixrobust.errors import ConfigError, check_choice
+from mixrobust.errors import ConfigError, check_choice, check_count
 
 Votes = Literal["hard", "soft"]
 
@@ -32,12 +32,6 @@ DEFAULT_BATCH = {"cuda": 4000, "cpu": 64}
 def noise_block(numel: int) -> int:
     """Noise samples drawn per generator call for images of `numel` values: at most 1,024 and 64 MiB."""
     return int(min(1024, max(16, 2**24 // max(1, numel))))
-
-
-def _check_n(name: str, n: int) -> int:
-    if int(n) != n or int(n) < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {n}")
-    return int(n)
 
 
 def two_sided_binomial_pvalue(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
@@ -100,12 +94,12 @@ class SmoothedClassifier(nn.Module):
         super().__init__()
         self.sigma = check_sigma(sigma)
         self.votes = check_choice("votes", votes, ("hard", "soft"))
-        self.batch_size = None if batch_size is None else _check_n("batch_size", batch_size)
+        self.batch_size = None if batch_size is None else check_count("batch_size", batch_size)
         self.channels_last = bool(channels_last)
         self._channels_last_done = False
         self._calls = 0
-        self.n_forward = _check_n("n_forward", n_forward)
-        self.workers = None if workers is None else _check_n("workers", workers)
+        self.n_forward = check_count("n_forward", n_forward)
+        self.workers = None if workers is None else check_count("workers", workers)
         self.compile = bool(compile)
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
         self._compiled = {}  # {"base": compiled base}, a plain dict so it is not registered as a submodule
@@ -186,7 +180,7 @@ class SmoothedClassifier(nn.Module):
         votes do not depend on the batch size, on which other images are sampled with it, or on
         how a run is sharded across processes (keys: the images' positions in the evaluated split).
         """
-        n = _check_n("n", n)
+        n = check_count("n", n)
         if x.shape[0] == 0:
             raise ConfigError("got an empty batch of images")
         keys = list(range(x.shape[0])) if keys is None else [int(k) for k in keys]
@@ -280,7 +274,7 @@ class SmoothedClassifier(nn.Module):
     @torch.no_grad()
     def probs(self, x: torch.Tensor, n: int, keys=None) -> torch.Tensor:
         """Monte Carlo estimate of the smoothed probabilities h(x) -> (N, K), float32, no gradient."""
-        n = _check_n("n", n)
+        n = check_count("n", n)
         return (self.sample_counts(x, n, keys).double() / n).float()
 
     def predict(self, x: torch.Tensor, n: int, failure_prob: float, keys=None) -> torch.Tensor:
@@ -291,7 +285,7 @@ class SmoothedClassifier(nn.Module):
         With probability at least 1 - failure_prob over the noise, a returned class (not -1) is
         the smoothed classifier's prediction argmax_c P(f(x + xi) = c).
         """
-        n = _check_n("n", n)
+        n = check_count("n", n)
         fp = check_failure_prob(failure_prob)
         if self.votes != "hard":
             raise ConfigError("predict's binomial test needs votes='hard' (counts of base predictions)")
@@ -315,7 +309,7 @@ class SmoothedClassifier(nn.Module):
         With probability at least 1 - failure_prob over the noise, every point whose prediction is
         not -1 has the smoothed classifier predicting cA at every x + d with ||d||_2 < radius.
         """
-        n0, n = _check_n("n0", n0), _check_n("n", n)
+        n0, n = check_count("n0", n0), check_count("n", n)
         if n0 > n:
             raise ConfigError(
                 f"n0 (selection samples) must not exceed n (estimation samples), got n0={n0} > n={n}"

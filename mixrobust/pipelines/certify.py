@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.atomic import write_json
-from mixrobust.attacks import AUTOCAST_DTYPES, parse_autocast_dtype
+from mixrobust.attacks import parse_autocast_dtype
 from mixrobust.certify.bounds import check_failure_prob
 from mixrobust.certify.mixture import (
     certify_baseline,
@@ -37,7 +37,7 @@ from mixrobust.certify.radii import check_alpha, check_sigma
 from mixrobust.certify.report import curve_rows, radius_grid, select_alpha, write_certify_results
 from mixrobust.certify.smoothing import SmoothedClassifier
 from mixrobust.checkpoint import load_classifier
-from mixrobust.errors import ConfigError, check_choice
+from mixrobust.errors import ConfigError, check_choice, check_count
 from mixrobust.mixing import check_compatible
 from mixrobust.pipelines.common import (
     build_logger,
@@ -52,12 +52,6 @@ from mixrobust.pipelines.distributed import check_devices, run_sharded
 from mixrobust.pipelines.evaluate import resolve_data, resolve_device, select_examples
 
 
-def _whole(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < 1:
-        raise ConfigError(f"certify.{name} must be a whole number >= 1, got {value}")
-    return int(value)
-
-
 def _flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"certify.{name} must be true or false, got {value!r}")
@@ -66,16 +60,14 @@ def _flag(name: str, value) -> bool:
 
 def _autocast_name(value) -> str | None:
     """certify.autocast_dtype validated, as JSON-friendly text ("bfloat16", "float16") or None for float32."""
-    if value is not None:
-        check_choice("certify.autocast_dtype", str(value).lower(), AUTOCAST_DTYPES)
-    dtype = parse_autocast_dtype(value)
+    dtype = parse_autocast_dtype(value, key="certify.autocast_dtype")
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def certify_settings(cfg: DictConfig) -> dict:
     """Validated ``cfg.certify`` values; one ConfigError per bad value, before any checkpoint is read."""
     c = cfg.certify
-    n0, n = _whole("n0", c.n0), _whole("n", c.n)
+    n0, n = check_count("certify.n0", c.n0), check_count("certify.n", c.n)
     if n0 > n:
         raise ConfigError(f"certify.n0 (selection samples) must not exceed certify.n (estimation samples), "
                           f"got n0={n0} > n={n}")
@@ -86,8 +78,8 @@ def certify_settings(cfg: DictConfig) -> dict:
         "soft_bound": check_choice("certify.soft_bound", c.soft_bound, ("hoeffding", "bernstein")),
         "alpha_method": check_choice("certify.alpha_method", c.alpha_method, ("at_least", "closest", "interpolate")),
         "n0": n0, "n": n, "failure_prob": check_failure_prob(c.failure_prob),
-        "batch_size": None if c.get("batch_size") is None else _whole("batch_size", c.batch_size),
-        "workers": None if c.get("workers") is None else _whole("workers", c.workers),
+        "batch_size": None if c.get("batch_size") is None else check_count("certify.batch_size", c.batch_size),
+        "workers": None if c.get("workers") is None else check_count("certify.workers", c.workers),
         "compile": _flag("compile", c.get("compile", False)),
         "autocast_dtype": _autocast_name(c.get("autocast_dtype")),
         "sigma": None if c.sigma is None else check_sigma(c.sigma),
@@ -116,7 +108,7 @@ def certify_settings(cfg: DictConfig) -> dict:
     if not 0.0 < step <= 1.0:
         raise ConfigError(f"certify.alpha_step must lie in (0, 1], got {step}")
     s["alpha_step"] = step
-    s["radius_points"] = _whole("radius_points", c.get("radius_points", 201))
+    s["radius_points"] = check_count("certify.radius_points", c.get("radius_points", 201))
     radius_max = c.get("radius_max")
     if radius_max is not None and not 0 < float(radius_max) < math.inf:
         raise ConfigError(f"certify.radius_max must be a radius > 0 (or null for the largest one found), got {radius_max}")

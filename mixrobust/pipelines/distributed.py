@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mixrobust.errors import ConfigError
+from mixrobust.errors import ConfigError, check_count
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -50,9 +50,7 @@ def accelerator_for(device: str) -> str:
 
 def check_devices(devices, device: str, n: int) -> int:
     """Validated process count: a whole number >= 1, at most the GPUs visible and the examples."""
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ConfigError(f"distributed.devices must be a whole number >= 1, got {devices!r}")
-    devices = int(devices)
+    devices = check_count("distributed.devices", devices)
     if devices > 1 and accelerator_for(device) == "gpu" and devices > torch.cuda.device_count():
         raise ConfigError(f"distributed.devices={devices} but {torch.cuda.device_count()} GPU(s) are visible; "
                           f"lower distributed.devices or pass device=cpu")
