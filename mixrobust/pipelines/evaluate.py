@@ -189,6 +189,8 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.get("device", "auto")))
     g, h = (load_classifier(cfg[k], map_location=device) for k in ("g_ckpt", "h_ckpt"))
     check_compatible(g, h)
+    # fills data and the threat's defaults (conf/data_threat) first: the fingerprint must cover them
+    datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
     fingerprint = run_fingerprint(cfg, cfg.g_ckpt, cfg.h_ckpt)
     files = [f for f in FILES if f.endswith(".png") <= bool(cfg.get("plots", True))]
     if cfg.get("resume", True) and finished_run(output_dir, fingerprint, files):
@@ -196,7 +198,6 @@ def run(cfg: DictConfig) -> dict:
         return {"rows": rows, "margins": None, "files": {f: str(output_dir / f) for f in files}, "seconds": 0.0,
                 "output_dir": str(output_dir), "skipped": True}
     (output_dir / "run.json").unlink(missing_ok=True)  # an old run's marker must not vouch for new files
-    datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
     threat = build_threat(cfg, h.record)
     attack = instantiate(cfg.attack)
     if (attack.norm, attack.eps) != (threat.norm, threat.eps):
