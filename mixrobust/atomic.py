@@ -5,10 +5,13 @@ A killed run leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +35,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=float))
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
+    """CSV text of `rows` under a header of `columns`: None and NaN become empty cells, floats keep full
+    precision (their repr, so inf stays inf and a re-read gives the same float)."""
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return repr(value) if isinstance(value, float) else value
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([cell(row[c]) for c in columns] for row in rows)
+    return buffer.getvalue()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

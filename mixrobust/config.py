@@ -6,14 +6,11 @@ from omegaconf import OmegaConf
 
 
 def gpu_count() -> int:
-    """Number of visible CUDA devices, at least 1 (``${mr.gpu_count:}``, e.g. joblib's n_jobs).
+    """Number of visible CUDA devices (`mixrobust.launch.visible_gpus`), at least 1 (``${mr.gpu_count:}``,
+    e.g. joblib's n_jobs)."""
+    from mixrobust.launch import visible_gpus
 
-    ``torch.cuda.device_count()`` asks NVML first, so it does not initialise CUDA in the
-    launching process (which would make forked children unable to use the GPU).
-    """
-    import torch
-
-    return max(1, int(torch.cuda.device_count()))
+    return max(1, visible_gpus())
 
 
 def pgd_step(eps, steps) -> float:

@@ -66,7 +66,11 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def visible_gpus() -> int:
-    """Number of CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
+    """Number of CUDA devices this process can see (CUDA_VISIBLE_DEVICES applies); 0 without CUDA.
+
+    ``torch.cuda.device_count()`` asks NVML first, so it does not initialise CUDA in the launching
+    process (which would make forked children unable to use the GPU).
+    """
     import torch
 
     return int(torch.cuda.device_count())

@@ -23,7 +23,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mixrobust.atomic import atomic_write, write_text  # noqa: E402
+from mixrobust.atomic import atomic_write, csv_text, write_text  # noqa: E402
 from mixrobust.certify.mixture import BaselineCertificate, MixtureCertificate  # noqa: E402
 from mixrobust.certify.radii import alpha_for_clean_accuracy  # noqa: E402
 from mixrobust.errors import ConfigError  # noqa: E402
@@ -34,16 +34,6 @@ BASELINE_COLUMNS = ("index", "label", "pred", "clean_pred", "p_lower", "radius",
 CURVE_COLUMNS = ("model", "alpha", "theorem", "radius", "certified_accuracy")
 _INT = {"index", "label", "h_pred", "mix_pred", "pred", "clean_pred"}
 _BOOL = {"correct", "mix_correct"}
-
-
-def _csv(columns: Sequence[str], rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float) else row[c]
-                         for c in columns])
-    return buffer.getvalue()
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -167,11 +157,11 @@ def write_certify_results(output_dir: str | os.PathLike, cert: MixtureCertificat
                           selected_alpha: float | None = None, plots: bool = True, title: str = "") -> dict[str, Path]:
     """Write certify.csv, baseline_certify.csv (with a baseline), certified_accuracy.csv/.png."""
     out = Path(output_dir)
-    paths = {"certify.csv": write_text(out / "certify.csv", _csv(CERTIFY_COLUMNS, certify_rows(cert, index))),
-             "certified_accuracy.csv": write_text(out / "certified_accuracy.csv", _csv(CURVE_COLUMNS, curves))}
+    paths = {"certify.csv": write_text(out / "certify.csv", csv_text(CERTIFY_COLUMNS, certify_rows(cert, index))),
+             "certified_accuracy.csv": write_text(out / "certified_accuracy.csv", csv_text(CURVE_COLUMNS, curves))}
     if baseline is not None:
         paths["baseline_certify.csv"] = write_text(out / "baseline_certify.csv",
-                                                   _csv(BASELINE_COLUMNS, baseline_rows(baseline, index)))
+                                                   csv_text(BASELINE_COLUMNS, baseline_rows(baseline, index)))
     if plots:
         paths["certified_accuracy.png"] = plot_certified_accuracy(curves, out / "certified_accuracy.png",
                                                                   selected_alpha, title)

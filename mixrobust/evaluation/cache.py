@@ -318,7 +318,6 @@ class DiskCache:
         data = _st_save(prepared, metadata=metadata)
         del prepared
         self._check_root()
-        self.root.mkdir(parents=True, exist_ok=True)
         return atomic_write(self.path(key), lambda f: f.write(data), mode="wb")
 
     def get_or_compute(

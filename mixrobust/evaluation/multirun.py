@@ -31,7 +31,6 @@ and dot-folders, and ordered by their relative path with integer parts compared 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mixrobust.atomic import write_json, write_text
+from mixrobust.atomic import csv_text, write_json, write_text
 from mixrobust.certify.report import CURVE_COLUMNS, plot_certified_accuracy
 from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
@@ -215,7 +214,7 @@ def _certify_report(jobs: list[Job], out: Path, plots: bool) -> dict[str, Path]:
     """combined_certified.csv and, with plots, one Figure-3 plot per certification job."""
     rows = combine_certified(jobs)
     files = {"combined_certified.csv": write_text(out / "combined_certified.csv",
-                                                  combined_csv(rows, CERTIFIED_COLUMNS))}
+                                                  csv_text(CERTIFIED_COLUMNS, rows))}
     for job in (j for j in jobs if j.kind == "certify") if plots else ():
         summary = json.loads((job.path / "certify_summary.json").read_text())
         name = f"certified_accuracy_{job.name.replace('/', '_')}.png"
@@ -223,21 +222,6 @@ def _certify_report(jobs: list[Job], out: Path, plots: bool) -> dict[str, Path]:
                                               title=f"job {job.name}: h sigma={summary.get('sigma')}, "
                                                     + " ".join(sorted(job.overrides)))
     return files
-
-
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return repr(value) if isinstance(value, float) else value
-
-
-def combined_csv(rows: list[dict], columns: tuple[str, ...] = COMBINED_COLUMNS) -> str:
-    """CSV text with a header of `columns`, cells formatted as in `rows_to_csv`."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([_cell(row[c]) for c in columns] for row in rows)
-    return buffer.getvalue()
 
 
 def _key(row: dict) -> tuple:
@@ -347,7 +331,7 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                     len(incomplete), root, ", ".join(_name(p, root) for p in incomplete))
     out = Path(out_dir) if out_dir is not None else root / REPORT_DIR
     rows = combine(jobs)
-    files = {"combined.csv": write_text(out / "combined.csv", combined_csv(rows))} if rows else {}
+    files = {"combined.csv": write_text(out / "combined.csv", csv_text(COMBINED_COLUMNS, rows))} if rows else {}
     if any(j.kind == "certify" for j in jobs):
         files.update(_certify_report(jobs, out, plots))
     files.update({
@@ -375,34 +359,22 @@ class SweepReport(Callback):
     """Hydra callback: write the sweep report into ``<hydra.sweep.dir>/report`` when a multirun ends.
 
     Enable with ``hydra.callbacks.sweep_report._target_: mixrobust.evaluation.multirun.SweepReport``.
-    `plots` None follows the app's ``plots`` setting. A failing report is logged, not raised: the
-    jobs' results are already saved and ``evaluate.py task=report report.dir=...`` can redo it.
+    Plots follow the app's ``plots`` setting. A sweep without a completed job gets no report (logged);
+    a failing report is logged, not raised: the jobs' results are already saved and
+    ``evaluate.py task=report report.dir=...`` can redo it.
     """
 
-    def __init__(self, plots: bool | None = None, out_dir: str | None = None) -> None:
-        self.plots = plots
-        self.out_dir = out_dir
-
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mixrobust.pipelines.report import report_sweep  # the pipeline layer logs to W&B
+
         sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
         if sweep_dir is None:
             log.info("no hydra.sweep.dir in the config: no sweep report")
             return
-        root = Path(str(sweep_dir))
-        plots = self.plots if self.plots is not None else bool(config.get("plots", True))
         try:
-            if not root.is_dir() or not find_jobs(root)[0]:
-                log.info("no completed job in %s: no sweep report", root)
-                return
-            report = make_report(root, self.out_dir, plots=plots)
+            report_sweep(config, str(sweep_dir))
+        except ConfigError as exc:  # no folder, or no completed job in it
+            log.info("no sweep report: %s", exc)
         except Exception:  # the jobs' own results are safe; the report can be redone
-            log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s", root)
-            return
-        log.info("sweep report of %d job(s) in %s", len(report.jobs), report.out_dir)
-        from mixrobust.pipelines.report import is_wandb, log_to_wandb, sweep_group
-
-        if is_wandb(config):
-            try:
-                log_to_wandb(config, report, sweep_group(root))
-            except Exception:  # the report files are written; W&B is a copy
-                log.exception("logging the sweep report to W&B failed")
+            log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s",
+                          sweep_dir)

@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from pathlib import Path
 
-from mixrobust.atomic import write_json, write_text
+from mixrobust.atomic import csv_text, write_json, write_text
 from mixrobust.evaluation.outcomes import COLUMNS, save_outcomes
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_tradeoff
 
@@ -30,14 +29,8 @@ def _plain(value):
 
 
 def rows_to_csv(rows: list[dict]) -> str:
-    """CSV text with a header of `COLUMNS`; None and NaN become empty cells, floats keep full precision."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    for row in rows:
-        writer.writerow(["" if _plain(row[c]) is None else repr(row[c]) if isinstance(row[c], float) else row[c]
-                         for c in COLUMNS])
-    return buffer.getvalue()
+    """CSV text with a header of `COLUMNS` (`mixrobust.atomic.csv_text`)."""
+    return csv_text(COLUMNS, rows)
 
 
 def read_results_csv(path: str | os.PathLike) -> list[dict]:

@@ -200,7 +200,7 @@ class _Sweep:
     def judge_single(self, m: int, alpha: float, x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Mixture `m` at `alpha` on `x` (n, ...): ((n,) bool correct, (n,) gap)."""
         if self.options[m].cached:
-            out = mix_cached(self.outputs(self.g, x), self.outputs(self.h, x), [alpha], self.options[m].mix_space)[0]
+            out = mix_cached(*self.base_logits(x), [alpha], self.options[m].mix_space)[0]
         else:
             self.single[m].alpha = alpha
             out = self.outputs(self.single[m], x)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -51,19 +52,35 @@ def hydra_job() -> dict | None:
             "override_dirname": hc.job.override_dirname, "experiment": hc.runtime.choices.get("experiment")}
 
 
-def wandb_run_settings(cfg: DictConfig, node) -> dict:
+def is_wandb(cfg: DictConfig) -> bool:
+    """Whether ``cfg.logger`` is a W&B logger."""
+    node = cfg.get("logger")
+    return bool(node) and str(node.get("_target_", "")).endswith("WandbLogger")
+
+
+def sweep_group(sweep_dir: str | os.PathLike) -> str:
+    """The W&B group the sweep's jobs used when ``logger.group`` was unset: the sweep folder as
+    Hydra names it (``hydra.sweep.dir``, e.g. ``multirun/evaluate/<date>``), i.e. relative to the
+    working directory when it lies below it, else absolute."""
+    path = Path(os.path.abspath(sweep_dir))
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def wandb_run_settings(cfg: DictConfig, node, job: dict | None) -> dict:
     """W&B group, name, job type and tags for this job, where the logger config leaves them unset.
 
     In a multirun every job is its own run, grouped under the sweep (its folder, e.g.
     ``multirun/paper_fig2``), named after its overrides; the task and the experiment are tags.
     """
-    job = hydra_job()
     task = str(cfg.get("task", "train"))
     tags = [t for t in (task, job and job["experiment"]) if t]
     out = {"tags": list(node.get("tags") or []) + [t for t in tags if t not in (node.get("tags") or [])],
            "job_type": node.get("job_type") or task}
     if job and job["multirun"]:
-        out["group"] = node.get("group") or job["sweep_dir"]
+        out["group"] = node.get("group") or sweep_group(job["sweep_dir"])
         out["name"] = node.get("name") or job["override_dirname"] or f"job{job['num']}"
     return out
 
@@ -78,10 +95,10 @@ def build_logger(cfg: DictConfig, output_dir: str):
     node = cfg.get("logger")
     if not node:
         return False
-    if not str(node.get("_target_", "")).endswith("WandbLogger"):
+    if not is_wandb(cfg):
         return instantiate(node, save_dir=output_dir)
-    extra = wandb_run_settings(cfg, node)
     job = hydra_job()
+    extra = wandb_run_settings(cfg, node, job)
     logger = instantiate(node, save_dir=output_dir, **extra)
     try:
         logger.experiment  # starts the run now, not in the middle of the work
@@ -124,7 +141,7 @@ def run_fingerprint(cfg: DictConfig, *checkpoints: str) -> str:
     container = OmegaConf.to_container(cfg, resolve=False)
     for key in VOLATILE_KEYS:
         container.pop(key, None)
-    resolved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(container)), resolve=True)
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
     blob = json.dumps({"config": resolved, "checkpoints": [file_digest(c) for c in checkpoints],
                        "code": code_digest()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.multirun import COMBINED_COLUMNS, combine, make_report
-from mixrobust.pipelines.common import build_logger, finish_wandb, log
-
-
-def is_wandb(cfg: DictConfig) -> bool:
-    node = cfg.get("logger")
-    return bool(node) and str(node.get("_target_", "")).endswith("WandbLogger")
-
-
-def sweep_group(sweep_dir: str | os.PathLike) -> str:
-    """The W&B group the sweep's jobs used when ``logger.group`` was unset: the sweep folder as
-    Hydra names it (``hydra.sweep.dir``, e.g. ``multirun/evaluate/<date>``), i.e. relative to the
-    working directory when it lies below it, else absolute."""
-    path = Path(os.path.abspath(sweep_dir))
-    try:
-        return path.relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return path.as_posix()
+from mixrobust.pipelines.common import build_logger, finish_wandb, is_wandb, log, sweep_group
 
 
 def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
@@ -49,8 +32,6 @@ def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
         cfg.task = "report"
     with finish_wandb():
         logger = build_logger(cfg, str(report.out_dir))
-        if type(logger).__name__ != "WandbLogger":
-            return
         import wandb
 
         rows = combine(report.jobs)
@@ -61,18 +42,23 @@ def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
         logger.experiment.log({"report/combined": wandb.Table(columns=list(COMBINED_COLUMNS), data=data), **images})
 
 
+def report_sweep(cfg: DictConfig, sweep_dir: str, out_dir: str | None = None):
+    """`make_report` of `sweep_dir` (plots as ``cfg.plots``), logged, and copied to W&B with a W&B ``cfg.logger``."""
+    report = make_report(sweep_dir, out_dir, plots=bool(cfg.get("plots", True)))
+    log.info("report of %d job(s) of %s in %s", len(report.jobs), sweep_dir, report.out_dir)
+    if is_wandb(cfg):
+        log_to_wandb(cfg, report, sweep_group(sweep_dir))
+    return report
+
+
 def run(cfg: DictConfig) -> dict:
     """Write the sweep report; returns the files, the number of jobs, the incomplete job folders and the folder."""
     sweep_dir = OmegaConf.select(cfg, "report.dir", default=None)
     if sweep_dir is None:
         raise ConfigError("missing report.dir: pass the folder of a `python evaluate.py -m ...` run, e.g. "
                           "python evaluate.py task=report report.dir=multirun/evaluate/<date>")
-    out_dir = OmegaConf.select(cfg, "report.out_dir", default=None)
-    report = make_report(sweep_dir, out_dir, plots=bool(cfg.get("plots", True)))
+    report = report_sweep(cfg, str(sweep_dir), OmegaConf.select(cfg, "report.out_dir", default=None))
     root = Path(sweep_dir)
-    log.info("report of %d job(s) of %s in %s", len(report.jobs), root, report.out_dir)
-    if is_wandb(cfg):
-        log_to_wandb(cfg, report, sweep_group(root))
     return {
         "files": {k: str(v) for k, v in report.files.items()},
         "jobs": len(report.jobs),
