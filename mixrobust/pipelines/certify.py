@@ -225,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
     (output_dir / "certify_summary.json").unlink(missing_ok=True)  # an old marker must not vouch for new files
     datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
     x, y, index = select_examples(cfg, datamodule, g)
-    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), str(cfg.get("device", "auto")),
+    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), device,
                             len(y))
     x, y = x.to(device), y.to(device)
     log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
@@ -241,7 +241,7 @@ def run(cfg: DictConfig) -> dict:
         if devices > 1:  # each process moves its copy to its own device
             models = [(m.cpu(), *rest) for m, *rest in models]
         payload = {"x": x.cpu() if devices > 1 else x, "keys": index.tolist(), "settings": s, "models": models}
-        parts = run_sharded(_vote_shard, payload, len(y), devices, str(cfg.get("device", "auto")))
+        parts = run_sharded(_vote_shard, payload, len(y), devices, device)
         sampled = [concat_votes([p[i] for p in parts]) for i in range(len(models))]
         votes = sampled[0]
         timings["sample"] = time.perf_counter() - start

@@ -37,18 +37,14 @@ def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def accelerator_for(device: str) -> str:
-    """Fabric accelerator for the config's ``device`` (auto, cpu, cuda, cuda:k)."""
-    if device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device.startswith("cuda"):
-        return "gpu"
-    raise ConfigError(f"distributed evaluation runs on cpu or cuda devices, got device={device!r}")
+def accelerator_for(device: torch.device) -> str:
+    """Fabric accelerator for a resolved device (cpu or cuda)."""
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"distributed evaluation runs on cpu or cuda devices, got device={str(device)!r}")
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
-def check_devices(devices, device: str, n: int) -> int:
+def check_devices(devices, device: torch.device, n: int) -> int:
     """Validated process count: a whole number >= 1, at most the GPUs visible and the examples."""
     devices = check_count("distributed.devices", devices)
     if devices > 1 and accelerator_for(device) == "gpu" and devices > torch.cuda.device_count():
@@ -69,16 +65,15 @@ def _worker(fabric, work: Callable[..., Any], payload: bytes, n: int) -> bytes |
     return pickle.dumps(parts) if fabric.global_rank == 0 else None
 
 
-def run_sharded(work: Callable[..., Any], payload: Any, n: int, devices: int, device: str = "auto") -> list[Any]:
+def run_sharded(work: Callable[..., Any], payload: Any, n: int, devices: int, device: torch.device) -> list[Any]:
     """``[work(payload, start, stop, torch_device) for each shard]``, one shard per process.
 
-    With ``devices == 1`` the work runs here, on ``device``. Otherwise Fabric spawns `devices`
+    With ``devices == 1`` the work runs here, on ``device`` (resolved, e.g. by `resolve_device`). Otherwise Fabric spawns `devices`
     processes; each evaluates its shard [start, stop) of the n examples on its own device, and
     the shards' results come back as a list in shard order.
     """
     if devices == 1:
-        name = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        return [work(payload, 0, n, torch.device(name))]
+        return [work(payload, 0, n, device)]
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator=accelerator_for(device), devices=devices, strategy="ddp_spawn")

@@ -208,7 +208,7 @@ def run(cfg: DictConfig) -> dict:
         autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=cfg.seed,
                                 implementation=cfg.autoattack.implementation, batch_size=cfg.batch_size)
     x, y, index = select_examples(cfg, datamodule, g)
-    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), str(cfg.get("device", "auto")),
+    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), device,
                             len(y))
     cache = build_cache(cfg)
     log.info("evaluating %s (%s split, %d examples) on %s%s: %s", datamodule.name, cfg.split, len(y), device,
@@ -224,7 +224,7 @@ def run(cfg: DictConfig) -> dict:
     with finish_wandb():
         logger = build_logger(cfg, str(output_dir))
         start = time.perf_counter()
-        parts = run_sharded(_sweep_shard, payload, len(y), devices, str(cfg.get("device", "auto")))
+        parts = run_sharded(_sweep_shard, payload, len(y), devices, device)
         result = parts[0] if len(parts) == 1 else merge_results(parts)
         seconds = time.perf_counter() - start
         paths = write_results(output_dir, result, plots=bool(cfg.get("plots", True)))
