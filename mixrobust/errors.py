@@ -1,11 +1,19 @@
-"""Errors raised for bad user input, before any long work starts."""
+"""Errors raised for bad user input or untrustworthy numbers, before (or instead of) a wrong result.
+
+Every error here is a `MixrobustError`: its message names what is wrong (the config key or the
+file) and how to fix it. It derives from Hydra's ``CompactHydraException``, so the entry points
+print the message alone, without a traceback, and exit non-zero (``HYDRA_FULL_ERROR=1`` or
+``debug=true`` shows the traceback); it is also a ``ValueError`` for code that catches those.
+"""
 
 from __future__ import annotations
 
 import numbers
 
+from hydra.errors import CompactHydraException
 
-class MixrobustError(ValueError):
+
+class MixrobustError(CompactHydraException, ValueError):
     """A user-facing error: the message names what is wrong and how to fix it."""
 
 
@@ -17,8 +25,20 @@ class DataNotFoundError(MixrobustError, FileNotFoundError):
     """A dataset is missing from the folder it was looked for in."""
 
 
+class DataError(MixrobustError):
+    """A dataset file is present but unreadable (truncated, corrupt, wrong shape)."""
+
+
 class CheckpointError(MixrobustError):
     """A checkpoint is missing, truncated, foreign or incompatible."""
+
+
+class NonFiniteError(MixrobustError):
+    """A model returned NaN or inf outputs: its scores would be meaningless, so the run stops."""
+
+
+class StoppedError(MixrobustError):
+    """A run was stopped from outside (SIGTERM) before it finished."""
 
 
 def check_choice(name: str, value: str, choices) -> str:

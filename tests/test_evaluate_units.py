@@ -11,14 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from mixrobust.attacks import PGD
+from mixrobust.attacks import PGD, AutoAttack, find_implementation
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import (
-    AutoAttack,
     MixOption,
     Outcomes,
     aggregate,
-    find_implementation,
     load_outcomes,
     margin_summary,
     mix_cached,

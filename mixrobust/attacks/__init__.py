@@ -1,11 +1,13 @@
 """Attacks in pixel space: ``attack(model, x, y) -> x_adv`` (see `mixrobust.attacks.pgd`)."""
 
+from mixrobust.attacks.autoattack import AutoAttack, find_implementation
 from mixrobust.attacks.batched import Attack, attack_in_batches, model_device
 from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss, cross_entropy_loss, margin_loss
 from mixrobust.attacks.pgd import AUTOCAST_DTYPES, FGSM, PGD, eval_mode, parse_autocast_dtype
 
 __all__ = [
     "AUTOCAST_DTYPES",
+    "AutoAttack",
     "LOSSES",
     "FGSM",
     "PGD",
@@ -15,6 +17,7 @@ __all__ = [
     "attack_loss",
     "cross_entropy_loss",
     "eval_mode",
+    "find_implementation",
     "margin_loss",
     "model_device",
     "parse_autocast_dtype",

@@ -7,7 +7,6 @@ outputs and STD / ROB images between the jobs of a sweep, `merge_results` joins 
 and `write_report` combines the jobs of a Hydra multirun folder.
 """
 
-from mixrobust.evaluation.autoattack import AutoAttack, find_implementation
 from mixrobust.evaluation.cache import DiskCache
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import AttackName, MixOption, mix_options, parse_attacks
@@ -22,13 +21,11 @@ from mixrobust.evaluation.sweep import SweepResult, merge_results, mix_cached, r
 __all__ = [
     "COLUMNS",
     "AttackName",
-    "AutoAttack",
     "DiskCache",
     "MixOption",
     "Outcomes",
     "SweepResult",
     "aggregate",
-    "find_implementation",
     "format_table",
     "load_outcomes",
     "margin_summary",

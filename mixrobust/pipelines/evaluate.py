@@ -32,9 +32,10 @@ from mixrobust.atomic import write_json
 from mixrobust.checkpoint import load_classifier
 from mixrobust.data import subset_indices
 from mixrobust.errors import ConfigError
+from mixrobust.attacks import AutoAttack
 from mixrobust.evaluation import (
     AttackName,
-    AutoAttack,
+
     format_table,
     mix_options,
     parse_attacks,

@@ -14,7 +14,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from mixrobust.attacks import eval_mode
+from mixrobust.attacks.pgd import eval_mode
 from mixrobust.errors import ConfigError, check_choice
 from mixrobust.threat import Norm
 
