@@ -4,17 +4,15 @@ import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from mixrobust.launch import placed
-from mixrobust.pipelines import train
+from mixrobust import pipelines
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with placed(cfg, "trainer.devices", gpu_only=True):  # in a local multi-GPU sweep: this job's own GPU
-        metrics = train.run(cfg)
+    result = pipelines.run(cfg)
     if rank_zero_only.rank == 0:
-        print(metrics["best_checkpoint"])  # the last line: the checkpoint to mix, attack and certify
-    return metrics.get(cfg.optimized_metric)
+        print(result.best_checkpoint)  # the last line: the checkpoint to mix, attack and certify
+    return result.metrics.get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

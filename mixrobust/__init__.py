@@ -6,7 +6,7 @@ Public API: `load_classifier` (rebuild a trained base model from its checkpoint)
 
 from importlib.metadata import PackageNotFoundError, version
 
-from mixrobust.config import register_resolvers
+from mixrobust.runtime.resolvers import register_resolvers
 from mixrobust.checkpoint import load_classifier
 from mixrobust.mixing import MixedClassifier
 from mixrobust.models import available_models, create_model

@@ -15,6 +15,7 @@ os.environ["MIXROBUST_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixrobust-test-cach
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 import mixrobust  # noqa: F401  (registers config resolvers)
@@ -23,9 +24,13 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose conf/<config_name>.yaml with overrides, as the Hydra entry point would, minus the run dir."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
+    """Compose conf/<config_name>.yaml with overrides, as the Hydra entry point would, minus the run dir.
+
+    Hydra stays initialized on conf/ afterwards, as inside the entry point, so a task can compose the
+    data config recorded in its checkpoints (`mixrobust.pipelines.inputs.with_data`)."""
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    cfg = compose(config_name=config_name, overrides=list(overrides))
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     return cfg

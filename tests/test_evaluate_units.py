@@ -1,5 +1,5 @@
 """Evaluation building blocks against hand-computed numbers: counting rule, margins, outcomes file,
-pre-flight warnings, the cached mixture, the engine vs the from-scratch reference, AutoAttack."""
+pre-flight warnings, the cached mixture, the engine vs the from-scratch reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixrobust.attacks import PGD, AutoAttack, find_implementation
+from mixrobust.attacks import PGD
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import (
     MixOption,
@@ -306,34 +306,3 @@ def test_engine_rejects_mismatched_models(monkeypatch):
         run_sweep(cnn(0), five, x, y, alphas=[0.5], attack=attack)
     with pytest.raises(ConfigError, match=r"g takes inputs of shape \(1, 8, 8\) but h takes \(1, 16, 16\)"):
         run_sweep(cnn(0), big, x, y, alphas=[0.5], attack=attack)
-
-
-# ---------------------------------------------------------------- AutoAttack
-
-
-def test_autoattack_missing_is_a_clear_error(monkeypatch):
-    import importlib.util
-
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ConfigError, match="pip install pyautoattack"):
-        find_implementation("auto")
-    with pytest.raises(ConfigError, match="unknown autoattack implementation 'foolbox'"):
-        find_implementation("foolbox")
-
-
-def test_autoattack_through_torchattacks_is_in_the_worst_case(fitted):
-    """A budget large enough for APGD-CE to break every example keeps the later attacks (APGD-T,
-    FAB-T, Square: minutes on a CPU) from running, so the adapter is tested in seconds."""
-    g, h = fitted
-    x, y = digits(6)
-    attack = PGD("linf", eps=0.3, step_size=0.075, steps=3)
-    aa = AutoAttack("linf", 0.3, num_classes=10, implementation="torchattacks", batch_size=6)
-    res = run_sweep(g, h, x, y, alphas=[0.5], attack=attack, attacks=["mix", "autoattack"], autoattack=aa, batch_size=6)
-    rows = {r["attack"]: r for r in res.rows() if r["model"] == "mix"}
-    assert set(rows) == {"clean", "mix", "autoattack", "worst"} and rows["autoattack"]["steps"] is None
-    assert rows["worst"]["accuracy"] <= min(rows["mix"]["accuracy"], rows["autoattack"]["accuracy"])
-    # the adapter keeps the threat: x_adv in the eps-ball and in [0,1]
-    mixture = MixedClassifier(g, h, 0.5)
-    x_adv = aa(mixture, x, y)
-    assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert rows["autoattack"]["accuracy"] == 0.0  # what the docstring relies on

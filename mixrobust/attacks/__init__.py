@@ -3,7 +3,7 @@
 from mixrobust.attacks.autoattack import AutoAttack, find_implementation
 from mixrobust.attacks.batched import Attack, attack_in_batches, model_device
 from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss, cross_entropy_loss, margin_loss
-from mixrobust.attacks.pgd import AUTOCAST_DTYPES, FGSM, PGD, eval_mode, parse_autocast_dtype
+from mixrobust.attacks.pgd import AUTOCAST_DTYPES, FGSM, PGD, check_finite, eval_mode, parse_autocast_dtype
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -15,6 +15,7 @@ __all__ = [
     "AttackLoss",
     "attack_in_batches",
     "attack_loss",
+    "check_finite",
     "cross_entropy_loss",
     "eval_mode",
     "find_implementation",

@@ -5,6 +5,12 @@ Attack contract (shared by every attack in mixrobust): ``attack(model, x, y) -> 
 count as logits). The model is given at call time, so one attack object serves g, h and the
 mixture alike. `x_adv` lies in [0,1] and inside the eps-ball around `x`; the model's train/eval
 mode (of every submodule) is restored, and parameter ``.grad`` fields are never touched.
+
+Non-finite outputs: a model that returns NaN or inf logits (NaN weights, an overflow under
+autocast) has no meaningful scores, so `PGD` raises `NonFiniteError` instead of returning points
+chosen by the argmax of NaN rows. `check_finite` does the same check for one batch of outputs
+(e.g. a clean pass); `nonfinite_rows` and `raise_if_nonfinite` split it into a sync-free part for
+hot loops and one host sync at the end.
 """
 
 from __future__ import annotations
@@ -18,10 +24,46 @@ import torch
 from torch import Tensor, nn
 
 from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss
-from mixrobust.errors import ConfigError, check_choice
+from mixrobust.errors import ConfigError, NonFiniteError, check_choice
 from mixrobust.threat import Norm, Threat
 
 AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
+
+#: The end of every NonFiniteError message: why the run stops and what to look at.
+NONFINITE_ADVICE = (
+    "its scores would be meaningless: check the checkpoint's weights (NaN?) and its numerics "
+    "(e.g. autocast_dtype)"
+)
+
+
+def nonfinite_rows(logits: Tensor) -> Tensor:
+    """(N,) bool: which rows of `logits` (N, ...) hold a NaN or an inf. No host sync."""
+    return ~torch.isfinite(logits.detach()).flatten(1).all(dim=1)
+
+
+def raise_if_nonfinite(bad: Tensor, what: str, *, during: str = "") -> None:
+    """Raise `NonFiniteError` if any entry of `bad` (N,) bool is set; one host sync.
+
+    Message: "<what> returned NaN or inf outputs on k of N examples<during>; <NONFINITE_ADVICE>",
+    e.g. ``what="the model"``, ``during=" during the PGD search"``. Callers that know the model's
+    name can catch the error and raise a new one naming it.
+    """
+    k = int(bad.sum())
+    if k:
+        raise NonFiniteError(
+            f"{what} returned NaN or inf outputs on {k} of {bad.numel()} examples{during}; {NONFINITE_ADVICE}"
+        )
+
+
+def check_finite(logits: Tensor, what: str) -> None:
+    """Raise `NonFiniteError` if any row of `logits` (N, K) holds a NaN or an inf; one host sync.
+
+    For a model's clean pass before it is scored: `what` names the model (``"the model"``,
+    ``"g"``), and the message reads "<what> returned NaN or inf outputs on k of N examples;
+    its scores would be meaningless: check ...". In a loop, accumulate `nonfinite_rows` on the
+    device instead and call `raise_if_nonfinite` once at the end.
+    """
+    raise_if_nonfinite(nonfinite_rows(logits), what)
 
 
 def parse_autocast_dtype(value: torch.dtype | str | None, key: str = "autocast_dtype") -> torch.dtype | None:
@@ -98,7 +140,12 @@ class PGD:
     Works when called under ``torch.no_grad()`` (the search re-enables gradients), but not
     inside ``torch.inference_mode()``, which cannot be undone: that raises a RuntimeError.
     With ``eps == 0``, or ``steps == 0`` without random start, returns a copy of x.
-    Hot loop: no host syncs; the only one per call is the [0,1] range check of x.
+
+    Raises `NonFiniteError` if the model's logits held a NaN or an inf at any point the search
+    evaluated (the message counts the examples concerned): the worst case of such a search would
+    be chosen by the argmax of NaN rows. Gradient NaNs of finite outputs are not detected.
+    Hot loop: no host syncs; a call has two, the [0,1] range check of x before the search and
+    the non-finite check after it (a flag per example accumulated on the device).
     """
 
     def __init__(
@@ -157,7 +204,9 @@ class PGD:
         """Adversarial examples for images `x` (N, C, H, W) in [0,1] with labels `y` (N,).
 
         `generator` (on x's device) replaces the seeded one, e.g. to draw successive random
-        starts across the chunks of a large set.
+        starts across the chunks of a large set. Raises `NonFiniteError` ("the model returned
+        NaN or inf outputs on k of N examples during the PGD search; ...") if a visited point
+        gave non-finite logits.
         """
         _check_inputs(x, y)
         x, y = x.detach(), y.detach().long()
@@ -166,23 +215,27 @@ class PGD:
         if generator is None:
             generator = self.make_generator(x.device)
         with eval_mode(model), torch.enable_grad():
-            return self._search(model, x, y, generator)
+            x_adv, nonfinite = self._search(model, x, y, generator)
+        raise_if_nonfinite(nonfinite, "the model", during=f" during the {type(self).__name__} search")
+        return x_adv
 
     # --- the search -------------------------------------------------------------------------
 
-    def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> Tensor:
+    def _search(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> tuple[Tensor, Tensor]:
+        """-> (the worst case per example (N, C, H, W), whether a visited point gave non-finite logits (N,))."""
         linf = self.norm is Norm.LINF
         lo = (x - self.eps).clamp_(min=0.0) if linf else None  # (N, C, H, W) feasible box
         hi = (x + self.eps).clamp_(max=1.0) if linf else None
         best = x.clone()  # (N, C, H, W)
         best_loss = torch.full(y.shape, -math.inf, device=x.device)  # (N,)
         best_fooled = torch.zeros(y.shape, dtype=torch.bool, device=x.device)  # (N,)
+        nonfinite = torch.zeros(y.shape, dtype=torch.bool, device=x.device)  # (N,) checked by the caller
         x_adv = torch.empty_like(x).requires_grad_(True)  # reused leaf, updated in place
         for _ in range(self.restarts):
             with torch.no_grad():
                 self._start(x_adv, x, lo, hi, generator)
             for _ in range(self.steps):
-                loss, fooled = self._forward(model, x_adv, y)
+                loss, fooled = self._forward(model, x_adv, y, nonfinite)
                 (grad,) = torch.autograd.grad(loss.sum(), x_adv)
                 with torch.no_grad():
                     _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
@@ -193,13 +246,16 @@ class PGD:
                     # at a visited point keep that point; the others take the final iterate, as a
                     # plain PGD would (so never weaker than returning the final iterate).
                     keep = best_fooled.view((-1,) + (1,) * (x.ndim - 1))
-                    return torch.where(keep, best, x_adv.detach())
-                loss, fooled = self._forward(model, x_adv, y)
+                    return torch.where(keep, best, x_adv.detach()), nonfinite
+                loss, fooled = self._forward(model, x_adv, y, nonfinite)
                 _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
-        return best
+        return best, nonfinite
 
-    def _forward(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example float32 loss (N,) and whether the model misclassifies (N,)."""
+    def _forward(self, model: nn.Module, x_adv: Tensor, y: Tensor, nonfinite: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example float32 loss (N,) and whether the model misclassifies (N,).
+
+        Rows of non-finite logits are or-ed into `nonfinite` (N,) in place, on the device (no sync).
+        """
         if self.autocast_dtype is None:
             logits = model(x_adv)
         else:
@@ -207,6 +263,7 @@ class PGD:
                 logits = model(x_adv)
         if logits.ndim != 2 or logits.shape[0] != y.shape[0]:
             raise ValueError(f"the model must return (N, K) logits, got shape {tuple(logits.shape)}")
+        nonfinite |= nonfinite_rows(logits)  # at the model's precision: an fp16 overflow counts
         logits = logits.float()  # (N, K)
         return attack_loss(self.loss, logits, y), logits.detach().argmax(dim=1) != y
 

@@ -81,6 +81,23 @@ def sample_votes(
     return Votes(select, est, int(n), smoothed.votes, sq)
 
 
+def smoothed_votes(
+    base: torch.nn.Module, sigma: float, x: torch.Tensor, keys: torch.Tensor, *, votes: str = "hard", seed: int = 0,
+    n0: int, n: int, mode: Mode = "sound", soft_bound: str = "hoeffding", batch_size: int | None = None,
+    workers: int | None = None, compile: bool = False, autocast_dtype: str | None = None,
+    device: torch.device | None = None,
+) -> Votes:
+    """The votes of `base` smoothed with noise `sigma` on images `x` (N, C, H, W), their noise streams named by
+    `keys` (N,): `SmoothedClassifier` (moved to `device`, default x's) sampled by `sample_votes`.
+
+    Each image's votes depend only on its own key and `seed`, so the votes of a shard of the images
+    are that shard of the votes of all of them (`mixrobust.runtime.sharding.map_shards`).
+    """
+    smoothed = SmoothedClassifier(base.to(device or x.device), sigma, votes=votes, batch_size=batch_size, seed=seed,
+                                  workers=workers, compile=compile, autocast_dtype=autocast_dtype)
+    return sample_votes(smoothed, x, n0, n, mode, soft_bound, keys=[int(k) for k in keys.tolist()])
+
+
 def mixture_predictions(g_log_probs, h_probs, alphas: Sequence[float]) -> np.ndarray:
     """argmax of h^alpha = log((1 - alpha) g + alpha h) per alpha -> (A, N) int64.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from scipy import stats
 
 from mixrobust.certify.lipschitz import local_lipschitz  # noqa: F401  (feeds lipschitz_radius)
 from mixrobust.errors import ConfigError
+
+
+AlphaMethod = Literal["at_least", "closest", "interpolate"]
+"""How `alpha_for_clean_accuracy` matches a target clean accuracy."""
 
 
 def _np(v) -> np.ndarray:
@@ -170,7 +175,7 @@ def certified_accuracy(radii, correct, grid):
     return _out(cert.mean(axis=1) if r.size else np.zeros(len(g)), radii)
 
 
-def alpha_for_clean_accuracy(clean_acc_by_alpha, target: float, method: str = "at_least") -> float:
+def alpha_for_clean_accuracy(clean_acc_by_alpha, target: float, method: AlphaMethod = "at_least") -> float:
     """The alpha at which h^alpha's clean accuracy matches `target` (e.g. an RS baseline's).
 
     `clean_acc_by_alpha` is ``{alpha: accuracy}`` or a pair ``(alphas, accuracies)``. Methods:
@@ -195,8 +200,8 @@ def alpha_for_clean_accuracy(clean_acc_by_alpha, target: float, method: str = "a
     if method == "closest":
         gap = np.abs(acc - t)
         return float(a[np.flatnonzero(gap == gap.min())[-1]])
-    if method not in ("at_least", "interpolate"):
-        raise ConfigError(f"unknown method {method!r}; valid values: at_least, closest, interpolate")
+    if method not in get_args(AlphaMethod):
+        raise ConfigError(f"unknown method {method!r}; valid values: {', '.join(get_args(AlphaMethod))}")
     ok = np.flatnonzero(acc >= t)
     if ok.size == 0:
         best = f"best is {acc.max()} at alpha={a[acc.argmax()]}"

@@ -23,7 +23,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mixrobust.atomic import atomic_write, csv_text, write_text  # noqa: E402
+from mixrobust.runtime.files import atomic_write, csv_text, write_text  # noqa: E402
 from mixrobust.certify.mixture import BaselineCertificate, MixtureCertificate  # noqa: E402
 from mixrobust.certify.radii import alpha_for_clean_accuracy  # noqa: E402
 from mixrobust.errors import ConfigError  # noqa: E402

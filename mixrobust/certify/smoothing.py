@@ -3,6 +3,9 @@
 The smoothed classifier is h(x) = E_{xi ~ N(0, sigma^2 I)}[ hbar(x + xi) ] with hbar the one-hot
 argmax of the base model ("hard" votes, as Cohen et al.) or its softmax ("soft" votes). Noise is
 added in pixel space and the noisy image is not clipped.
+
+A base model that returns NaN or inf on noisy inputs casts no valid votes: the vote passes count
+such outputs per image on the device and a sampling call raises `NonFiniteError` at its end.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ import torch
 from scipy import stats
 from torch import nn
 
-from mixrobust.attacks.pgd import parse_autocast_dtype
+from mixrobust.attacks.pgd import NONFINITE_ADVICE, nonfinite_rows, parse_autocast_dtype
 from mixrobust.certify.bounds import check_failure_prob, clopper_pearson_lower, hoeffding_lower
 from mixrobust.certify.radii import check_sigma
-from mixrobust.errors import ConfigError, check_choice, check_count
+from mixrobust.errors import ConfigError, NonFiniteError, check_choice, check_count
 
 Votes = Literal["hard", "soft"]
 
@@ -76,6 +79,12 @@ class SmoothedClassifier(nn.Module):
     `autocast_dtype` ("bfloat16"/"float16") runs the votes' passes under ``torch.autocast``: the
     certificates then hold for the base model as computed at that precision, whose votes can
     differ from the float32 model's near its decision boundaries.
+
+    If the base model returns NaN or inf logits (at its computed precision) on any noisy copy,
+    `sample_counts`, `sample_soft_moments` and everything built on them (`probs`, `predict`,
+    `certify`) raise `NonFiniteError` naming how many images were concerned, instead of counting
+    such outputs as votes. The check costs one host sync per sampling call, none per pass.
+    `forward` does not check (its output feeds attacks, which check their own model's outputs).
     """
 
     def __init__(
@@ -179,6 +188,8 @@ class SmoothedClassifier(nn.Module):
         calls so far, keys[i]) and drawn in blocks whose size depends only on the image size, so its
         votes do not depend on the batch size, on which other images are sampled with it, or on
         how a run is sharded across processes (keys: the images' positions in the evaluated split).
+        Raises `NonFiniteError` after the last pass if the base model returned NaN or inf on any
+        noisy copy (counted per image on the device, checked once).
         """
         n = check_count("n", n)
         if x.shape[0] == 0:
@@ -190,8 +201,10 @@ class SmoothedClassifier(nn.Module):
         self._prepare(x)
         num = x.shape[0]
         totals = sq = None
+        bad = torch.zeros(num, dtype=torch.long, device=x.device)  # (N,) noisy copies with non-finite logits
         with self._vote_runner(x.device, soft) as run:
-            for img, (votes, k) in run(self._noisy_batches(x, n, keys, call)):
+            for img, (votes, k, nonfinite) in run(self._noisy_batches(x, n, keys, call)):
+                bad.index_add_(0, img, nonfinite.long())
                 if totals is None:
                     dtype = torch.float64 if soft else torch.long
                     totals = torch.zeros(num, k, dtype=dtype, device=x.device)  # (N, K)
@@ -203,11 +216,23 @@ class SmoothedClassifier(nn.Module):
                 else:
                     flat = img * totals.shape[1] + votes  # (B,)
                     totals.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        self._check_finite(bad, n)
         return totals, sq
 
+    def _check_finite(self, bad: torch.Tensor, n: int) -> None:
+        """Raise `NonFiniteError` if any image had noisy copies with non-finite logits (`bad` (N,) counts); one sync."""
+        images, copies = torch.stack([(bad > 0).sum(), bad.sum()]).tolist()
+        if images:
+            raise NonFiniteError(
+                f"the base model returned NaN or inf outputs on noisy copies of {images} of {bad.numel()} images "
+                f"({copies} of {bad.numel() * n} noisy copies) during smoothing (sigma={self.sigma:g}); "
+                f"{NONFINITE_ADVICE}"
+            )
+
     @torch.no_grad()  # grad mode is per thread: pool workers need it too
-    def _votes(self, noisy: torch.Tensor, soft: bool) -> tuple[torch.Tensor, int]:
-        """One forward pass -> (softmax (B, K) in float64 if soft, else argmax (B,); the number of classes K)."""
+    def _votes(self, noisy: torch.Tensor, soft: bool) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """One forward pass -> (softmax (B, K) in float64 if soft, else argmax (B,); the number of classes K;
+        which rows of the logits held a NaN or an inf (B,) bool). No host sync."""
         if self.compile and "base" not in self._compiled:
             self._compiled["base"] = torch.compile(self.base, dynamic=False)
         model = self._compiled["base"] if self.compile else self.base
@@ -217,11 +242,11 @@ class SmoothedClassifier(nn.Module):
             with torch.autocast(noisy.device.type, dtype=self.autocast_dtype):
                 logits = model(noisy)
         votes = torch.softmax(logits.float(), dim=1).double() if soft else logits.argmax(dim=1)
-        return votes, logits.shape[1]
+        return votes, logits.shape[1], nonfinite_rows(logits)
 
     @contextmanager
     def _vote_runner(self, device: torch.device, soft: bool):
-        """Yields run(batches) -> iterator of (image index, votes) in batch order.
+        """Yields run(batches) -> iterator of (image index, `_votes` output) in batch order.
 
         On a CPU with more than one worker (and no compilation), passes run concurrently in a
         thread pool, each worker on one intra-op thread, with at most 2 passes per worker in

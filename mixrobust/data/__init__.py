@@ -4,8 +4,14 @@ Each class is a LightningDataModule instantiated by Hydra (``_target_``); see `I
 for the shared arguments and the split / loader contracts.
 """
 
-from mixrobust.data.augment import apply_crop_flip, draw_crop_flip_params, random_crop_flip, to_unit_float
-from mixrobust.data.base import ImageDataModule
+from mixrobust.data.augment import (
+    apply_crop_flip,
+    augmentation_seed,
+    draw_crop_flip_params,
+    random_crop_flip,
+    to_unit_float,
+)
+from mixrobust.data.base import ImageDataModule, check_labels
 from mixrobust.data.datasets import CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, MNISTDataModule
 from mixrobust.data.imagefolder import ImageFolderDataModule
 from mixrobust.data.loaders import InMemoryLoader, TensorImageDataset, split_train_val, subset_indices
@@ -20,6 +26,8 @@ __all__ = [
     "MNISTDataModule",
     "TensorImageDataset",
     "apply_crop_flip",
+    "augmentation_seed",
+    "check_labels",
     "draw_crop_flip_params",
     "random_crop_flip",
     "split_train_val",

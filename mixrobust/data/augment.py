@@ -2,9 +2,12 @@
 
 Every function works on a whole batch with tensor ops (no per-example Python loop), on whatever
 device the batch lives on. Images are float (N, C, H, W); the output has the input's shape.
+For reproducible (and resumable) augmentation, pass a generator seeded with `augmentation_seed`.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,16 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
     (x * (1/255) rather than x / 255, so the in-memory and DataLoader paths give the same floats.)
     """
     return x.to(torch.float32).mul_(1.0 / 255)
+
+
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed in [0, 2**63) mixed from (seed, epoch, rank), the same in every process and release.
+
+    BLAKE2b of the three integers (Python's ``hash`` is not used: it is salted for strings and
+    an implementation detail for tuples). Neighbouring epochs or ranks get unrelated seeds.
+    """
+    digest = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(rank)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def draw_crop_flip_params(

@@ -5,7 +5,12 @@ Contract for every data module: batches reaching the LightningModule are ``(x, y
 
 Splits: the official test split is only ever served by `test_dataloader` / ``eval_tensors("test")``;
 validation is carved out of the official training split with `seed`, so model selection never
-sees test images.
+sees test images. Every split is checked as it is loaded (shape, dtype, labels in
+[0, num_classes)); `ImageDataModule.load_all` loads and checks all of them before training starts.
+
+Training augmentation on the in-memory path is drawn from a generator the data module owns,
+re-seeded every epoch from (seed, epoch, global rank): epoch k augments identically whether the
+run started at epoch 0 or was resumed at epoch k, on the CPU or a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from mixrobust.data.augment import random_crop_flip, to_unit_float
+from mixrobust.data.augment import augmentation_seed, random_crop_flip, to_unit_float
 from mixrobust.data.loaders import InMemoryLoader, TensorImageDataset, check_val_size, split_train_val
-from mixrobust.errors import ConfigError, DataNotFoundError, check_choice
+from mixrobust.errors import ConfigError, DataError, DataNotFoundError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,21 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 @rank_zero_only
 def _info(msg: str) -> None:
     log.info(msg)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
+    """Raise DataError unless every label of `labels` (N,) lies in [0, num_classes).
+
+    `source` names where the labels come from (a file), for the message.
+    """
+    bad = (labels < 0) | (labels >= num_classes)  # (N,)
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise DataError(
+            f"{source} holds {n_bad:,} of {labels.numel():,} labels outside [0, {num_classes}) "
+            f"(min {int(labels.min())}, max {int(labels.max())}): it is corrupt or belongs to another "
+            "data set; re-copy it from the official release"
+        )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -47,12 +67,15 @@ class ImageDataModule(L.LightningDataModule):
         num_workers, pin_memory, persistent_workers: DataLoader settings (DataLoader path only).
         val_size: fraction in [0, 1) or count of the official training split held out for
             validation, drawn with `seed`.
-        seed: seeds the train/val split and the per-epoch shuffling (``seed + epoch``).
+        seed: seeds the train/val split, the per-epoch shuffling (``seed + epoch``) and the
+            in-memory path's per-epoch augmentation (see `transform_batch`).
         augment: master switch for training augmentation (None: dataset default).
         crop_padding: random crop with this much zero padding; 0 = no crop (None: default).
         flip: random horizontal flip (None: dataset default).
-        in_memory: serve batches from tensors on the training device and augment there; False
-            uses a DataLoader with per-image torchvision transforms.
+        in_memory: serve batches from tensors on the training device and augment there, with
+            per-epoch reproducible randomness (see `transform_batch`); False uses a DataLoader
+            with per-image torchvision transforms, which draw from the global RNG (of each
+            worker), so resuming there does not replay an epoch's augmentation exactly.
         download: let torchvision download a missing dataset in `prepare_data`.
         drop_last: drop each epoch's final training batch if it is smaller than `batch_size`.
     """
@@ -114,6 +137,8 @@ class ImageDataModule(L.LightningDataModule):
         self.in_memory, self.download, self.drop_last = in_memory, download, drop_last
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # CPU uint8 images, labels
         self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._aug_generator: torch.Generator | None = None  # CPU generator of the epoch below
+        self._aug_key: tuple[int, int] | None = None  # (epoch, global rank) it was seeded for
         self.check()
 
     # -- dataset-specific ------------------------------------------------------------------
@@ -125,7 +150,10 @@ class ImageDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def _load_official(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The official training (`train`) or test split as uint8 (N, C, H, W), int64 (N,)."""
+        """The official training (`train`) or test split as uint8 (N, C, H, W), int64 (N,).
+
+        Raises DataError naming the file if one is truncated, corrupt or holds the wrong arrays.
+        """
         raise NotImplementedError
 
     def _download(self) -> None:
@@ -148,11 +176,42 @@ class ImageDataModule(L.LightningDataModule):
             except DataNotFoundError:
                 self._download()
 
+    def load_all(self) -> dict[str, int]:
+        """Load and check every split (train, val and test) now; return their sizes.
+
+        The training task calls this once, before it builds the Trainer, so a missing, truncated
+        or corrupt file (of any split, the test split included) stops the run within seconds,
+        naming the file, instead of after training when `trainer.test` first reads the test
+        split. Loaded splits are kept: the Trainer's later `setup` calls load nothing again.
+        With `download` and files still missing, nothing is loaded here (empty dict): the
+        Trainer's `prepare_data` downloads them once per node and `setup` checks them.
+
+        Under DDP every process calls it before the Trainer starts and keeps its own copy, as
+        `setup` would have. Raises DataNotFoundError for missing files and DataError for files
+        that are present but unreadable (truncated, corrupt, wrong arrays, shape or dtype,
+        labels outside [0, num_classes)).
+        """
+        if self.download and self.can_download:
+            try:
+                self.check(allow_download=False)
+            except DataNotFoundError:
+                _info(f"{self.name}: files missing; prepare_data will download them")
+                return {}
+        self.setup(None)
+        return {split: self._split_size(split) for split in SPLITS}
+
     def setup(self, stage: str | None = None) -> None:
-        """Load the splits that `stage` needs ("fit", "validate", "test", None = all)."""
+        """Load the splits that `stage` needs ("fit", "validate", "test", None = all), once each.
+
+        Each official split is read and checked (see `_load_checked`) the first time it is needed.
+        "fit" (and None) also restart the augmentation generator, so a second `fit` on the same
+        data module augments like the first.
+        """
+        if stage in (None, "fit"):
+            self._aug_generator, self._aug_key = None, None
         if stage in (None, "fit", "validate") and "train" not in self._splits:
             self.check(allow_download=False)
-            x, y = self._load_official(train=True)
+            x, y = self._load_checked(train=True)
             train_idx, val_idx = split_train_val(y.shape[0], self.val_size, self.seed)
             self._splits["train"] = (x[train_idx], y[train_idx])
             self._splits["val"] = (x[val_idx], y[val_idx])
@@ -160,8 +219,26 @@ class ImageDataModule(L.LightningDataModule):
                   f"(seed {self.seed}) from the official training split")
         if stage in (None, "test", "predict") and "test" not in self._splits:
             self.check(allow_download=False)
-            self._splits["test"] = self._load_official(train=False)
+            self._splits["test"] = self._load_checked(train=False)
             _info(f"{self.name}: {self._splits['test'][1].shape[0]} test examples")
+
+    def _load_checked(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_load_official`, then a DataError unless it holds >= 1 example of `input_shape` (uint8)
+        and as many int64 labels, all in [0, num_classes)."""
+        x, y = self._load_official(train)  # (N, C, H, W), (N,)
+        what = f"the official {'training' if train else 'test'} split of {self.name} in {self.root}"
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != tuple(self.input_shape) or y.shape != (x.shape[0],):
+            raise DataError(f"{what} holds {x.dtype} images of shape {tuple(x.shape)} and labels of shape "
+                            f"{tuple(y.shape)}; expected uint8 (N, {', '.join(map(str, self.input_shape))}) "
+                            "and (N,); re-copy the files from the official release")
+        if x.shape[0] == 0:
+            raise DataError(f"{what} holds no examples; re-copy the files from the official release")
+        check_labels(y, self.num_classes, what)
+        return x, y.long()
+
+    def _split_size(self, split: str) -> int:
+        """Number of examples of a loaded split."""
+        return self._splits[split][1].shape[0]
 
     def split_tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """A split as stored: uint8 images (N, C, H, W) and int64 labels (N,), on the CPU."""
@@ -237,10 +314,16 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- batch hook ------------------------------------------------------------------------
     def transform_batch(
-        self, batch: tuple[torch.Tensor, torch.Tensor], train: bool
+        self, batch: tuple[torch.Tensor, torch.Tensor], train: bool, epoch: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 batch -> float32 in [0, 1], then (if `train` and `augment`) random crop / flip.
 
+        Crops and flips come from the data module's own CPU generator, seeded with
+        ``augmentation_seed(seed, epoch, global rank)`` whenever the (epoch, rank) changes (and at
+        `setup("fit")`), never from the global RNG: the k-th training batch of an epoch gets the
+        same augmentation whatever ran before (a run resumed at that epoch, other RNG users), and
+        the same on the CPU and on a GPU (parameters are drawn on the CPU, then moved to the
+        batch's device). `epoch` defaults to the trainer's current epoch (0 without a trainer).
         Float batches (the DataLoader path, already transformed per image) pass through.
         """
         x, y = batch
@@ -248,8 +331,19 @@ class ImageDataModule(L.LightningDataModule):
             return x, y
         x = to_unit_float(x)  # (N, C, H, W)
         if train and self.augment:
-            x = random_crop_flip(x, self.crop_padding, self.flip)
+            x = random_crop_flip(x, self.crop_padding, self.flip, generator=self._augmentation_generator(epoch))
         return x, y
+
+    def _augmentation_generator(self, epoch: int | None = None) -> torch.Generator:
+        """The CPU generator of `epoch` on this rank, re-seeded when (epoch, rank) changes."""
+        trainer = self.trainer
+        if epoch is None:
+            epoch = trainer.current_epoch if trainer is not None else 0
+        key = (int(epoch), trainer.global_rank if trainer is not None else 0)
+        if self._aug_generator is None or self._aug_key != key:
+            self._aug_generator = torch.Generator().manual_seed(augmentation_seed(self.seed, *key))
+            self._aug_key = key
+        return self._aug_generator
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning hook (it takes precedence over a LightningModule's own): see `transform_batch`."""

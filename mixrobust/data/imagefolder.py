@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from mixrobust.data.base import ImageDataModule, Split, _info
 from mixrobust.data.loaders import split_train_val
-from mixrobust.errors import ConfigError, check_choice
+from mixrobust.errors import ConfigError, DataError, check_choice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,6 +32,8 @@ class ImageFolderDataModule(ImageDataModule):
     Evaluation (and training without augmentation): Resize(resize_size) then
     CenterCrop(image_size); resize_size defaults to round(image_size / 0.875).
     Always uses a DataLoader (`in_memory` is ignored). Normalization constants are ImageNet's.
+    `setup` (and `load_all`) list every image file and check that no class folder is empty,
+    without decoding images; an unreadable image fails when a batch first holds it.
     """
 
     name = "imagefolder"
@@ -89,12 +91,11 @@ class ImageFolderDataModule(ImageDataModule):
         return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()])
 
     def setup(self, stage: str | None = None) -> None:
-        from torchvision.datasets import ImageFolder
-
+        """List the image files of the splits that `stage` needs (see `_list_images`), once each."""
         train_dir, test_dir = self._folders()
         if stage in (None, "fit", "validate") and "train" not in self._datasets:
             self.check()
-            full = ImageFolder(str(train_dir), transform=self._transform(train=True))
+            full = self._list_images(train_dir, self._transform(train=True))
             evaluated = copy.copy(full)
             evaluated.transform = self._transform(train=False)
             train_idx, val_idx = split_train_val(len(full), self.val_size, self.seed)
@@ -104,8 +105,34 @@ class ImageFolderDataModule(ImageDataModule):
             _info(f"{self.name}: {len(train_idx)} train / {len(val_idx)} val images from {train_dir}")
         if stage in (None, "test", "predict") and "test" not in self._datasets:
             self.check()
-            self._datasets["test"] = ImageFolder(str(test_dir), transform=self._transform(train=False))
+            self._datasets["test"] = self._list_images(test_dir, self._transform(train=False))
             _info(f"{self.name}: {len(self._datasets['test'])} test images from {test_dir}")
+
+    @staticmethod
+    def _list_images(folder: Path, transform: v2.Transform) -> Any:
+        """An ImageFolder over `folder`; DataError if it cannot be listed or a class folder holds no image.
+
+        Cheap: files are listed by name and extension, never opened.
+        """
+        from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        try:
+            dataset = ImageFolder(str(folder), transform=transform, allow_empty=True)
+        except OSError as err:
+            raise DataError(f"cannot list the images in {folder} ({err}); check that it is readable") from err
+        counts = torch.bincount(torch.tensor(dataset.targets, dtype=torch.long), minlength=len(dataset.classes))
+        empty = [str(folder / dataset.classes[k]) for k in (counts == 0).nonzero().flatten().tolist()]
+        if empty:
+            more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+            which = (f"class folder {empty[0]} holds" if len(empty) == 1
+                     else f"class folders {', '.join(empty[:3])}{more} hold")
+            raise DataError(f"{which} no readable image file (extensions {', '.join(IMG_EXTENSIONS)}); "
+                            "add the images or remove the folder from every split")
+        return dataset
+
+    def _split_size(self, split: str) -> int:
+        return len(self._datasets[split])
 
     def _dataset(self, split: str) -> Any:
         if split not in self._datasets:

@@ -2,12 +2,11 @@
 
 Importable without Hydra: ``run_sweep(g, h, x, y, alphas=..., attack=PGD(...))`` returns the
 per-example outcomes, the Table-1 margins and the pre-flight warnings; `write_results` writes
-results.csv/json, outcomes.npz, margins.json and the two figures. `DiskCache` shares base-model
-outputs and STD / ROB images between the jobs of a sweep, `merge_results` joins example shards,
-and `write_report` combines the jobs of a Hydra multirun folder.
+results.csv/json, outcomes.npz, margins.json and the two figures. `merge_results` joins example
+shards, and `write_report` combines the jobs of a Hydra multirun folder. (The cache shared by the
+jobs of a sweep is `mixrobust.runtime.cache.DiskCache`.)
 """
 
-from mixrobust.evaluation.cache import DiskCache
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import AttackName, MixOption, mix_options, parse_attacks
 from mixrobust.evaluation.outcomes import COLUMNS, Outcomes, aggregate, load_outcomes, save_outcomes
@@ -21,7 +20,6 @@ from mixrobust.evaluation.sweep import SweepResult, merge_results, mix_cached, r
 __all__ = [
     "COLUMNS",
     "AttackName",
-    "DiskCache",
     "MixOption",
     "Outcomes",
     "SweepResult",

@@ -1,11 +1,11 @@
 """One report over a Hydra multirun sweep of ``evaluate.py task=mix`` jobs.
 
-A job folder is complete when it holds ``run.json`` and ``results.csv`` (run.json is written
-last, atomically, so its presence means every results file is final). Folders with ``.hydra/``
-but not both files are incomplete jobs (still running, failed, or not ``task=mix``): they are
-listed and left out. Jobs are found at any depth below the sweep folder, except in ``report/``
-and dot-folders, and ordered by their relative path with integer parts compared as numbers
-(``2`` before ``10``).
+A job folder is complete when its marker (``run.json`` of a mix job, ``certify_summary.json`` of
+a certification job) is intact and every results file still matches the checksum it records
+(`mixrobust.runtime.jobs.find_job_folders`). Other folders with ``.hydra/`` are incomplete jobs
+(still running, failed, damaged): they are listed and left out. Jobs are found at any depth below
+the sweep folder, except in ``report/`` and dot-folders, and ordered by their relative path with
+integer parts compared as numbers (``2`` before ``10``).
 
 `write_report` writes, atomically, into ``<sweep_dir>/report`` (or `out_dir`):
 
@@ -25,7 +25,8 @@ and dot-folders, and ordered by their relative path with integer parts compared 
   (``robust_vs_eps_<norm>.png`` when several norms) for each norm with two or more eps values.
   Plots of an earlier report that this one no longer writes are removed.
 
-`SweepReport` is a Hydra callback that writes the report when a multirun ends.
+The Hydra callback that writes the report when a multirun ends lives with the report task
+(`mixrobust.pipelines.report.SweepReport`).
 """
 
 from __future__ import annotations
@@ -37,26 +38,21 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-
-from mixrobust.atomic import csv_text, write_json, write_text
 from mixrobust.certify.report import CURVE_COLUMNS, plot_certified_accuracy
 from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.outcomes import COLUMNS
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
 from mixrobust.evaluation.report import read_results_csv
+from mixrobust.runtime.files import csv_text, write_json, write_text
+from mixrobust.runtime.jobs import find_job_folders, in_launch, latest_launch, read_overrides
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
-JOB_FILES = ("run.json", "results.csv")
-#: The files of a finished certification job (evaluate.py task=certify; the summary is written last).
-CERTIFY_FILES = ("certify_summary.json", "certified_accuracy.csv")
+#: The marker of a finished job, by kind: mix (evaluate.py task=mix) and certify (task=certify).
+MARKERS = {"run.json": "mix", "certify_summary.json": "certify"}
 #: Columns of combined.csv, in order.
 COMBINED_COLUMNS = ("job", "overrides", *COLUMNS)
 #: What identifies a result row across jobs (everything but the accuracy).
@@ -91,23 +87,8 @@ class Report:
 
 # --- finding jobs --------------------------------------------------------------------------------
 
-def _sort_key(relative: Path) -> tuple:
-    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in relative.parts)
-
-
 def _name(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def read_overrides(job_dir: Path) -> list[str]:
-    """The job's override strings from ``.hydra/overrides.yaml`` ([] if the file is absent or empty)."""
-    path = job_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    data = yaml.safe_load(path.read_text()) or []
-    if not isinstance(data, list):
-        raise ConfigError(f"{path} should hold a YAML list of override strings, not {type(data).__name__}")
-    return [str(x) for x in data]
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -120,75 +101,16 @@ def _read_rows(path: Path) -> list[dict]:
     return [{c: row[c] for c in COLUMNS} for row in read_results_csv(path)]
 
 
-def _own_results(job_dir: Path) -> bool:
-    """Whether the job's results belong to its current overrides: the marker (run.json or
-    certify_summary.json) records the overrides it was written or resumed under. A job that failed
-    early in a later launch keeps the earlier launch's results next to its new overrides; those are
-    left out (markers without the record, written by hand or by older versions, are trusted)."""
-    marker = job_dir / ("run.json" if (job_dir / "run.json").is_file() else "certify_summary.json")
-    try:
-        recorded = json.loads(marker.read_text()).get("overrides")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return recorded is None or sorted(recorded) == sorted(read_overrides(job_dir))
-
-
 def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:
     """Completed jobs (with their rows) and incomplete job folders below `sweep_dir`, both sorted
     (see the module docstring)."""
-    root = Path(sweep_dir)
-    done, incomplete = [], []
-    for folder, dirnames, filenames in os.walk(root):
-        here = Path(folder)
-        if all(f in filenames for f in JOB_FILES) or all(f in filenames for f in CERTIFY_FILES):
-            (done if _own_results(here) else incomplete).append(here)
-            dirnames[:] = []
-        elif ".hydra" in dirnames:
-            incomplete.append(here)
-            dirnames[:] = []
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (here == root and d == REPORT_DIR)]
-    done.sort(key=lambda p: _sort_key(p.relative_to(root)))
-    incomplete.sort(key=lambda p: _sort_key(p.relative_to(root)))
-    jobs = [Job(path=p, name=_name(p, root), overrides=read_overrides(p), rows=_read_rows(p / "results.csv"))
-            if (p / "results.csv").is_file() else
-            Job(path=p, name=_name(p, root), overrides=read_overrides(p),
-                rows=read_curve_rows(p / "certified_accuracy.csv"), kind="certify")
-            for p in done]
+    folders, incomplete = find_job_folders(sweep_dir, tuple(MARKERS), skip=REPORT_DIR)
+    jobs = []
+    for f in folders:
+        kind = MARKERS[f.marker]
+        rows = _read_rows(f.path / "results.csv") if kind == "mix" else read_curve_rows(f.path / "certified_accuracy.csv")
+        jobs.append(Job(path=f.path, name=f.name, overrides=f.overrides, rows=rows, kind=kind))
     return jobs, incomplete
-
-
-def sweep_jobs(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
-    """The override sets of the jobs the latest launch into `sweep_dir` asked for, or None if unknown.
-
-    Hydra writes ``multirun.yaml`` into the sweep folder at every launch; its sweeper params and
-    command-line task overrides are expanded into jobs exactly as Hydra's basic sweeper does
-    (other sweepers' folders, or folders without the file, give None: every job counts).
-    """
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    cfg = OmegaConf.load(path)
-    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
-    if sweeper is None or not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return None
-    params = OmegaConf.to_container(sweeper.get("params") or {}, resolve=False)
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
-    overrides = OverridesParser.create().parse_overrides(arguments)
-    return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-
-
-def _in_launch(job: Job, wanted: list[frozenset[str]]) -> bool:
-    """Whether `job` is one the latest launch asked for. Hydra numbers a launch's jobs in the
-    sweeper's order, so a numbered job folder must hold that number's overrides (an old folder 11
-    with alpha 0.8 is not the new job 1 with alpha 0.8); other folder names match by overrides."""
-    overrides = frozenset(job.overrides)
-    if job.name.isdigit():
-        return int(job.name) < len(wanted) and wanted[int(job.name)] == overrides
-    return overrides in wanted
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -301,9 +223,9 @@ def _remove_stale_plots(out: Path, keep: dict[str, Path]) -> None:
 # --- the report ----------------------------------------------------------------------------------
 
 def _no_jobs_message(root: Path, incomplete: list[Path]) -> str:
-    msg = (f"no completed job in {root}: a job folder must hold {' and '.join(JOB_FILES)} (evaluate.py task=mix "
-           f"writes run.json last, when the job finished) or {' and '.join(CERTIFY_FILES)} (task=certify); pass the folder of a `python evaluate.py -m ...` run "
-           "(its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
+    msg = (f"no completed job in {root}: a job folder must hold an intact run.json (evaluate.py task=mix writes "
+           "it last, when the job finished) or certify_summary.json (task=certify); pass the folder of a "
+           "`python evaluate.py -m ...` run (its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
     if incomplete:
         msg += f"; {len(incomplete)} incomplete job(s): {', '.join(_name(p, root) for p in incomplete)}"
     return msg
@@ -317,10 +239,10 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         raise ConfigError(f"sweep folder {root} does not exist (or is not a folder); pass the folder of a "
                           "`python evaluate.py -m ...` run (its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
     jobs, incomplete = find_jobs(root)
-    wanted, stale = sweep_jobs(root), []
+    wanted, stale = latest_launch(root), []
     if wanted is not None:  # jobs of an earlier launch with another grid are not part of this sweep
-        stale = [j for j in jobs if not _in_launch(j, wanted)]
-        jobs = [j for j in jobs if _in_launch(j, wanted)]
+        stale = [j for j in jobs if not in_launch(j, wanted)]
+        jobs = [j for j in jobs if in_launch(j, wanted)]
         if stale:
             log.warning("%d job folder(s) in %s are not part of the latest launch (multirun.yaml); left out: %s",
                         len(stale), root, ", ".join(j.name for j in stale))
@@ -353,28 +275,3 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                  plots: bool = True) -> dict[str, Path]:
     """`make_report`, returning file name -> path."""
     return make_report(sweep_dir, out_dir, plots).files
-
-
-class SweepReport(Callback):
-    """Hydra callback: write the sweep report into ``<hydra.sweep.dir>/report`` when a multirun ends.
-
-    Enable with ``hydra.callbacks.sweep_report._target_: mixrobust.evaluation.multirun.SweepReport``.
-    Plots follow the app's ``plots`` setting. A sweep without a completed job gets no report (logged);
-    a failing report is logged, not raised: the jobs' results are already saved and
-    ``evaluate.py task=report report.dir=...`` can redo it.
-    """
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mixrobust.pipelines.report import report_sweep  # the pipeline layer logs to W&B
-
-        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
-        if sweep_dir is None:
-            log.info("no hydra.sweep.dir in the config: no sweep report")
-            return
-        try:
-            report_sweep(config, str(sweep_dir))
-        except ConfigError as exc:  # no folder, or no completed job in it
-            log.info("no sweep report: %s", exc)
-        except Exception:  # the jobs' own results are safe; the report can be redone
-            log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s",
-                          sweep_dir)

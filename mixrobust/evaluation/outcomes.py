@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mixrobust.atomic import atomic_write
+from mixrobust.runtime.files import atomic_write
 from mixrobust.evaluation.options import CLEAN, WORST, MixOption
 
 #: Columns of results.csv / results.json, in order.

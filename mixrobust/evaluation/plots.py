@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mixrobust.atomic import atomic_write  # noqa: E402
+from mixrobust.runtime.files import atomic_write  # noqa: E402
 
 STYLES = {"clean": ("C0", "o"), "std": ("C1", "s"), "rob": ("C2", "^"), "mix": ("C3", "D"),
           "autoattack": ("C4", "v"), "worst": ("k", "x")}

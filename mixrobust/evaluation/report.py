@@ -16,7 +16,7 @@ import math
 import os
 from pathlib import Path
 
-from mixrobust.atomic import csv_text, write_json, write_text
+from mixrobust.runtime.files import csv_text, write_json, write_text
 from mixrobust.evaluation.outcomes import COLUMNS, save_outcomes
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_tradeoff
 
@@ -29,7 +29,7 @@ def _plain(value):
 
 
 def rows_to_csv(rows: list[dict]) -> str:
-    """CSV text with a header of `COLUMNS` (`mixrobust.atomic.csv_text`)."""
+    """CSV text with a header of `COLUMNS` (`mixrobust.runtime.files.csv_text`)."""
     return csv_text(COLUMNS, rows)
 
 

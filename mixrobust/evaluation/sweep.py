@@ -42,11 +42,11 @@ from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_d
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
-from mixrobust.evaluation.cache import DiskCache, code_digest, tensor_digest
 from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
+from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def run_sweep(
     h: nn.Module,
     x: Tensor,
     y: Tensor,
+    index: Tensor | np.ndarray | None = None,
     *,
     alphas: Sequence[float],
     attack: PGD,
@@ -264,8 +265,8 @@ def run_sweep(
     reuse: bool = True,
     detach_r: bool = False,
     preflight: bool = True,
-    index: np.ndarray | None = None,
     cache: DiskCache | None = None,
+    device: torch.device | None = None,
 ) -> SweepResult:
     """Sweep `alphas` for every mixing option of g and h on images `x` (N, C, H, W) in [0,1], labels `y` (N,).
 
@@ -275,12 +276,16 @@ def run_sweep(
     `autoattack` is the AutoAttack instance when ``autoattack`` is among `attacks`. Everything is
     validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
-    `index` (N,) records where the examples come from (default 0..N-1). With a `cache`
-    (`mixrobust.evaluation.cache.DiskCache`), g's and h's outputs on the clean images and the STD
+    `index` (N,) records where the examples come from (default 0..N-1). `device` moves g and h there
+    first (default: where they are). Each example's outcomes depend on it alone (no random start),
+    so the sweep of a shard of the examples gives that shard of the whole sweep. With a `cache`
+    (`mixrobust.runtime.cache.DiskCache`), g's and h's outputs on the clean images and the STD
     and ROB images (with g's and h's outputs on them) are read from and written to it, keyed by
     the models' weights, the images and labels, the attack, the batch size and the device type,
     so the jobs of a sweep split over alpha compute them once.
     """
+    if device is not None:
+        g, h = g.to(device), h.to(device)
     alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size)
     if skip_misclassified and attack.random_start:
         log.warning("skip_misclassified is ignored with random_start: skipping would change the random starts")
@@ -331,7 +336,7 @@ def run_sweep(
     outcomes = Outcomes(
         alphas=np.asarray(alphas, dtype=np.float64), options=options, attacks=tuple(a.value for a in attacks),
         mix=mix_outcomes, base=base,
-        index=np.arange(y.shape[0]) if index is None else np.asarray(index, dtype=np.int64),
+        index=np.arange(y.shape[0]) if index is None else np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64),
         labels=y.cpu().numpy(), norm=attack.norm.value, eps=attack.eps, steps=attack.steps,
         meta={"attack": repr(attack), "autoattack": repr(autoattack) if autoattack is not None else None,
               "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r},

@@ -1,1 +1,67 @@
-"""Entry-point logic, importable and testable without Hydra: ``train.run(cfg)``, ``evaluate.run(cfg)``."""
+"""The tasks behind the entry points, each a module with ``settings(cfg)`` and ``run(cfg)``.
+
+``train`` (train.py), and ``mix``, ``certify``, ``report`` (evaluate.py, chosen by ``task=``).
+Each task's `settings` reads the configuration into typed, frozen settings and checks everything
+the user typed before any work starts; `run` does the work. `check` is what the checked sweeper
+(``hydra/sweeper: checked``) calls on every job of a multirun grid before the first job starts.
+Everything here is importable and testable without Hydra's entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Iterator
+from typing import Literal, get_args
+
+from omegaconf import DictConfig
+
+from mixrobust.errors import MixrobustError
+from mixrobust.pipelines.fields import convert, value_at
+
+EvaluateTask = Literal["mix", "certify", "report"]
+"""The tasks of evaluate.py (``task=``); train.py's config has no ``task`` key: its task is ``train``."""
+TASKS: tuple[str, ...] = ("train", *get_args(EvaluateTask))
+
+
+def task_of(cfg: DictConfig) -> str:
+    """The task a config asks for: ``task`` (evaluate.py), or ``train`` for train.py's config."""
+    return convert(value_at(cfg, "task", ""), EvaluateTask, "task") if "task" in cfg else "train"
+
+
+def module(task: str):
+    """The task's module (imported on first use, so an entry point loads only what its task needs)."""
+    return importlib.import_module(f"mixrobust.pipelines.{task}")
+
+
+def check(cfg: DictConfig) -> None:
+    """Build the settings of `cfg`'s task, which checks them; nothing runs (the checked sweeper's hook).
+
+    Warnings are left to the job itself: a grid of 96 jobs would repeat each one 96 times here.
+    """
+    log = logging.getLogger("mixrobust")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        module(task_of(cfg)).settings(cfg)
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def errors(cfg: DictConfig) -> Iterator[None]:
+    """Let a `MixrobustError` through as it is (the entry point prints its message alone and exits 1),
+    or, with ``debug=true``, as an error Hydra prints with its traceback."""
+    try:
+        yield
+    except MixrobustError as exc:
+        if cfg.get("debug", False) is True:
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def run(cfg: DictConfig):
+    """Run `cfg`'s task (see `TASKS`) and return its result; user errors as described in `errors`."""
+    with errors(cfg):
+        return module(task_of(cfg)).run(cfg)

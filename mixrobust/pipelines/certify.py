@@ -1,151 +1,266 @@
-"""Certify the mixture of g and a Gaussian-smoothed h: ``run(cfg)`` is what ``python evaluate.py task=certify`` calls.
+"""The certify task (``python evaluate.py task=certify``): certified radii of the mixture of g and a smoothed h.
 
-Order of work: every ``cfg.certify`` value is validated (sigma, n0 <= n, failure_prob, alphas,
-the closed vocabularies), then the checkpoints are loaded and checked (class count, input
-shape, h's noise level), the examples are selected as in the mixing evaluation (the official
-test split, first n or n_per_class of it; see `mixrobust.pipelines.evaluate`), and only then is
-h sampled: once, for every alpha. The optional RS baseline is certified with Cohen et al.'s
-CERTIFY on the same images. Results go to ``cfg.output_dir`` (see `mixrobust.certify.report`)
-plus ``certify_summary.json``: settings, clean accuracies, certified accuracies at
-``certify.report_radii`` and the alpha whose clean accuracy matches the target (the baseline's
-clean accuracy, or ``certify.target_accuracy``).
+`settings` checks every ``certify.*`` value and the checkpoints' records (class count, input
+shape, h's noise level) before any model is loaded. `run` then selects the images as the mix task
+does, samples h once for every alpha (over ``distributed.devices`` processes), certifies every
+alpha (Theorems 4 and 5, plug-in or sound) and, with ``certify.baseline_ckpt``, an RS baseline with
+Cohen et al.'s CERTIFY on the same images. Results go to the output folder (see
+`mixrobust.certify.report`) plus ``certify_summary.json``, written last (the resume marker):
+settings, clean accuracies, certified accuracies at ``certify.report_radii`` and the alpha whose
+clean accuracy matches the target (the baseline's, or ``certify.target_accuracy``).
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import logging
 import math
 import time
-import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mixrobust.atomic import write_json
-from mixrobust.attacks import parse_autocast_dtype
-from mixrobust.certify.bounds import check_failure_prob
+from mixrobust.attacks import check_finite
 from mixrobust.certify.mixture import (
+    Mode,
     certify_baseline,
     certify_mixture,
     clean_accuracy_by_alpha,
     concat_votes,
-    sample_votes,
+    smoothed_votes,
 )
-from mixrobust.certify.radii import check_alpha, check_sigma
+from mixrobust.certify.radii import AlphaMethod
 from mixrobust.certify.report import curve_rows, radius_grid, select_alpha, write_certify_results
-from mixrobust.certify.smoothing import SmoothedClassifier
+from mixrobust.certify.sound import BoundSplit, SoftBound, Votes
 from mixrobust.checkpoint import load_classifier
-from mixrobust.errors import ConfigError, check_choice, check_count
-from mixrobust.mixing import check_compatible
-from mixrobust.pipelines.common import (
-    build_logger,
-    finish_wandb,
-    finished_run,
-    job_overrides,
-    log,
-    require_keys,
-    run_fingerprint,
-)
-from mixrobust.pipelines.distributed import check_devices, run_sharded
-from mixrobust.pipelines.evaluate import resolve_data, resolve_device, select_examples
+from mixrobust.errors import ConfigError
+from mixrobust.pipelines import inputs
+from mixrobust.pipelines.fields import bounded, parse, plain
+from mixrobust.pipelines.mix import VOLATILE
+from mixrobust.runtime.loggers import is_wandb_logger, job_logger
+from mixrobust.runtime.placement import placed_device
+from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
+from mixrobust.runtime.sharding import check_processes, map_shards
+
+log = logging.getLogger(__name__)
+
+MARKER = "certify_summary.json"
+AutocastDtype = Literal["bfloat16", "float16", "float32"]
 
 
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"certify.{name} must be true or false, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class CertifyKeys:
+    """``certify.*`` (conf/certify/default.yaml documents each)."""
+
+    sigma: float | None = bounded(None, gt=0)
+    alphas: tuple[float, ...] = bounded((0.5, 0.75, 1.0), ge=0, le=1, min_len=1)
+    mode: Mode = "sound"
+    votes: Votes = "hard"
+    soft_bound: SoftBound = "hoeffding"
+    bound: BoundSplit = "complement"
+    n0: int = bounded(100, ge=1)
+    n: int = bounded(10000, ge=1)
+    failure_prob: float = bounded(0.001, gt=0, lt=1)
+    lipschitz: float | None = bounded(None, gt=0)
+    batch_size: int | None = bounded(None, ge=1)
+    workers: int | None = bounded(None, ge=1)
+    compile: bool = False
+    autocast_dtype: AutocastDtype | None = None
+    baseline_ckpt: Path | None = None
+    require_baseline: bool = False
+    baseline_sigma: float | None = bounded(None, gt=0)
+    target_accuracy: float | None = bounded(None, ge=0, le=1)
+    alpha_method: AlphaMethod = "at_least"
+    alpha_step: float = bounded(0.01, gt=0, le=1)
+    radius_max: float | None = bounded(None, gt=0)
+    radius_points: int = bounded(201, ge=2)
+    report_radii: tuple[float, ...] = bounded((), ge=0)
+
+    def __post_init__(self):
+        if self.n0 > self.n:
+            raise ConfigError(f"certify.n0 (selection samples) must not exceed certify.n (estimation samples), "
+                              f"got n0={self.n0} > n={self.n}")
+        if self.require_baseline and self.baseline_ckpt is None:
+            raise ConfigError("missing config value certify.baseline_ckpt: this preset compares with an RS baseline; "
+                              "set certify.baseline_ckpt=<a gaussian_noise checkpoint>")
+        low = sorted(a for a in set(self.alphas) if a < 0.5)
+        if low:
+            log.warning("certify.alphas holds %s < 1/2: the mixture cannot be certified there (Lemma 2 needs alpha "
+                        ">= 1/2); their radii will be 0", ", ".join(map(str, low)))
 
 
-def _autocast_name(value) -> str | None:
-    """certify.autocast_dtype validated, as JSON-friendly text ("bfloat16", "float16") or None for float32."""
-    dtype = parse_autocast_dtype(value, key="certify.autocast_dtype")
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+@dataclass(frozen=True)
+class CertifySettings:
+    g: inputs.ModelFile
+    h: inputs.ModelFile
+    baseline: inputs.ModelFile | None
+    sigma: float
+    baseline_sigma: float | None
+    data: Any
+    examples: inputs.Examples
+    c: CertifyKeys
+    job: inputs.JobKeys
+    device: str
+    processes: int
+    logger: Any
+    config: dict
+
+    @property
+    def fingerprint(self) -> str:
+        config = {k: v for k, v in self.config.items() if k not in (*VOLATILE, "mix", "attack", "attacks", "autoattack")}
+        files = [self.g.path, self.h.path] + ([self.baseline.path] if self.baseline else [])
+        return fingerprint(config, files, data=self.data.name, sigma=self.sigma, baseline_sigma=self.baseline_sigma)
 
 
-def certify_settings(cfg: DictConfig) -> dict:
-    """Validated ``cfg.certify`` values; one ConfigError per bad value, before any checkpoint is read."""
-    c = cfg.certify
-    n0, n = check_count("certify.n0", c.n0), check_count("certify.n", c.n)
-    if n0 > n:
-        raise ConfigError(f"certify.n0 (selection samples) must not exceed certify.n (estimation samples), "
-                          f"got n0={n0} > n={n}")
-    s = {
-        "mode": check_choice("certify.mode", c.mode, ("sound", "plugin")),
-        "votes": check_choice("certify.votes", c.votes, ("hard", "soft")),
-        "bound": check_choice("certify.bound", c.bound, ("complement", "bonferroni", "runner_up")),
-        "soft_bound": check_choice("certify.soft_bound", c.soft_bound, ("hoeffding", "bernstein")),
-        "alpha_method": check_choice("certify.alpha_method", c.alpha_method, ("at_least", "closest", "interpolate")),
-        "n0": n0, "n": n, "failure_prob": check_failure_prob(c.failure_prob),
-        "batch_size": None if c.get("batch_size") is None else check_count("certify.batch_size", c.batch_size),
-        "workers": None if c.get("workers") is None else check_count("certify.workers", c.workers),
-        "compile": _flag("compile", c.get("compile", False)),
-        "autocast_dtype": _autocast_name(c.get("autocast_dtype")),
-        "sigma": None if c.sigma is None else check_sigma(c.sigma),
-        "baseline_sigma": None if c.get("baseline_sigma") is None else check_sigma(c.baseline_sigma),
-        "lipschitz": None if c.get("lipschitz") is None else float(c.lipschitz),
-        "report_radii": [float(r) for r in c.get("report_radii") or []],
-    }
-    if s["lipschitz"] is not None and not (s["lipschitz"] > 0 and math.isfinite(s["lipschitz"])):
-        raise ConfigError(f"certify.lipschitz must be a finite constant > 0 (or null for sqrt(2/pi)/sigma), "
-                          f"got {c.lipschitz}")
-    alphas = c.alphas if c.alphas is not None else []
-    alphas = [float(a) for a in ([alphas] if isinstance(alphas, (int, float)) else alphas)]
-    if not alphas:
-        raise ConfigError("certify.alphas is empty: give the mixing weights to certify, e.g. [0.5,0.75,1.0]")
-    for alpha in alphas:
-        check_alpha(alpha, warn=False)
-    for alpha in sorted(a for a in set(alphas) if a < 0.5):
-        warnings.warn(f"certify.alphas holds {alpha} < 1/2: the mixture cannot be certified there (Lemma 2 needs "
-                      "alpha >= 1/2); its radii will be 0", stacklevel=2)
-    s["alphas"] = sorted(set(alphas))
-    target = c.get("target_accuracy")
-    if target is not None and not 0.0 <= float(target) <= 1.0:
-        raise ConfigError(f"certify.target_accuracy must be a clean accuracy in [0, 1], got {target}")
-    s["target_accuracy"] = None if target is None else float(target)
-    step = float(c.get("alpha_step", 0.01))
-    if not 0.0 < step <= 1.0:
-        raise ConfigError(f"certify.alpha_step must lie in (0, 1], got {step}")
-    s["alpha_step"] = step
-    s["radius_points"] = check_count("certify.radius_points", c.get("radius_points", 201))
-    radius_max = c.get("radius_max")
-    if radius_max is not None and not 0 < float(radius_max) < math.inf:
-        raise ConfigError(f"certify.radius_max must be a radius > 0 (or null for the largest one found), got {radius_max}")
-    s["radius_max"] = None if radius_max is None else float(radius_max)
-    if s["radius_points"] < 2:
-        raise ConfigError(f"certify.radius_points must be >= 2, got {s['radius_points']}")
-    return s
+def smoothing_sigma(model: inputs.ModelFile, override: float | None, key: str) -> float:
+    """The noise level to smooth `model` with: `override` (config `key`), else the sigma its checkpoint records.
 
-
-def smoothing_sigma(name: str, model, override: float | None) -> float:
-    """The noise level to smooth `model` with: `override`, else the sigma its checkpoint records.
-
-    Warns when the model was not trained with Gaussian noise (the RS theorems certify the smoothed
-    model, which such a model usually classifies badly) or when `override` differs from the record.
+    Warns when the model was not trained with Gaussian noise (the RS theorems certify its smoothed
+    version, which such a model usually classifies badly) or when `override` differs from the record.
     """
-    record = getattr(model, "record", {}) or {}
-    objective = (record.get("objective") or {}).get("name")
-    recorded = record.get("sigma")
-    if objective != "gaussian_noise":
-        msg = (f"{name} was trained with objective {objective!r}, not gaussian_noise: Theorems 4 and 5 certify its "
-               "Gaussian-smoothed version, which a model not trained on noise usually gets wrong or abstains on")
-        log.warning(msg)
-        warnings.warn(msg, stacklevel=2)
+    recorded = model.record.get("sigma")
+    if model.objective != "gaussian_noise":
+        log.warning("%s was trained with objective %r, not gaussian_noise: Theorems 4 and 5 certify its Gaussian-"
+                    "smoothed version, which a model not trained on noise usually gets wrong or abstains on",
+                    model.key, model.objective)
     if override is None:
         if recorded is None:
-            raise ConfigError(f"{name}'s checkpoint records no noise level sigma; set certify."
-                              f"{'sigma' if name == 'h' else 'baseline_sigma'}=... (e.g. 0.25)")
-        return check_sigma(recorded)
+            raise ConfigError(f"{model.key}'s checkpoint records no noise level sigma; set {key}=... (e.g. 0.25)")
+        return float(recorded)
     if recorded is not None and not math.isclose(float(recorded), override):
-        log.warning("%s was trained with sigma=%g but is smoothed with sigma=%g", name, float(recorded), override)
+        log.warning("%s was trained with sigma=%g but is smoothed with sigma=%g", model.key, float(recorded), override)
     return override
+
+
+def settings(cfg: DictConfig) -> CertifySettings:
+    """Read and check the whole configuration of a certification job; no model is loaded, no image is read."""
+    job = parse(inputs.JobKeys, cfg, strict=False)
+    c = parse(CertifyKeys, cfg.certify, "certify")
+    g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
+    inputs.check_pair(g, h)
+    baseline = inputs.model_file(cfg.certify, "certify.baseline_ckpt") if c.baseline_ckpt is not None else None
+    if baseline is not None:
+        inputs.check_pair(g, baseline)
+    sigma = smoothing_sigma(h, c.sigma, "certify.sigma")
+    baseline_sigma = smoothing_sigma(baseline, c.baseline_sigma, "certify.baseline_sigma") if baseline else None
+    files = [g, h] + ([baseline] if baseline else [])
+    cfg = inputs.with_data(cfg, files)
+    return CertifySettings(
+        g=g, h=h, baseline=baseline, sigma=sigma, baseline_sigma=baseline_sigma,
+        data=inputs.datamodule(cfg, files), examples=inputs.examples(cfg), c=c, job=job, device=inputs.device(cfg),
+        processes=parse(inputs.DistributedKeys, cfg.distributed, "distributed").devices, logger=cfg.get("logger"),
+        config=plain(cfg))
+
+
+@dataclass
+class CertifyResult:
+    summary: dict
+    files: dict[str, str]
+    output_dir: Path
+    skipped: bool
+    certificate: Any = None
+    baseline: Any = None
+
+    def text(self) -> str:
+        """Clean accuracies of g and the smoothed h, and the alpha selected for the target accuracy."""
+        sel = self.summary["alpha_selection"]
+        chosen = f"alpha {sel['alpha']:g}" if sel["alpha"] is not None else f"no alpha selected ({sel['reason']})"
+        acc = self.summary["clean_accuracy"]
+        return f"clean accuracy: g {acc['g']:.4f}, smoothed h {acc['h']:.4f}; {chosen}"
+
+
+def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torch.Tensor):
+    """h's votes (and the baseline's, Cohen et al.'s CERTIFY: hard votes with selection samples), sampled once."""
+    c, seed = s.c, s.examples.seed
+    common = dict(n0=c.n0, n=c.n, soft_bound=c.soft_bound, batch_size=c.batch_size, workers=c.workers,
+                  compile=c.compile, autocast_dtype=c.autocast_dtype)
+    where = device if s.processes == 1 else "cpu"
+    out = []
+    for model, sigma, votes, offset, mode in ((s.h, s.sigma, c.votes, 0, c.mode),
+                                              (s.baseline, s.baseline_sigma, "hard", 1, "sound")):
+        if model is not None:
+            fn = functools.partial(smoothed_votes, load_classifier(model.path, map_location=where), sigma,
+                                   votes=votes, seed=seed + offset, mode=mode, **common)
+            out.append(concat_votes(map_shards(fn, [x, keys], device, s.processes)))
+    return out
 
 
 @torch.no_grad()
 def _log_probs(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    out = [torch.log_softmax(model(b).double(), dim=1) for b in x.split(batch_size)]
-    return torch.cat(out).cpu().numpy()  # (N, K)
+    out = torch.cat([torch.log_softmax(model(b).double(), dim=1) for b in x.split(batch_size)])  # (N, K)
+    check_finite(out, "g (clean pass)")
+    return out.cpu().numpy()
+
+
+def run(cfg: DictConfig) -> CertifyResult:
+    """Check, load, sample h once, certify every alpha (and the baseline), write the files."""
+    s = settings(cfg)
+    out, fp = s.job.output_dir, s.fingerprint
+    files = ["certify.csv", "certified_accuracy.csv"] + (["certified_accuracy.png"] if s.job.plots else []) + (
+        ["baseline_certify.csv"] if s.baseline else [])
+    if s.job.resume and (done := finished(out, MARKER, fp, files)):
+        return CertifyResult(done, {f: str(out / f) for f in files}, out, True)
+    clear_marker(out, MARKER)
+    with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "certify") as logger:
+        g = load_classifier(s.g.path, map_location=device)
+        x, y, index = s.examples.select(s.data, g.input_shape)
+        check_processes(s.processes, device, len(y))
+        log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
+                 s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)
+        start = time.perf_counter()
+        sampled = _votes(s, device, x.to(device), index)
+        timings = {"sample": time.perf_counter() - start}
+        summary, paths, cert, base = _certify(s, sampled, _log_probs(g, x.to(device), s.job.batch_size),
+                                              y.numpy(), index.numpy(), out)
+        summary.update(device=str(device), timings=timings, fingerprint=fp)
+        _log(logger, summary, paths, s.config)
+        write_marker(out, MARKER, summary, fp, list(paths))
+        log.info("certification done (%.1f s sampling); results in %s", timings["sample"], out)
+    return CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base)
+
+
+def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.ndarray, index: np.ndarray, out: Path):
+    """Certificates of every alpha (and the baseline), the alpha selection, the files and the summary."""
+    c, votes = s.c, sampled[0]
+    base = certify_baseline(sampled[1], labels, s.baseline_sigma, c.failure_prob) if s.baseline else None
+    # alpha selection on a fine grid (cheap: no sampling), then certify the chosen alpha as well
+    fine = sorted(set(np.round(np.arange(0.0, 1.0 + 1e-9, c.alpha_step), 10).tolist()) | set(c.alphas))
+    fine_acc = clean_accuracy_by_alpha(g_log_probs, votes.probs, labels, fine)
+    target = c.target_accuracy if c.target_accuracy is not None else (base.clean_accuracy if base else None)
+    selection = select_alpha(fine, fine_acc, target, c.alpha_method)
+    if selection["reason"]:
+        (log.warning if target is not None else log.info)("alpha selection: %s", selection["reason"])
+    alphas = sorted(set(c.alphas) | ({selection["alpha"]} if selection["alpha"] is not None else set()))
+    cert = certify_mixture(votes, g_log_probs, labels, alphas, s.sigma, c.mode, c.failure_prob, c.bound,
+                           c.soft_bound, c.lipschitz)
+    grid = radius_grid(cert, base, c.radius_max, c.radius_points)
+    title = (f"{s.data.name}, h sigma={s.sigma:g}, {c.mode} ({c.votes} votes, n={c.n}"
+             + (f", failure_prob={c.failure_prob:g}" if c.mode == "sound" else "") + f"), {len(labels)} images")
+    paths = write_certify_results(out, cert, index, curve_rows(cert, base, grid), base, selection["alpha"],
+                                  plots=s.job.plots, title=title)
+    table = _accuracy_table(c.report_radii, cert, base)
+    if selection["alpha"] is not None:
+        selection["certified_accuracy"] = table["mix"][repr(float(selection["alpha"]))]
+    summary = {
+        "g_ckpt": str(s.g.path), "h_ckpt": str(s.h.path), "baseline_ckpt": str(s.baseline.path) if s.baseline else None,
+        "data": s.data.name, "split": s.examples.split, "n_examples": len(labels), "seed": s.examples.seed,
+        "sigma": s.sigma, "baseline_sigma": s.baseline_sigma, "processes": s.processes,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()
+                     if k not in ("sigma", "baseline_sigma")},
+        "lipschitz_constant": c.lipschitz if c.lipschitz is not None else math.sqrt(2 / math.pi) / s.sigma,
+        "baseline_radius": "Cohen et al.'s CERTIFY (sound) in both modes" if base is not None else None,
+        "clean_accuracy": {
+            "g": float((g_log_probs.argmax(1) == labels).mean()), "h": float((votes.probs.argmax(1) == labels).mean()),
+            "mix": {repr(float(a)): float(v) for a, v in zip(cert.alphas, cert.clean_accuracy)},
+            "baseline": base.clean_accuracy if base is not None else None},
+        "alpha_selection": {**selection, "grid_accuracy": {repr(float(a)): float(v) for a, v in zip(fine, fine_acc)}},
+        "certified_accuracy": table, "files": {k: str(v) for k, v in paths.items()},
+    }
+    return summary, paths, cert, base
 
 
 def _accuracy_table(grid, cert, baseline) -> dict:
@@ -161,10 +276,10 @@ def _accuracy_table(grid, cert, baseline) -> dict:
     return table
 
 
-def _log_to_logger(logger, summary: dict, paths: dict, cfg: DictConfig) -> None:
+def _log(logger, summary: dict, paths: dict, config: dict) -> None:
     if not logger:
         return
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(config)
     for step, (alpha, metrics) in enumerate(summary["certified_accuracy"]["mix"].items()):
         clean = summary["clean_accuracy"]["mix"][alpha]
         logger.log_metrics({"cert/alpha": float(alpha), "cert/clean_acc": clean, **metrics}, step=step)
@@ -173,128 +288,9 @@ def _log_to_logger(logger, summary: dict, paths: dict, cfg: DictConfig) -> None:
     if summary["alpha_selection"]["alpha"] is not None:
         final["cert/selected_alpha"] = summary["alpha_selection"]["alpha"]
     logger.log_metrics(final, step=len(summary["certified_accuracy"]["mix"]))
-    if type(logger).__name__ == "WandbLogger":
+    if is_wandb_logger(logger) and "certified_accuracy.png" in paths:
         import wandb
 
-        logger.experiment.log({"cert/certified_accuracy": wandb.Image(str(paths["certified_accuracy.png"]))}
-                              if "certified_accuracy.png" in paths else {})
+        logger.experiment.log({"cert/certified_accuracy": wandb.Image(str(paths["certified_accuracy.png"]))})
     logger.save()
     logger.finalize("success")
-
-
-def _vote_shard(payload: dict, start: int, stop: int, device: torch.device) -> list:
-    """Votes of every smoothed model in ``payload["models"]`` on images [start, stop), sampled on `device`."""
-    x, keys, s = payload["x"][start:stop].to(device), payload["keys"][start:stop], payload["settings"]
-    out = []
-    for model, sigma, votes, seed, mode in payload["models"]:
-        smoothed = SmoothedClassifier(model.to(device), sigma, votes=votes, batch_size=s["batch_size"], seed=seed,
-                                      workers=s["workers"], compile=s["compile"], autocast_dtype=s["autocast_dtype"])
-        out.append(sample_votes(smoothed, x, s["n0"], s["n"], mode, s["soft_bound"], keys=keys))
-    return out
-
-
-def run(cfg: DictConfig) -> dict:
-    """Validate, load, sample h once, certify every alpha (and the baseline), write the files; returns the summary.
-
-    Skips the work when ``cfg.output_dir`` already holds a finished run of the same configuration
-    (``resume: true``); ``distributed.devices: k`` samples the votes in k processes.
-    """
-    require_keys(cfg, "g_ckpt", "h_ckpt", "certify", "output_dir")
-    if cfg.certify.get("require_baseline", False) or OmegaConf.is_missing(cfg.certify, "baseline_ckpt"):
-        require_keys(cfg, "certify.baseline_ckpt")
-    s = certify_settings(cfg)
-    output_dir = Path(cfg.output_dir)
-    device = resolve_device(str(cfg.get("device", "auto")))
-    g, h = (load_classifier(cfg[k], map_location=device) for k in ("g_ckpt", "h_ckpt"))
-    check_compatible(g, h)
-    sigma = smoothing_sigma("h", h, s["sigma"])
-    baseline, baseline_sigma = None, None
-    if cfg.certify.get("baseline_ckpt"):
-        baseline = load_classifier(cfg.certify.baseline_ckpt, map_location=device)
-        check_compatible(g, baseline)
-        baseline_sigma = smoothing_sigma("the baseline", baseline, s["baseline_sigma"])
-    ckpts = [cfg.g_ckpt, cfg.h_ckpt] + ([cfg.certify.baseline_ckpt] if baseline is not None else [])
-    fingerprint = run_fingerprint(cfg, *ckpts)
-    files = ["certify.csv", "certified_accuracy.csv", "certify_summary.json"] + (
-        ["certified_accuracy.png"] if cfg.get("plots", True) else []) + (
-        ["baseline_certify.csv"] if baseline is not None else [])
-    if cfg.get("resume", True) and finished_run(output_dir, fingerprint, files, marker="certify_summary.json"):
-        summary = json.loads((output_dir / "certify_summary.json").read_text())
-        return {"summary": summary, "certificate": None, "baseline": None, "files": summary["files"],
-                "output_dir": str(output_dir), "skipped": True}
-    (output_dir / "certify_summary.json").unlink(missing_ok=True)  # an old marker must not vouch for new files
-    datamodule = resolve_data(cfg, {"g": g.record, "h": h.record})
-    x, y, index = select_examples(cfg, datamodule, g)
-    devices = check_devices(OmegaConf.select(cfg, "distributed.devices", default=1), device,
-                            len(y))
-    x, y = x.to(device), y.to(device)
-    log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
-             datamodule.name, cfg.split, len(y), device, sigma, s["mode"], s["n0"], s["n"], s["failure_prob"])
-
-    with finish_wandb():
-        logger = build_logger(cfg, str(output_dir))
-        timings = {}
-        start = time.perf_counter()
-        models = [(h, sigma, s["votes"], int(cfg.seed), s["mode"])]
-        if baseline is not None:  # Cohen et al.'s CERTIFY: hard votes, selection samples
-            models.append((baseline, baseline_sigma, "hard", int(cfg.seed) + 1, "sound"))
-        if devices > 1:  # each process moves its copy to its own device
-            models = [(m.cpu(), *rest) for m, *rest in models]
-        payload = {"x": x.cpu() if devices > 1 else x, "keys": index.tolist(), "settings": s, "models": models}
-        parts = run_sharded(_vote_shard, payload, len(y), devices, device)
-        sampled = [concat_votes([p[i] for p in parts]) for i in range(len(models))]
-        votes = sampled[0]
-        timings["sample"] = time.perf_counter() - start
-        labels = y.cpu().numpy()
-        base_cert = None
-        if baseline is not None:
-            base_cert = certify_baseline(sampled[1], labels, baseline_sigma, s["failure_prob"])
-        g_log_probs = _log_probs(g, x, int(cfg.get("batch_size", 500)))
-
-        # alpha selection on a fine grid (cheap: no sampling), then certify the chosen alpha as well
-        fine = sorted(set(np.round(np.arange(0.0, 1.0 + 1e-9, s["alpha_step"]), 10).tolist()) | set(s["alphas"]))
-        fine_acc = clean_accuracy_by_alpha(g_log_probs, votes.probs, labels, fine)
-        target = s["target_accuracy"] if s["target_accuracy"] is not None else (
-            base_cert.clean_accuracy if base_cert is not None else None)
-        selection = select_alpha(fine, fine_acc, target, s["alpha_method"])
-        if selection["reason"]:
-            (log.warning if target is not None else log.info)("alpha selection: %s", selection["reason"])
-        alphas = sorted(set(s["alphas"]) | ({selection["alpha"]} if selection["alpha"] is not None else set()))
-        with warnings.catch_warnings():  # alphas < 1/2 were warned about in certify_settings
-            warnings.filterwarnings("ignore", message=r"alpha=.* < 1/2")
-            cert = certify_mixture(votes, g_log_probs, labels, alphas, sigma, s["mode"], s["failure_prob"],
-                                   s["bound"], s["soft_bound"], s["lipschitz"])
-        grid = radius_grid(cert, base_cert, s["radius_max"], s["radius_points"])
-        curves = curve_rows(cert, base_cert, grid)
-        title = (f"{datamodule.name}, h sigma={sigma:g}, {s['mode']} ({s['votes']} votes, n={s['n']}"
-                 + (f", failure_prob={s['failure_prob']:g}" if s["mode"] == "sound" else "") + f"), {len(labels)} images")
-        paths = write_certify_results(output_dir, cert, index.numpy(), curves, base_cert, selection["alpha"],
-                                      plots=bool(cfg.get("plots", True)), title=title)
-        table = _accuracy_table(s["report_radii"], cert, base_cert)
-        if selection["alpha"] is not None:
-            selection["certified_accuracy"] = table["mix"][repr(float(selection["alpha"]))]
-        summary = {
-            "g_ckpt": str(cfg.g_ckpt), "h_ckpt": str(cfg.h_ckpt), "baseline_ckpt": cfg.certify.get("baseline_ckpt"),
-            "data": datamodule.name, "split": cfg.split, "n_examples": len(labels), "device": str(device),
-            "seed": int(cfg.seed), "sigma": sigma, "baseline_sigma": baseline_sigma,
-            "settings": {k: v for k, v in s.items() if k not in ("sigma", "baseline_sigma")},
-            "lipschitz_constant": s["lipschitz"] if s["lipschitz"] is not None else math.sqrt(2 / math.pi) / sigma,
-            "baseline_radius": "Cohen et al.'s CERTIFY (sound) in both modes" if base_cert is not None else None,
-            "clean_accuracy": {
-                "g": float((g_log_probs.argmax(1) == labels).mean()),
-                "h": float((votes.probs.argmax(1) == labels).mean()),
-                "mix": {repr(float(a)): float(v) for a, v in zip(cert.alphas, cert.clean_accuracy)},
-                "baseline": base_cert.clean_accuracy if base_cert is not None else None,
-            },
-            "alpha_selection": {**selection, "grid_accuracy": {repr(float(a)): float(v) for a, v in zip(fine, fine_acc)}},
-            "certified_accuracy": table, "processes": devices, "fingerprint": fingerprint, "overrides": job_overrides(),
-            "timings": timings, "files": {k: str(v) for k, v in paths.items()},
-        }
-        summary["files"]["certify_summary.json"] = str(output_dir / "certify_summary.json")
-        _log_to_logger(logger, summary, paths, cfg)
-        # last: its fingerprint marks the run finished (see resume)
-        paths["certify_summary.json"] = write_json(output_dir / "certify_summary.json", summary)
-        log.info("certification done (%.1f s sampling); selected alpha %s; results in %s",
-                 sum(timings.values()), selection["alpha"], output_dir)
-    return {"summary": summary, "certificate": cert, "baseline": base_cert, "files": summary["files"],
-            "output_dir": str(output_dir), "skipped": False}

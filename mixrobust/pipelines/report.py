@@ -1,37 +1,70 @@
-"""Report over a finished (or partly finished) sweep: ``python evaluate.py task=report report.dir=<multirun dir>``.
+"""The report task (``python evaluate.py task=report report.dir=<multirun dir>``) and the sweep-report callback.
 
-``run(cfg)`` reads ``cfg.report.dir`` (required: the ``hydra.sweep.dir`` of a ``python
-evaluate.py -m ...`` run), ``cfg.report.out_dir`` (default ``<report.dir>/report``) and
-``cfg.plots``, and writes the files described in `mixrobust.evaluation.multirun`. With a W&B
+`run` combines the finished jobs of a sweep folder into the files described in
+`mixrobust.evaluation.multirun` (``<report.dir>/report`` unless ``report.out_dir``). With a W&B
 ``logger`` it also logs the combined table and the plots to one run in the W&B group of the
-sweep's jobs (``logger.group``, else the sweep folder, see `sweep_group`), then finishes it;
-other loggers are not used (the report files are the output).
+sweep's jobs (``logger.group``, else the sweep folder, see `sweep_group`); other loggers are not
+used (the report files are the output). `SweepReport` is the Hydra callback that writes the same
+report when a multirun ends.
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-from mixrobust.errors import ConfigError
-from mixrobust.evaluation.multirun import COMBINED_COLUMNS, combine, make_report
-from mixrobust.pipelines.common import build_logger, finish_wandb, is_wandb, log, sweep_group
+from mixrobust.errors import ConfigError, MixrobustError
+from mixrobust.evaluation.multirun import COMBINED_COLUMNS, Report, combine, make_report
+from mixrobust.pipelines.fields import parse, plain
+from mixrobust.runtime.loggers import is_wandb, job_logger, sweep_group
+
+log = logging.getLogger(__name__)
 
 
-def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
+@dataclass(frozen=True)
+class ReportKeys:
+    """``report.*``: the sweep folder to combine and where the report goes (default ``<dir>/report``)."""
+
+    dir: Path | None = None
+    out_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.dir is None:
+            raise ConfigError("missing report.dir: pass the folder of a `python evaluate.py -m ...` run, e.g. "
+                              "python evaluate.py task=report report.dir=multirun/evaluate/<date>")
+        if not self.dir.is_dir():
+            raise ConfigError(f"report.dir={self.dir} is not a folder; pass the folder of a `python evaluate.py -m "
+                              "...` run (its hydra.sweep.dir, e.g. multirun/paper_fig2)")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    report: ReportKeys
+    plots: bool
+    logger: Any
+
+
+def settings(cfg: DictConfig) -> ReportSettings:
+    """Read and check the report task's settings."""
+    return ReportSettings(parse(ReportKeys, cfg.report, "report"), parse(_Plots, cfg, strict=False).plots,
+                          cfg.get("logger"))
+
+
+@dataclass(frozen=True)
+class _Plots:
+    plots: bool = True
+
+
+def log_to_wandb(node, report: Report, group: str) -> None:
     """Log the report's combined table and plots to one W&B run in `group` (``logger.group`` wins)."""
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.set_readonly(cfg, False)
-    with open_dict(cfg):
-        cfg.logger.group = cfg.logger.get("group") or group
-        cfg.logger.name = cfg.logger.get("name") or f"report {group}"
-        cfg.logger.job_type = "report"
-        cfg.task = "report"
-    with finish_wandb():
-        logger = build_logger(cfg, str(report.out_dir))
+    with job_logger(node, report.out_dir, "report", group=node.get("group") or group,
+                    name=node.get("name") or f"report {group}", job_type="report") as logger:
         import wandb
 
         rows = combine(report.jobs)
@@ -42,26 +75,54 @@ def log_to_wandb(cfg: DictConfig, report, group: str) -> None:
         logger.experiment.log({"report/combined": wandb.Table(columns=list(COMBINED_COLUMNS), data=data), **images})
 
 
-def report_sweep(cfg: DictConfig, sweep_dir: str, out_dir: str | None = None):
-    """`make_report` of `sweep_dir` (plots as ``cfg.plots``), logged, and copied to W&B with a W&B ``cfg.logger``."""
-    report = make_report(sweep_dir, out_dir, plots=bool(cfg.get("plots", True)))
+def report_sweep(sweep_dir: str | Path, out_dir: str | Path | None, plots: bool, logger_node=None) -> Report:
+    """`make_report` of `sweep_dir`, logged, and copied to W&B when `logger_node` is a W&B logger."""
+    report = make_report(sweep_dir, out_dir, plots=plots)
     log.info("report of %d job(s) of %s in %s", len(report.jobs), sweep_dir, report.out_dir)
-    if is_wandb(cfg):
-        log_to_wandb(cfg, report, sweep_group(sweep_dir))
+    if is_wandb(logger_node):
+        log_to_wandb(logger_node, report, sweep_group(sweep_dir))
     return report
 
 
-def run(cfg: DictConfig) -> dict:
-    """Write the sweep report; returns the files, the number of jobs, the incomplete job folders and the folder."""
-    sweep_dir = OmegaConf.select(cfg, "report.dir", default=None)
-    if sweep_dir is None:
-        raise ConfigError("missing report.dir: pass the folder of a `python evaluate.py -m ...` run, e.g. "
-                          "python evaluate.py task=report report.dir=multirun/evaluate/<date>")
-    report = report_sweep(cfg, str(sweep_dir), OmegaConf.select(cfg, "report.out_dir", default=None))
-    root = Path(sweep_dir)
-    return {
-        "files": {k: str(v) for k, v in report.files.items()},
-        "jobs": len(report.jobs),
-        "incomplete": [p.relative_to(root).as_posix() for p in report.incomplete],
-        "output_dir": str(report.out_dir),
-    }
+@dataclass
+class ReportResult:
+    files: dict[str, str]
+    jobs: int
+    incomplete: list[str]
+    output_dir: Path
+
+    def text(self) -> str:
+        """How many jobs the report combines, and which were left out."""
+        left = f"; incomplete, left out: {', '.join(self.incomplete)}" if self.incomplete else ""
+        return f"report of {self.jobs} finished job(s){left}"
+
+
+def run(cfg: DictConfig) -> ReportResult:
+    """Write the sweep report; returns its files, the number of jobs, the incomplete job folders and the folder."""
+    s = settings(cfg)
+    report = report_sweep(s.report.dir, s.report.out_dir, s.plots, s.logger)
+    return ReportResult({k: str(v) for k, v in report.files.items()}, len(report.jobs),
+                        [p.relative_to(s.report.dir).as_posix() for p in report.incomplete], report.out_dir)
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the sweep report into ``<hydra.sweep.dir>/report`` when a multirun ends.
+
+    Enable with ``hydra.callbacks.sweep_report._target_: mixrobust.pipelines.report.SweepReport``.
+    Plots follow the app's ``plots`` setting, W&B logging its ``logger``. A sweep without a
+    completed job gets no report (logged); a failing report is logged, not raised: the jobs'
+    results are already saved and ``evaluate.py task=report report.dir=...`` can redo it.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", default=None)
+        if sweep_dir is None:
+            log.info("no hydra.sweep.dir in the config: no sweep report")
+            return
+        try:
+            report_sweep(str(sweep_dir), None, bool(config.get("plots", True)), plain(config.get("logger"), "logger"))
+        except MixrobustError as exc:  # no folder, or no completed job in it
+            log.info("no sweep report: %s", exc)
+        except Exception:  # the jobs' own results are safe; the report can be redone
+            log.exception("the sweep report failed; redo it with: python evaluate.py task=report report.dir=%s",
+                          sweep_dir)

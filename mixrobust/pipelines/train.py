@@ -1,89 +1,201 @@
-"""Train one base classifier: ``run(cfg)`` is what ``python train.py`` calls.
+"""The train task (``python train.py``): train one base classifier and test its best checkpoint.
 
-Validates the whole configuration (data folder, model, objective, threat, resume checkpoint)
-before building the Trainer, fits, tests the best checkpoint on the official test split, and writes
-``metrics.json`` (atomically) in ``cfg.output_dir``.
+`settings` checks the whole configuration before any data is loaded or the Trainer starts: the
+data folder, the model (built, its weights initialized from ``seed``), the objective, the
+optimizer and scheduler (built once on the model), the threat, the Trainer's epochs, precision
+and accelerator, and a resume checkpoint (``ckpt_path``) against this run's data, objective,
+threat, model and optimizer. `run` then loads and checks every data split, fits, tests the best
+checkpoint on the official test split and writes ``metrics.json`` (atomically). It returns the
+best checkpoint's path, which train.py prints last; a run without one fails instead. A run
+stopped by SIGTERM (a scheduler's preemption, ``kill``) fails with a message naming
+``last.ckpt``, written at the end of every epoch, to resume from.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, get_args
 
 import lightning.pytorch as L
+import torch
+from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
 
-from mixrobust.atomic import write_json
-from mixrobust.checkpoint import read_checkpoint
-from mixrobust.pipelines.common import build_logger, finish_wandb, instantiate, log, require_keys
+from mixrobust.checkpoint import check_resume, optimizer_spec
+from mixrobust.errors import ConfigError, MixrobustError, StoppedError
+from mixrobust.pipelines import inputs
+from mixrobust.pipelines.fields import bounded, build, parse, plain
+from mixrobust.runtime.files import write_json
+from mixrobust.runtime.loggers import job_logger
+from mixrobust.runtime.placement import placed_trainer, visible_gpus
 from mixrobust.threat import Threat
 from mixrobust.training.module import ClassifierModule
 
+log = logging.getLogger(__name__)
+
+PRECISIONS = tuple(get_args(_PRECISION_INPUT_STR)) + tuple(get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
+@dataclass(frozen=True)
+class TrainKeys:
+    """The task's top-level settings."""
+
+    seed: int = bounded(0, ge=0)
+    output_dir: Path = Path(".")
+    ckpt_path: Path | None = None
+    val_attack_steps: int = bounded(10, ge=1)
+    test_attack_steps: int = bounded(20, ge=1)
+    optimized_metric: str = "test/acc"
+
+
+@dataclass(frozen=True)
+class TrainerKeys:
+    """The ``trainer.*`` settings checked here; the others go to Lightning's Trainer as they are."""
+
+    max_epochs: int = bounded(1, ge=1)
+    precision: str | int = "32-true"
+    accelerator: str = "cpu"
+    channels_last: bool = False
+    compile: bool = False
+    enable_progress_bar: bool = True
+
+    def __post_init__(self):
+        if str(self.precision) not in PRECISIONS:
+            raise ConfigError(f"unknown trainer.precision {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
+        if self.accelerator in ("gpu", "cuda") and visible_gpus() == 0:
+            raise ConfigError(f"trainer.accelerator={self.accelerator} but this machine has no CUDA GPU; "
+                              "use trainer=cpu (or trainer.accelerator=cpu)")
+
+
+#: mixrobust's extras in the trainer node: not Trainer arguments.
 TRAINER_EXTRAS = ("channels_last", "compile")
 
 
-def build(cfg: DictConfig) -> tuple[ClassifierModule, L.LightningDataModule]:
-    """Instantiate and validate data, model and objective; cheap, no training."""
-    require_keys(cfg, "data", "model", "objective", "threat", "optimizer", "trainer")
-    threat = Threat(**OmegaConf.to_container(cfg.threat, resolve=True))
-    datamodule = instantiate(cfg.data)
-    objective = instantiate(cfg.objective)
-    model = instantiate(cfg.model)(
-        num_classes=datamodule.num_classes,
-        input_shape=datamodule.input_shape,
-        mean=datamodule.mean,
-        std=datamodule.std,
-    )
+@dataclass(frozen=True)
+class TrainSettings:
+    keys: TrainKeys
+    trainer: TrainerKeys
+    trainer_args: dict
+    data: Any  # the data module, not loaded yet
+    threat: Threat
+    model: torch.nn.Module
+    objective: Any
+    optimizer: Any  # a factory: params -> torch.optim.Optimizer
+    scheduler: Any  # a factory: optimizer -> LR scheduler, or None
+    logger: Any
+    config: dict
+
+
+def _model(cfg: DictConfig, data, seed: int):
+    """The model, built by its factory with its weights initialized from `seed` (the global RNG untouched)."""
+    factory = build(cfg.model, "model")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return factory(num_classes=data.num_classes, input_shape=data.input_shape, mean=data.mean, std=data.std)
+        except MixrobustError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"model is invalid: {str(exc).splitlines()[0]}") from None
+
+
+def _optimizer(cfg: DictConfig, model):
+    """The optimizer and scheduler factories, checked by building them once on the model's parameters."""
+    optimizer = build(cfg.optimizer, "optimizer")
+    scheduler = build(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None
+    try:
+        built = optimizer(list(model.parameters()))
+    except MixrobustError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"optimizer is invalid: {str(exc).splitlines()[0]}") from None
+    if scheduler is not None:
+        try:
+            ClassifierModule.make_scheduler(scheduler, built, total_steps=100)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"scheduler is invalid: {str(exc).splitlines()[0]}") from None
+    return optimizer, scheduler, optimizer_spec(built)
+
+
+def settings(cfg: DictConfig) -> TrainSettings:
+    """Read and check the whole configuration of a training run (see the module docstring)."""
+    keys = parse(TrainKeys, cfg, strict=False)
+    trainer = parse(TrainerKeys, cfg.trainer, "trainer", strict=False)
+    data = build(cfg.data, "data")
+    threat = inputs.threat(cfg, data.input_shape)
+    objective = build(cfg.objective, "objective")
+    model = _model(cfg, data, keys.seed)
+    optimizer, scheduler, opt_spec = _optimizer(cfg, model)
+    if keys.ckpt_path is not None:
+        check_resume(keys.ckpt_path, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
+                                      "optimizer": opt_spec})
+    trainer_args = {k: v for k, v in plain(cfg.trainer, "trainer").items() if k not in TRAINER_EXTRAS}
+    return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
+                         cfg.get("logger"), plain(cfg))
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    best_checkpoint: Path
+    output_dir: Path
+
+
+def _module(s: TrainSettings) -> ClassifierModule:
     module = ClassifierModule(
-        model,
-        objective,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        threat=threat,
-        val_attack_steps=cfg.val_attack_steps,
-        test_attack_steps=cfg.test_attack_steps,
-        seed=cfg.seed,
-        channels_last=bool(cfg.trainer.get("channels_last", False)),
-        data_name=datamodule.name,
-    )
-    if cfg.trainer.get("compile", False):
+        s.model, s.objective, optimizer=s.optimizer, scheduler=s.scheduler, threat=s.threat,
+        val_attack_steps=s.keys.val_attack_steps, test_attack_steps=s.keys.test_attack_steps, seed=s.keys.seed,
+        channels_last=s.trainer.channels_last, data_name=s.data.name)
+    if s.trainer.compile:
         module.model.compile()
-    return module, datamodule
+    return module
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train, test the best checkpoint, write metrics.json; return the metrics and the checkpoint path."""
-    output_dir = Path(cfg.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    module, datamodule = build(cfg)
-    if cfg.get("ckpt_path"):
-        read_checkpoint(cfg.ckpt_path)  # a bad resume file fails here, not after setup
+def _trainer(s: TrainSettings, trainer_args: dict, logger, checkpoint: ModelCheckpoint) -> L.Trainer:
+    callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="epoch")] if logger else [])
+    if s.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    return build(trainer_args, "trainer", callbacks=callbacks, logger=logger,
+                 default_root_dir=str(s.keys.output_dir), inference_mode=False)
 
-    with finish_wandb():
-        checkpoint = ModelCheckpoint(
-            dirpath=output_dir / "checkpoints",
-            filename="best",
-            monitor="val/selection",
-            mode="max",
-            save_last=True,
-            enable_version_counter=False,  # a rerun into the same run dir replaces best.ckpt, never best-v1.ckpt
-        )
-        logger = build_logger(cfg, str(output_dir))
-        callbacks = [checkpoint, LearningRateMonitor(logging_interval="epoch")] if logger else [checkpoint]
-        trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in TRAINER_EXTRAS}
-        if trainer_cfg.get("enable_progress_bar", True):
-            callbacks.append(RichProgressBar())
-        trainer: L.Trainer = instantiate(
-            trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(output_dir), inference_mode=False
-        )
+
+def _stopped(checkpoint: ModelCheckpoint, trainer: L.Trainer) -> StoppedError:
+    last = Path(checkpoint.dirpath or "") / "last.ckpt"
+    where = (f"the last complete epoch is saved in {last}: resume with ckpt_path={last}" if last.is_file()
+             else "no epoch had completed, so there is no checkpoint to resume from")
+    return StoppedError(f"training was stopped by SIGTERM during epoch {trainer.current_epoch}; {where}")
+
+
+def run(cfg: DictConfig) -> TrainResult:
+    """Check, load the data, train, test the best checkpoint and write metrics.json."""
+    s = settings(cfg)
+    out = s.keys.output_dir
+    L.seed_everything(s.keys.seed, workers=True)
+    s.data.load_all()  # a truncated or corrupt data file fails here, before the Trainer starts
+    module = _module(s)
+    with placed_trainer(s.trainer_args) as trainer_args, job_logger(s.logger, out, "train") as logger:
+        # last.ckpt at the end of every epoch (resume); best.ckpt on the objective's main validation metric
+        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/selection", mode="max",
+                                     save_last=True, enable_version_counter=False)
+        trainer = _trainer(s, trainer_args, logger, checkpoint)
         if logger:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            logger.log_hyperparams(s.config)
+        try:
+            trainer.fit(module, datamodule=s.data, ckpt_path=s.keys.ckpt_path)
+        except SIGTERMException:
+            raise _stopped(checkpoint, trainer) from None
         best = checkpoint.best_model_path or checkpoint.last_model_path
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if not best or not Path(best).is_file():
+            raise MixrobustError(f"training ended without writing a checkpoint in {out / 'checkpoints'}; "
+                                 "nothing to test or mix")
+        results = trainer.test(module, datamodule=s.data, ckpt_path=best, verbose=False)
         metrics = {k: float(v) for k, v in results[0].items()} if results else {}
         metrics["best_checkpoint"] = str(best)
         if trainer.is_global_zero:
-            write_json(output_dir / "metrics.json", metrics)
+            write_json(out / "metrics.json", metrics)
             log.info("test metrics: %s", {k: v for k, v in metrics.items() if k.startswith("test/")})
-    return metrics
+    return TrainResult(metrics, Path(best), out)

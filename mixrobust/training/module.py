@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mixrobust.attacks import PGD
-from mixrobust.checkpoint import CHECKPOINT_KEY, make_record
+from mixrobust.checkpoint import CHECKPOINT_KEY, make_record, optimizer_spec
 from mixrobust.models import ImageClassifier
 from mixrobust.threat import Threat
 from mixrobust.training.objectives import GaussianNoise, Objective
@@ -31,7 +31,13 @@ class ClassifierModule(L.LightningModule):
     ties broken by the lower clean validation cross-entropy (weight 1e-6, capped at 1e-5: below one example
     of accuracy on any validation set under 100,000 images), so a small validation set that saturates
     early does not freeze the choice at the first epoch that reaches 100%.
-    The checkpoint carries a self-describing record (see `mixrobust.checkpoint`).
+    The checkpoint carries a self-describing record (see `mixrobust.checkpoint`), the optimizer's included.
+
+    Randomness: every training batch re-seeds torch's generators (`step_seed`: a function of `seed`,
+    the rank and the global step), so the random starts of adversarial training, the training noise
+    and dropout of step t are the same whether the run started at step 0 or resumed from a
+    checkpoint; with the data module's per-epoch augmentation generator this makes a resumed run
+    repeat the uninterrupted one exactly (on the CPU).
     """
 
     def __init__(
@@ -76,6 +82,13 @@ class ClassifierModule(L.LightningModule):
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def step_seed(self) -> int:
+        """The seed of this training step: a fixed mix of `seed`, the global rank and the global step."""
+        return (self.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) % (2**63 - 1)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        torch.manual_seed(self.step_seed())
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -123,20 +136,25 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, batch_idx, "test")
 
+    @staticmethod
+    def make_scheduler(factory, optimizer: torch.optim.Optimizer, total_steps: int) -> dict:
+        """Lightning's scheduler config from a scheduler factory: one-cycle style schedules (whose
+        `total_steps` the config leaves to the Trainer) step every batch over `total_steps`, others every epoch."""
+        if _needs_total_steps(factory):
+            return {"scheduler": factory(optimizer, total_steps=total_steps), "interval": "step"}
+        return {"scheduler": factory(optimizer), "interval": "epoch"}
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.model.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        if _needs_total_steps(self.scheduler_factory):
-            # one-cycle style schedules are defined over optimizer steps: step them every batch
-            total = int(self.trainer.estimated_stepping_batches)
-            scheduler = self.scheduler_factory(optimizer, total_steps=total)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(self.scheduler_factory, optimizer, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name)
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name,
+                                                 optimizer=optimizer_spec(optimizers[0]) if optimizers else None)
 
 
 def _needs_total_steps(factory) -> bool:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mixrobust.errors import ConfigError
+from mixrobust.runtime.hydra_job import current_job
 
 log = logging.getLogger(__name__)
 
@@ -219,40 +220,6 @@ def gpu_lock_dir(sweep_dir: str | os.PathLike[str]) -> Path:
     return Path(sweep_dir) / LOCK_DIR_NAME / re.sub(r"[^A-Za-z0-9._-]+", "_", key)
 
 
-@dataclass(frozen=True)
-class _HydraJob:
-    multirun: bool
-    job_num: int
-    n_jobs: int | None
-    sweep_dir: Path | None
-
-
-def hydra_placement_job() -> _HydraJob:
-    """What `job_placement` needs from the Hydra runtime (a plain, single run outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return _HydraJob(False, 0, None, None)
-    hc = HydraConfig.get()
-    if hc.get("mode") != RunMode.MULTIRUN:
-        return _HydraJob(False, 0, None, None)
-    try:
-        job_num = int(hc.job.num)
-    except Exception:  # missing in an odd launcher
-        job_num = 0
-    try:
-        n_jobs = hc.launcher.get("n_jobs")
-    except Exception:  # an interpolation that cannot resolve here
-        n_jobs = None
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int):
-        n_jobs = None
-    sweep_dir = Path(str(hc.sweep.dir))
-    if not sweep_dir.is_absolute():  # relative to where the sweep was started (hydra.job.chdir may move cwd)
-        sweep_dir = Path(str(hc.runtime.cwd)) / sweep_dir
-    return _HydraJob(True, job_num, n_jobs, sweep_dir)
-
-
 @contextlib.contextmanager
 def job_placement(device: str = "auto") -> Iterator[str]:
     """Place the current job; yields the torch device string to use for the ``with`` block.
@@ -266,7 +233,7 @@ def job_placement(device: str = "auto") -> Iterator[str]:
     """
     import torch
 
-    job = hydra_placement_job()
+    job = current_job()
     gpu_count = visible_gpus()
     threads_before = torch.get_num_threads()
     cpu_count = available_cpus()
@@ -281,14 +248,14 @@ def job_placement(device: str = "auto") -> Iterator[str]:
     if plan.threads is not None:
         log.info(
             "job %d: %d torch threads (%d cores, n_jobs=%s, %d threads before)",
-            job.job_num, plan.threads, cpu_count, job.n_jobs, threads_before,
+            job.num, plan.threads, cpu_count, job.n_jobs, threads_before,
         )
         if plan.threads != threads_before:
             torch.set_num_threads(plan.threads)
     try:
         if plan.device == LEASE:
             assert job.sweep_dir is not None
-            with lease_gpu(gpu_count, gpu_lock_dir(job.sweep_dir), job.job_num) as k:
+            with lease_gpu(gpu_count, gpu_lock_dir(job.sweep_dir), job.num) as k:
                 torch.cuda.set_device(k)
                 try:
                     yield f"cuda:{k}"
@@ -302,34 +269,57 @@ def job_placement(device: str = "auto") -> Iterator[str]:
             torch.set_num_threads(threads_before)
 
 
-@contextlib.contextmanager
-def placed(cfg, device_key: str, *, gpu_only: bool = False) -> Iterator[None]:
-    """Run a pipeline's ``with`` block with its device placed by `job_placement`.
+def resolve_device(name: str) -> "torch.device":
+    """The torch device for a ``device`` setting: ``auto`` is cuda if a GPU is visible, else cpu.
 
-    ``cfg[device_key]`` (e.g. ``device``: auto / cpu / cuda) is replaced, for the block, by the
-    device the job was given (``cuda:<k>`` for a leased GPU in a local multi-GPU sweep). For the
-    Lightning trainer (``gpu_only``) a leased GPU becomes ``trainer.devices=[k]``.
+    One ConfigError for a name torch does not know and for a CUDA device this machine lacks.
     """
-    from omegaconf import open_dict
+    import torch
 
-    if gpu_only:  # train.py: only a one-GPU trainer is placed; DDP and CPU trainers keep their settings
-        t = cfg.trainer
-        wanted = "auto" if t.get("accelerator") in ("gpu", "cuda", "auto") and str(t.get("devices")) == "1" else "cpu"
-        with job_placement(wanted) as device:
-            if device.startswith("cuda:"):
-                with open_dict(cfg):
-                    t.devices = [int(device.split(":")[1])]
-            yield
-        return
-    if int(cfg.get("distributed", {}).get("devices", 1)) > 1:  # several processes: Fabric places them
-        job = hydra_placement_job()
+    if name == "auto":
+        return torch.device("cuda" if visible_gpus() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...): "
+                          f"{str(err).splitlines()[0]}") from None
+    if device.type == "cuda":
+        count = visible_gpus()
+        if count == 0:
+            raise ConfigError(f"device={name} but this machine has no CUDA GPU (torch sees none); use device=cpu "
+                              "or device=auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name} but only {count} GPU(s) are visible (cuda:0 ... cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r}: mixrobust runs on cpu or cuda devices (or auto)")
+    return device
+
+
+@contextlib.contextmanager
+def placed_device(device: str, processes: int = 1) -> Iterator["torch.device"]:
+    """The device an evaluation job runs on, for the ``with`` block (`job_placement`, resolved).
+
+    With ``processes > 1`` (Lightning Fabric spawns them on devices 0..k-1) nothing is leased, and a
+    parallel joblib launcher is refused: its concurrent jobs would share those devices.
+    """
+    if processes > 1:
+        job = current_job()
         if job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
             raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at "
                               "the same time (joblib launchers) would share them: use the basic launcher (one "
                               "job at a time) or SLURM with distributed.devices, or distributed.devices=1")
-        yield
+        yield resolve_device(device)
         return
-    with job_placement(str(cfg.get(device_key, "auto"))) as device:
-        with open_dict(cfg):
-            cfg[device_key] = device
-        yield
+    with job_placement(device) as name:
+        yield resolve_device(name)
+
+
+@contextlib.contextmanager
+def placed_trainer(trainer: dict) -> Iterator[dict]:
+    """The Trainer arguments of a training job, for the ``with`` block: in a local multi-GPU sweep a
+    one-GPU trainer gets its leased GPU (``devices=[k]``); DDP and CPU trainers keep their settings."""
+    one_gpu = trainer.get("accelerator") in ("gpu", "cuda", "auto") and str(trainer.get("devices")) == "1"
+    with job_placement("auto" if one_gpu else "cpu") as device:
+        if device.startswith("cuda:"):
+            trainer = {**trainer, "devices": [int(device.split(":")[1])]}
+        yield trainer

@@ -1,11 +1,14 @@
 """Atomic results files: write to a temporary file in the same folder, then rename over the target.
 
-A killed run leaves either the old file or the new one, never half of one.
+A killed run leaves either the old file or the new one, never half of one. Files get the
+permissions of any file the user creates (``0o666`` minus the umask), not the ``0o600`` of a
+temporary file, so a group-shared results folder or cache stays readable by the group.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -15,13 +18,32 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+_CHUNK = 1 << 20
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status; elsewhere set and restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no reader API elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str = "w") -> Path:
-    """Call ``write(fileobj)`` on a temporary file next to `path`, fsync it, and rename it to `path`."""
+    """Call ``write(fileobj)`` on a temporary file next to `path`, fsync it, and rename it to `path`.
+
+    The file ends with mode ``0o666 & ~umask``, as if the user had created it directly.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -54,3 +76,12 @@ def csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 
 
 def gpu_count() -> int:
-    """Number of visible CUDA devices (`mixrobust.launch.visible_gpus`), at least 1 (``${mr.gpu_count:}``,
+    """Number of visible CUDA devices (`mixrobust.runtime.placement.visible_gpus`), at least 1 (``${mr.gpu_count:}``,
     e.g. joblib's n_jobs)."""
-    from mixrobust.launch import visible_gpus
+    from mixrobust.runtime.placement import visible_gpus
 
     return max(1, visible_gpus())
 

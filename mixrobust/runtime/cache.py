@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from mixrobust.atomic import atomic_write
+from mixrobust.runtime.files import atomic_write, sha256_file
 from mixrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,9 @@ FORMAT_VERSION = "mixrobust-cache/1"
 
 SUFFIX = ".safetensors"
 _KIND_RE = re.compile(r"[a-z0-9_]{1,32}")
-_CHUNK = 1 << 20
 
 _file_digests: dict[tuple[str, int, int], str] = {}
 _file_digests_lock = threading.Lock()
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_digest() -> str:
@@ -103,7 +94,7 @@ def file_digest(path: str | os.PathLike) -> str:
     with _file_digests_lock:
         if memo in _file_digests:
             return _file_digests[memo]
-    digest = _hash_file(path)
+    digest = sha256_file(path)
     after = path.stat()
     if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not changed while hashing
         with _file_digests_lock:

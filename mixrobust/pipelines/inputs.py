@@ -1,0 +1,223 @@
+"""Settings the evaluation tasks share: checkpoints, the evaluated images, the threat and the device.
+
+Everything here is checked before any model is loaded: a checkpoint's record (not its weights)
+is enough to check class counts, input shapes, the data set and the threat model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mixrobust.checkpoint import read_record
+from mixrobust.data import subset_indices
+from mixrobust.errors import CheckpointError, ConfigError
+from mixrobust.pipelines.fields import bounded, build, convert, parse, value_at
+from mixrobust.runtime.hydra_job import current_job
+from mixrobust.runtime.placement import resolve_device
+from mixrobust.threat import Norm, Threat
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "test"]
+ROBUST_OBJECTIVES = ("pgd_at", "trades")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A checkpoint named by config key `key`: its path and its (validated) record."""
+
+    key: str
+    path: Path
+    record: dict
+
+    @property
+    def objective(self) -> str | None:
+        return (self.record.get("objective") or {}).get("name")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.record["model"]["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.record["model"]["input_shape"])
+
+
+def model_file(node: Any, key: str, name: str | None = None) -> ModelFile:
+    """The checkpoint at config key `key` (``name`` inside `node`, default the last part of `key`)."""
+    path = convert(value_at(node, name or key.split(".")[-1], key.rpartition(".")[0]), Path, key)
+    try:
+        record = read_record(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{key}: {exc}") from None
+    return ModelFile(key, path, record)
+
+
+def check_pair(a: ModelFile, b: ModelFile) -> None:
+    """Two models to mix or compare must agree on class count and input shape."""
+    if a.num_classes != b.num_classes:
+        raise ConfigError(f"{a.key} has {a.num_classes} classes but {b.key} has {b.num_classes}; "
+                          "mix classifiers of the same label set")
+    if a.input_shape != b.input_shape:
+        raise ConfigError(f"{a.key} takes inputs of shape {a.input_shape} but {b.key} takes {b.input_shape}; "
+                          "mix classifiers of the same data")
+
+
+def warn_if_swapped(g: ModelFile, h: ModelFile) -> None:
+    """g is the accurate model, h the robust one: warn when the records say the opposite."""
+    if g.objective in ROBUST_OBJECTIVES and h.objective == "standard":
+        log.warning("g_ckpt was trained with %s and h_ckpt with standard training: h^alpha puts weight alpha on h, "
+                    "the robust model of the paper; swap g_ckpt and h_ckpt unless this is what you meant",
+                    g.objective)
+
+
+@dataclass(frozen=True)
+class JobKeys:
+    """The top-level switches every evaluation task reads."""
+
+    batch_size: int = bounded(500, ge=1)
+    plots: bool = True
+    resume: bool = True
+    output_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class DistributedKeys:
+    """``distributed.devices``: processes per job (one per GPU, or CPU processes with device=cpu)."""
+
+    devices: int = bounded(1, ge=1)
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Which images are evaluated: the split, and its first `n` or `n_per_class` per class (drawn with `seed`)."""
+
+    split: Split = "test"
+    n: int | None = bounded(None, ge=1)
+    n_per_class: int | None = bounded(None, ge=1)
+    seed: int = bounded(0, ge=0)
+
+    def __post_init__(self):
+        if self.n is not None and self.n_per_class is not None:
+            raise ConfigError(f"set at most one of n={self.n} and n_per_class={self.n_per_class}")
+
+    def select(self, datamodule, input_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (N, C, H, W) in [0,1], labels (N,) and their positions in the split (N,)."""
+        x, y = datamodule.eval_tensors(self.split)
+        index = subset_indices(y, n=self.n, n_per_class=self.n_per_class, seed=self.seed)
+        if tuple(x.shape[1:]) != tuple(input_shape):
+            raise ConfigError(f"the {datamodule.name} {self.split} images have shape {tuple(x.shape[1:])} but the "
+                              f"models take {tuple(input_shape)}; pass the data set they were trained on (data=...)")
+        return x[index], y[index], index
+
+
+def examples(cfg: DictConfig) -> Examples:
+    return parse(Examples, cfg, strict=False)
+
+
+def device(cfg: DictConfig) -> str:
+    """The ``device`` setting, checked now (a CUDA device on a machine without one is refused)."""
+    name = convert(value_at(cfg, "device", ""), str, "device")
+    resolve_device(name)
+    return name
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not GlobalHydra.instance().is_initialized():
+        raise ConfigError("data is not set: pass data=<name> (outside a Hydra app the data set recorded in the "
+                          "checkpoints cannot be composed from conf/data/)")
+    return compose(config_name=current_job().config_name or "evaluate", overrides=overrides)
+
+
+def with_data(cfg: DictConfig, files: list[ModelFile]) -> DictConfig:
+    """`cfg` with its ``data`` node: the one given (``data=<name>``), else the data set the checkpoints were
+    trained on, composed by Hydra from conf/data/ with its threat defaults (conf/data_threat/)."""
+    trained_on = {f.key: f.record.get("data") for f in files}
+    if cfg.get("data") is not None:
+        return cfg
+    names = set(trained_on.values())
+    if None in names or len(names) != 1:
+        listed = ", ".join(f"{k} on {v!r}" for k, v in trained_on.items())
+        raise ConfigError(f"the checkpoints were trained on different or unknown data sets ({listed}): choose the "
+                          "evaluation data with data=<name> (e.g. data=digits)")
+    name = names.pop()
+    norm = convert(value_at(cfg.threat, "norm", "threat"), Norm, "threat.norm").value
+    try:
+        composed = _compose([f"data={name}", f"threat={norm}"])
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra: no conf/data/<name>.yaml
+        raise ConfigError(f"the checkpoints were trained on {name!r}, which has no config in conf/data/ "
+                          f"({str(exc).splitlines()[0]}); pass data=<name>") from None
+    out = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(out, False)
+    with open_dict(out):
+        out.data = OmegaConf.to_container(composed.data, resolve=False)
+        for k in ("eps", "step_size"):
+            if out.threat.get(k) is None:
+                out.threat[k] = composed.threat.get(k)
+    return out
+
+
+def datamodule(cfg: DictConfig, files: list[ModelFile]):
+    """The data module of ``cfg.data`` (its constructor checks that the files exist; nothing is loaded);
+    warns when a checkpoint was trained on another data set (allowed, e.g. a model trained on a superset)."""
+    module = build(cfg.data, "data")
+    for f in files:
+        trained = f.record.get("data")
+        if trained is not None and trained != module.name:
+            log.warning("%s was trained on %r but is evaluated on %r (data=...)", f.key, trained, module.name)
+    return module
+
+
+@dataclass(frozen=True)
+class ThreatKeys:
+    norm: Norm = Norm.LINF
+    eps: float | None = bounded(None, ge=0)
+    step_size: float | None = bounded(None, ge=0)
+
+
+def threat(cfg: DictConfig, input_shape) -> Threat:
+    """The threat of ``cfg.threat``, checked against the input: an l_inf eps above 1 or an l_2 eps above
+    the diameter of [0,1]^d leaves nothing to defend and is refused; eps = 0 is warned about."""
+    keys = parse(ThreatKeys, cfg.threat, "threat")
+    for name in ("eps", "step_size"):
+        if getattr(keys, name) is None:
+            raise ConfigError(f"threat.{name} is not set and this data set has no default for norm "
+                              f"{keys.norm.value}; pass threat.{name}=...")
+    dims = math.prod(input_shape)
+    limit = 1.0 if keys.norm is Norm.LINF else math.sqrt(dims)
+    if keys.eps > limit:
+        raise ConfigError(f"threat.eps={keys.eps:g} exceeds the input range: an {'l_inf' if keys.norm is Norm.LINF else 'l_2'} ball of radius "
+                          f"{limit:g} already covers every image in [0,1]^{dims}; pixel-space budgets are e.g. "
+                          "8/255 (l_inf) or 0.5 (l_2)")
+    if keys.eps == 0:
+        log.warning("threat.eps=0: every attack returns the clean images, so robust accuracy equals clean accuracy")
+    return Threat(keys.norm, keys.eps, keys.step_size)
+
+
+def warn_unreachable(steps: int, step_size: float, eps: float, random_start: bool, what: str) -> None:
+    """Warn when `steps` steps of `step_size` cannot reach the boundary of the eps-ball from x."""
+    if eps > 0 and steps * step_size < eps and not random_start:
+        log.warning("%s: %d steps of %g reach at most %g from the clean image, less than eps=%g: the attack "
+                    "searches a smaller ball than the threat model, so robust accuracy may be overstated (raise the "
+                    "steps or threat.step_size, e.g. step_size = 2.5 * eps / steps = %g)",
+                    what, steps, step_size, steps * step_size, eps, 2.5 * eps / steps)
+
+
+def warn_threat_mismatch(h: ModelFile, threat: Threat) -> None:
+    trained = h.record.get("threat")
+    if trained and (trained.get("norm") != threat.norm.value or abs(float(trained.get("eps", -1)) - threat.eps) > 1e-9):
+        log.warning("%s was trained against %s eps=%g but is evaluated at %s eps=%g", h.key, trained.get("norm"),
+                    float(trained.get("eps", float("nan"))), threat.norm.value, threat.eps)

@@ -1,0 +1,235 @@
+"""The mix task (``python evaluate.py``, ``task=mix``): sweep alpha under clean, STD, ROB, MIX and AutoAttack.
+
+`settings` reads and checks every value the task uses (alphas, mixing options, attack names, the
+attack, the threat, the checkpoints' records against each other and against the data) before
+any model is loaded; `run` then loads the models, selects the images, runs the sweep engine
+(`mixrobust.evaluation.run_sweep`, over ``distributed.devices`` processes) and writes the results
+files (see `mixrobust.evaluation.report`) plus ``run.json``, written last: its fingerprint of the
+configuration, checkpoint contents and code, and the checksums of the results files, let a re-run
+skip a finished job (``resume``). Base-model outputs and STD / ROB images come from the shared
+cache (``cache.*``).
+
+Data: ``data=<name>`` picks conf/data/<name>.yaml (and, through ``data_threat``, that data set's
+threat budget). Without it, the data set recorded in the checkpoints is composed by Hydra; if g
+and h were trained on different data sets the run stops, asking for ``data=``. The split defaults
+to the official test split, the one train.py tested on, so numbers line up with its metrics.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mixrobust.attacks import PGD, AutoAttack
+from mixrobust.checkpoint import load_classifier
+from mixrobust.errors import ConfigError
+from mixrobust.evaluation import AttackName, MixOption, format_table, read_results_csv, run_sweep, write_results
+from mixrobust.evaluation.report import FILES
+from mixrobust.evaluation.sweep import merge_results
+from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas
+from mixrobust.pipelines import inputs
+from mixrobust.pipelines.fields import bounded, build, parse, plain
+from mixrobust.runtime.cache import DiskCache
+from mixrobust.runtime.loggers import is_wandb_logger, job_logger
+from mixrobust.runtime.placement import placed_device
+from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
+from mixrobust.runtime.sharding import check_processes, map_shards
+from mixrobust.threat import Threat
+
+log = logging.getLogger(__name__)
+
+MARKER = "run.json"
+#: Config keys that change no number the task reports (device: only in float rounding); not fingerprinted.
+VOLATILE = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "preflight", "device", "debug",
+            "report", "certify", "task", "data_root")
+
+
+@dataclass(frozen=True)
+class MixKeys:
+    """``mix.*``: the mixing weights (or eq. (3) smoothing strengths) and the R_i options swept."""
+
+    alphas: tuple[float, ...] | None = bounded(None, ge=0, le=1, min_len=1)
+    gammas: tuple[float, ...] | None = bounded(None, ge=0, allow_inf=True, min_len=1)
+    r_options: tuple[ROption, ...] = bounded((ROption.ONE,), min_len=1)
+    mix_spaces: tuple[MixSpace, ...] = bounded((MixSpace.PROB,), min_len=1)
+    detach_r: bool = False
+
+    def __post_init__(self):
+        if (self.alphas is None) == (self.gammas is None):
+            raise ConfigError("set exactly one of mix.alphas (mixing weights in [0,1]) and mix.gammas (eq. (3) "
+                              "smoothing strengths >= 0; alpha = gamma / (1 + gamma)); set the other to null")
+
+
+@dataclass(frozen=True)
+class SweepKeys:
+    """The sweep's top-level switches: which attacks run on the mixture, and the evaluation hygiene."""
+
+    attacks: tuple[AttackName, ...] = bounded((AttackName.STD, AttackName.ROB, AttackName.MIX), min_len=1)
+    skip_misclassified: bool = True
+    preflight: bool = True
+
+
+@dataclass(frozen=True)
+class CacheKeys:
+    enabled: bool = True
+    dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class MixSettings:
+    """Everything the task does, checked (see `settings`)."""
+
+    g: inputs.ModelFile
+    h: inputs.ModelFile
+    data: Any  # the data module, not loaded yet
+    examples: inputs.Examples
+    threat: Threat
+    attack: PGD
+    autoattack: AutoAttack | None
+    alphas: tuple[float, ...]
+    options: tuple[MixOption, ...]
+    mix: MixKeys
+    sweep: SweepKeys
+    job: inputs.JobKeys
+    cache_dir: Path | None
+    device: str
+    processes: int
+    logger: Any
+    config: dict
+
+    @property
+    def fingerprint(self) -> str:
+        config = {k: v for k, v in self.config.items() if k not in VOLATILE}
+        return fingerprint(config, [self.g.path, self.h.path], data=self.data.name, threat=self.threat.as_dict(),
+                           autoattack=self.autoattack.provenance if self.autoattack else None)
+
+
+def attack(cfg: DictConfig, threat: Threat) -> PGD:
+    """The ``attack`` node, built; its norm and eps must be the threat's (they follow it by default)."""
+    pgd = build(cfg.attack, "attack")
+    if (pgd.norm, pgd.eps) != (threat.norm, threat.eps):
+        raise ConfigError(f"attack norm/eps ({pgd.norm.value}, {pgd.eps:g}) differ from the threat "
+                          f"({threat.norm.value}, {threat.eps:g}); set them through threat.*")
+    if getattr(pgd, "steps", 1) < 1:
+        raise ConfigError("attack.steps must be >= 1: with 0 steps every attack returns the clean images and robust "
+                          "accuracy would equal clean accuracy")
+    inputs.warn_unreachable(pgd.steps, pgd.step_size, pgd.eps, pgd.random_start, "attack")
+    return pgd
+
+
+def settings(cfg: DictConfig) -> MixSettings:
+    """Read and check the whole configuration of a mix job; no model is loaded, no image is read."""
+    job, sweep = parse(inputs.JobKeys, cfg, strict=False), parse(SweepKeys, cfg, strict=False)
+    mix = parse(MixKeys, cfg.mix, "mix")
+    g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
+    inputs.check_pair(g, h)
+    inputs.warn_if_swapped(g, h)
+    cfg = inputs.with_data(cfg, [g, h])
+    data = inputs.datamodule(cfg, [g, h])
+    threat = inputs.threat(cfg, g.input_shape)
+    inputs.warn_threat_mismatch(h, threat)
+    pgd = attack(cfg, threat)
+    cache = parse(CacheKeys, cfg.cache, "cache")
+    autoattack = None
+    if AttackName.AUTOATTACK in sweep.attacks:
+        autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=inputs.examples(cfg).seed,
+                                implementation=cfg.autoattack.implementation, batch_size=job.batch_size)
+    alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
+    options = tuple(dict.fromkeys(MixOption(r, s) for r in mix.r_options for s in mix.mix_spaces))
+    return MixSettings(
+        g=g, h=h, data=data, examples=inputs.examples(cfg), threat=threat, attack=pgd, autoattack=autoattack,
+        alphas=tuple(sorted(set(alphas))), options=options, mix=mix, sweep=sweep, job=job,
+        cache_dir=cache.dir if cache.enabled else None, device=inputs.device(cfg),
+        processes=parse(inputs.DistributedKeys, cfg.distributed, "distributed").devices, logger=cfg.get("logger"),
+        config=plain(cfg))
+
+
+@dataclass
+class MixResult:
+    rows: list[dict]
+    files: dict[str, str]
+    output_dir: Path
+    seconds: float
+    skipped: bool
+    margins: dict | None = None
+
+    def text(self) -> str:
+        """The results table: one line per model, alpha and option, one column per attack."""
+        return format_table(self.rows)
+
+
+def _files(s: MixSettings) -> list[str]:
+    return [f for f in FILES if s.job.plots or not f.endswith(".png")]
+
+
+def _sweep(s: MixSettings, device, cache: DiskCache | None):
+    """The sweep engine with every setting bound: ``fn(x, y, index, device=...)`` (one process's shard)."""
+    g, h = (load_classifier(f.path, map_location=device if s.processes == 1 else "cpu") for f in (s.g, s.h))
+    return functools.partial(
+        run_sweep, g, h, alphas=s.alphas, attack=s.attack, options=s.options, attacks=[a.value for a in s.sweep.attacks],
+        autoattack=s.autoattack, batch_size=s.job.batch_size, skip_misclassified=s.sweep.skip_misclassified,
+        detach_r=s.mix.detach_r, preflight=s.sweep.preflight, cache=cache), g.input_shape
+
+
+def run(cfg: DictConfig) -> MixResult:
+    """Check, load, sweep, write the results files; a finished job of the same fingerprint is skipped."""
+    s = settings(cfg)
+    out, fp, files = s.job.output_dir, s.fingerprint, _files(s)
+    if s.job.resume and finished(out, MARKER, fp, files):
+        return MixResult(read_results_csv(out / "results.csv"), {f: str(out / f) for f in files}, out, 0.0, True)
+    clear_marker(out, MARKER)
+    cache = DiskCache(s.cache_dir) if s.cache_dir is not None else None
+    with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "mix") as logger:
+        sweep, input_shape = _sweep(s, device, cache)
+        x, y, index = s.examples.select(s.data, input_shape)
+        check_processes(s.processes, device, len(y))
+        log.info("evaluating %s (%s split, %d examples) on %s%s: %s", s.data.name, s.examples.split, len(y), device,
+                 f" x {s.processes} processes" if s.processes > 1 else "", s.attack)
+        start = time.perf_counter()
+        result = merge_results(map_shards(sweep, [x, y, index], device, s.processes))
+        seconds = time.perf_counter() - start
+        paths = write_results(out, result, plots=s.job.plots)
+        _log(logger, result.rows(), paths, s.config)
+        write_marker(out, MARKER, _marker(s, result, len(y), device, seconds, cache), fp, list(paths))
+        log.info("sweep done in %.1f s; results in %s", seconds, out)
+    return MixResult(result.rows(), {k: str(v) for k, v in paths.items()}, out, seconds, False, result.margins)
+
+
+def _marker(s: MixSettings, result, n: int, device, seconds: float, cache: DiskCache | None) -> dict:
+    return {
+        "g_ckpt": str(s.g.path), "h_ckpt": str(s.h.path), "data": s.data.name, "split": s.examples.split, "n": n,
+        "threat": s.threat.as_dict(), "attack": repr(s.attack), "autoattack": repr(s.autoattack),
+        "device": str(device), "processes": s.processes, "seconds": seconds, "timings": result.timings,
+        "warnings": result.warnings, "g_record": s.g.record, "h_record": s.h.record,
+        # hits and misses are counted in this process (with several processes, in theirs: not here)
+        "cache": None if cache is None else {"dir": str(cache.root), "hits": cache.hits if s.processes == 1 else None,
+                                             "misses": cache.misses if s.processes == 1 else None},
+    }
+
+
+def _log(logger, rows: list[dict], paths: dict, config: dict) -> None:
+    """Per-alpha metrics (``eval/<option>/<attack>_acc``), the base models' rows, and on W&B the table and plots."""
+    if not logger:
+        return
+    logger.log_hyperparams(config)
+    alphas = sorted({r["alpha"] for r in rows if r["model"] == "mix"})
+    for step, alpha in enumerate(alphas):
+        metrics = {f"eval/{r['r_option']}_{r['mix_space']}/{r['attack']}_acc": r["accuracy"]
+                   for r in rows if r["model"] == "mix" and r["alpha"] == alpha}
+        logger.log_metrics({"eval/alpha": alpha, **metrics}, step=step)
+    logger.log_metrics({f"eval/{r['model']}/{r['attack']}_acc": r["accuracy"] for r in rows if r["model"] != "mix"},
+                       step=len(alphas))
+    if is_wandb_logger(logger):
+        import wandb
+
+        table = wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+        images = {f"eval/{Path(p).stem}": wandb.Image(str(p)) for k, p in paths.items() if k.endswith(".png")}
+        logger.experiment.log({"eval/results": table, **images})
+    logger.save()
+    logger.finalize("success")

@@ -1,0 +1,118 @@
+"""The job folders of a Hydra multirun: which finished, which did not, and which the latest launch asked for.
+
+A job folder is finished when it holds an intact marker (`mixrobust.runtime.resume.read_marker`:
+written last, with a checksum of every results file) recorded under the job's current overrides.
+Folders with ``.hydra/`` but no such marker are incomplete (still running, failed, damaged, or
+holding an earlier launch's results next to new overrides). Jobs are found at any depth below the
+sweep folder, except in the report folder and dot-folders, and ordered by their relative path with
+integer parts compared as numbers (``2`` before ``10``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from mixrobust.errors import ConfigError
+from mixrobust.runtime.resume import read_marker
+
+#: Sweepers whose job expansion `latest_launch` reproduces (Hydra's basic one and its checked subclass).
+BASIC_SWEEPERS = ("BasicSweeper", "CheckedSweeper")
+
+
+@dataclass
+class JobFolder:
+    """A finished job: its folder, name (path relative to the sweep folder), Hydra overrides, the
+    marker file it finished with and that marker's content."""
+
+    path: Path
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    marker: str = ""
+    content: dict = field(default_factory=dict)
+
+
+def _sort_key(relative: Path) -> tuple:
+    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in relative.parts)
+
+
+def read_overrides(job_dir: str | os.PathLike) -> list[str]:
+    """The job's override strings from ``.hydra/overrides.yaml`` ([] if the file is absent or empty)."""
+    path = Path(job_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    data = yaml.safe_load(path.read_text()) or []
+    if not isinstance(data, list):
+        raise ConfigError(f"{path} should hold a YAML list of override strings, not {type(data).__name__}")
+    return [str(x) for x in data]
+
+
+def _finished(folder: Path, markers: tuple[str, ...]) -> tuple[str, dict] | None:
+    for marker in markers:
+        if (folder / marker).is_file():
+            content = read_marker(folder, marker)
+            if content is None:
+                return None
+            recorded = content.get("overrides")
+            if recorded is not None and sorted(recorded) != sorted(read_overrides(folder)):
+                return None  # an earlier launch's results next to this launch's overrides
+            return marker, content
+    return None
+
+
+def find_job_folders(sweep_dir: str | os.PathLike, markers: tuple[str, ...],
+                     skip: str = "report") -> tuple[list[JobFolder], list[Path]]:
+    """Finished jobs and incomplete job folders below `sweep_dir`, both sorted (module docstring)."""
+    root = Path(sweep_dir)
+    done, incomplete = [], []
+    for folder, dirnames, filenames in os.walk(root):
+        here = Path(folder)
+        if any(m in filenames for m in markers) or ".hydra" in dirnames:
+            found = _finished(here, markers)
+            if found is None:
+                incomplete.append(here)
+            else:
+                done.append(JobFolder(here, here.relative_to(root).as_posix(), read_overrides(here), *found))
+            dirnames[:] = []
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not (here == root and d == skip)]
+    done.sort(key=lambda j: _sort_key(j.path.relative_to(root)))
+    incomplete.sort(key=lambda p: _sort_key(p.relative_to(root)))
+    return done, incomplete
+
+
+def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
+    """The override sets of the jobs the latest launch into `sweep_dir` asked for, or None if unknown.
+
+    Hydra writes ``multirun.yaml`` into the sweep folder at every launch; its sweeper params and
+    command-line task overrides are expanded into jobs exactly as Hydra's basic sweeper does
+    (other sweepers' folders, or folders without the file, give None: every job counts).
+    """
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.load(path)
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
+    if sweeper is None or not str(sweeper.get("_target_", "")).endswith(BASIC_SWEEPERS):
+        return None
+    params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def in_launch(job: JobFolder, wanted: list[frozenset[str]]) -> bool:
+    """Whether `job` is one the latest launch asked for. Hydra numbers a launch's jobs in the
+    sweeper's order, so a numbered job folder must hold that number's overrides (an old folder 11
+    with alpha 0.8 is not the new job 1 with alpha 0.8); other folder names match by overrides."""
+    overrides = frozenset(job.overrides)
+    if job.name.isdigit():
+        return int(job.name) < len(wanted) and wanted[int(job.name)] == overrides
+    return overrides in wanted

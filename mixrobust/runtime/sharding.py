@@ -1,0 +1,69 @@
+"""A map over example shards in several processes (one per GPU, or several CPU processes), with Lightning Fabric.
+
+``map_shards(fn, tensors, device, processes)`` is ``[fn(*shard, device=device_k) for each shard]``:
+the tensors (all with the same first dimension N) are split into `processes` contiguous shards
+(`shard_bounds`: sizes differ by at most one, nothing padded or repeated), and each shard goes to
+its own process under Fabric's DDP strategy (gloo on CPUs, NCCL on GPUs), which calls `fn` on its
+device and sends the result back; the results come back in shard order. Joined in that order they
+are the one-process results when `fn` treats each example independently of the others in its
+shard (the caller's contract to state). With one process `fn` runs here, on `device`.
+
+Processes are started with ``spawn`` (Fabric's ``ddp_spawn``), not by re-running the script: that
+works inside a Hydra multirun job, where re-running ``evaluate.py -m ...`` would start the whole
+sweep again, and from plain Python. `fn` (e.g. a ``functools.partial`` binding models and
+settings) and the tensors must be picklable; keep models in `fn` on the CPU, each process moves
+what it needs to its own device.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mixrobust.errors import ConfigError
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `world` contiguous shards of n examples (sizes differ by at most one)."""
+    assert world >= 1, world
+    edges = np.cumsum([0] + [len(part) for part in np.array_split(np.arange(n), world)])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def check_processes(processes: int, device: torch.device, n: int) -> None:
+    """Refuse more processes than the GPUs visible (on cuda) or the examples to split."""
+    if processes > 1 and device.type == "cuda" and processes > torch.cuda.device_count():
+        raise ConfigError(f"distributed.devices={processes} but {torch.cuda.device_count()} GPU(s) are visible; "
+                          f"lower distributed.devices or pass device=cpu")
+    if processes > n:
+        raise ConfigError(f"distributed.devices={processes} exceeds the {n} examples evaluated; lower it")
+
+
+def _worker(fabric, fn: Callable[..., Any], payload: bytes) -> bytes | None:
+    tensors = pickle.loads(payload)
+    start, stop = shard_bounds(tensors[0].shape[0], fabric.world_size)[fabric.global_rank]
+    part = fn(*[t[start:stop].to(fabric.device) for t in tensors], device=fabric.device)
+    parts = [None] * fabric.world_size
+    dist.all_gather_object(parts, part)
+    dist.barrier()
+    dist.destroy_process_group()  # a process group left to interpreter exit can abort the process
+    return pickle.dumps(parts) if fabric.global_rank == 0 else None
+
+
+def map_shards(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], device: torch.device,
+               processes: int = 1) -> list[Any]:
+    """``[fn(*shard_tensors, device=...) for each of `processes` contiguous shards]`` (see the module docstring)."""
+    tensors = list(tensors)
+    if processes == 1:
+        return [fn(*[t.to(device) for t in tensors], device=device)]
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn")
+    # arguments and results cross the process boundary as pickled bytes made here (never read from
+    # disk): Fabric would otherwise walk them as collections, which frozen dataclasses do not allow
+    return pickle.loads(fabric.launch(_worker, fn, pickle.dumps([t.cpu() for t in tensors])))

@@ -1,0 +1,1 @@
+"""Training base classifiers: the LightningModule, the objectives (standard, PGD-AT, TRADES, Gaussian noise), optimizers."""
