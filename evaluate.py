@@ -1,8 +1,6 @@
 """Evaluate a mixture of two checkpoints: ``python evaluate.py g_ckpt=... h_ckpt=...`` (see README).
 
-``task=mix`` (default) sweeps alpha under clean, STD, ROB and MIX attacks; ``task=certify`` computes
-certified radii of the mixture (Theorems 4 and 5); ``task=report report.dir=multirun/...`` combines
-the jobs of a sweep into one CSV and figures.
+``task=mix`` (default): alpha sweep under attacks; ``task=certify``: certified radii; ``task=report``.
 """
 
 import hydra

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_device
-from mixrobust.errors import ConfigError
+from mixrobust.attacks.pgd import nonfinite_rows, raise_if_nonfinite
+from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
 from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
@@ -132,14 +133,26 @@ class _Sweep:
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
 
+    def name(self, model: nn.Module) -> str:
+        """How messages name a model of the sweep: g, h, or the mixture with its option and alpha."""
+        if model is self.g or model is self.h:
+            return "g" if model is self.g else "h"
+        return f"the mixture ({model.r_option.value}/{model.mix_space.value}, alpha={model.alpha})"
+
     def outputs(self, model: nn.Module, x: Tensor) -> Tensor:
-        """float32 outputs of `model` on `x` (N >= 1) in chunks, without gradients, on x's device: (..., N, K)."""
+        """float32 outputs of `model` on `x` (N >= 1) in chunks, without gradients, on x's device: (..., N, K).
+
+        Raises `NonFiniteError` naming the model and the examples concerned if any output is NaN or inf.
+        """
         parts = []
         with eval_mode(model), torch.no_grad():
             for start in range(0, x.shape[0], self.batch_size):
                 xb = x[start:start + self.batch_size].to(self.device)
                 parts.append(model(xb).float().to(x.device))
-        return torch.cat(parts, dim=-2)
+        out = torch.cat(parts, dim=-2)
+        bad = nonfinite_rows(out.movedim(-2, 0))  # (N,): any alpha's output row non-finite
+        raise_if_nonfinite(bad, self.name(model))
+        return out
 
     def base_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """g's and h's float32 outputs (n, K) on `x`."""
@@ -213,7 +226,10 @@ class _Sweep:
         x, y = self.x[sel], self.y[sel]
         if not len(idx):
             return x, idx
-        return attack_in_batches(attack, model, x, y, self.batch_size), idx
+        try:
+            return attack_in_batches(attack, model, x, y, self.batch_size), idx
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{type(attack).__name__} on {self.name(model)}: {exc}") from None
 
     def judge_subset(self, clean: _Judged, x_adv: Tensor, idx: np.ndarray, logits=None) -> _Judged:
         """`judge` on images that equal the clean ones except at `idx`: the rest is taken from `clean`."""

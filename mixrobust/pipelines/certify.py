@@ -37,7 +37,7 @@ from mixrobust.certify.radii import AlphaMethod
 from mixrobust.certify.report import curve_rows, radius_grid, select_alpha, write_certify_results
 from mixrobust.certify.sound import BoundSplit, SoftBound, Votes
 from mixrobust.checkpoint import load_classifier
-from mixrobust.errors import ConfigError
+from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse, plain
 from mixrobust.pipelines.mix import VOLATILE
@@ -185,14 +185,17 @@ def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torc
         if model is not None:
             fn = functools.partial(smoothed_votes, load_classifier(model.path, map_location=where), sigma,
                                    votes=votes, seed=seed + offset, mode=mode, **common)
-            out.append(concat_votes(map_shards(fn, [x, keys], device, s.processes)))
+            try:
+                out.append(concat_votes(map_shards(fn, [x, keys], device, s.processes)))
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{model.key} ({model.path}): {exc}") from None
     return out
 
 
 @torch.no_grad()
 def _log_probs(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
     out = torch.cat([torch.log_softmax(model(b).double(), dim=1) for b in x.split(batch_size)])  # (N, K)
-    check_finite(out, "g (clean pass)")
+    check_finite(out, "g_ckpt (its clean pass)")
     return out.cpu().numpy()
 
 
@@ -211,11 +214,11 @@ def run(cfg: DictConfig) -> CertifyResult:
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
                  s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)
+        g_log_probs = _log_probs(g, x.to(device), s.job.batch_size)  # first: a NaN g fails before any sampling
         start = time.perf_counter()
         sampled = _votes(s, device, x.to(device), index)
         timings = {"sample": time.perf_counter() - start}
-        summary, paths, cert, base = _certify(s, sampled, _log_probs(g, x.to(device), s.job.batch_size),
-                                              y.numpy(), index.numpy(), out)
+        summary, paths, cert, base = _certify(s, sampled, g_log_probs, y.numpy(), index.numpy(), out)
         summary.update(device=str(device), timings=timings, fingerprint=fp)
         _log(logger, summary, paths, s.config)
         write_marker(out, MARKER, summary, fp, list(paths))

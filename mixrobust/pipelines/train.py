@@ -33,6 +33,7 @@ from mixrobust.runtime.files import write_json
 from mixrobust.runtime.loggers import job_logger
 from mixrobust.runtime.placement import placed_trainer, visible_gpus
 from mixrobust.threat import Threat
+from mixrobust.training.checkpoint_io import SafeCheckpointIO
 from mixrobust.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def _trainer(s: TrainSettings, trainer_args: dict, logger, checkpoint: ModelChec
     callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="epoch")] if logger else [])
     if s.trainer.enable_progress_bar:
         callbacks.append(RichProgressBar())
-    return build(trainer_args, "trainer", callbacks=callbacks, logger=logger,
+    args = dict(trainer_args)
+    plugins = list(args.pop("plugins", None) or []) + [SafeCheckpointIO()]  # atomic, never unpickles code
+    return build(args, "trainer", callbacks=callbacks, logger=logger, plugins=plugins,
                  default_root_dir=str(s.keys.output_dir), inference_mode=False)
 
 
@@ -186,13 +189,13 @@ def run(cfg: DictConfig) -> TrainResult:
             logger.log_hyperparams(s.config)
         try:
             trainer.fit(module, datamodule=s.data, ckpt_path=s.keys.ckpt_path)
-        except SIGTERMException:
+            best = checkpoint.best_model_path or checkpoint.last_model_path
+            if not best or not Path(best).is_file():
+                raise MixrobustError(f"training ended without writing a checkpoint in {out / 'checkpoints'}; "
+                                     "nothing to test or mix")
+            results = trainer.test(module, datamodule=s.data, ckpt_path=best, verbose=False)
+        except SIGTERMException:  # Lightning's own exit on SIGTERM has exit code 0: a scheduler would see success
             raise _stopped(checkpoint, trainer) from None
-        best = checkpoint.best_model_path or checkpoint.last_model_path
-        if not best or not Path(best).is_file():
-            raise MixrobustError(f"training ended without writing a checkpoint in {out / 'checkpoints'}; "
-                                 "nothing to test or mix")
-        results = trainer.test(module, datamodule=s.data, ckpt_path=best, verbose=False)
         metrics = {k: float(v) for k, v in results[0].items()} if results else {}
         metrics["best_checkpoint"] = str(best)
         if trainer.is_global_zero:

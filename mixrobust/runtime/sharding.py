@@ -12,7 +12,7 @@ Processes are started with ``spawn`` (Fabric's ``ddp_spawn``), not by re-running
 works inside a Hydra multirun job, where re-running ``evaluate.py -m ...`` would start the whole
 sweep again, and from plain Python. `fn` (e.g. a ``functools.partial`` binding models and
 settings) and the tensors must be picklable; keep models in `fn` on the CPU, each process moves
-what it needs to its own device.
+what it needs to its own device. A `MixrobustError` raised by `fn` in any process is raised here.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mixrobust.errors import ConfigError
+from mixrobust.errors import ConfigError, MixrobustError
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -47,7 +47,10 @@ def check_processes(processes: int, device: torch.device, n: int) -> None:
 def _worker(fabric, fn: Callable[..., Any], payload: bytes) -> bytes | None:
     tensors = pickle.loads(payload)
     start, stop = shard_bounds(tensors[0].shape[0], fabric.world_size)[fabric.global_rank]
-    part = fn(*[t[start:stop].to(fabric.device) for t in tensors], device=fabric.device)
+    try:
+        part = fn(*[t[start:stop].to(fabric.device) for t in tensors], device=fabric.device)
+    except MixrobustError as exc:  # sent back like a result, so every process reaches the gather
+        part = exc
     parts = [None] * fabric.world_size
     dist.all_gather_object(parts, part)
     dist.barrier()
@@ -66,4 +69,8 @@ def map_shards(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], device: 
     fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn")
     # arguments and results cross the process boundary as pickled bytes made here (never read from
     # disk): Fabric would otherwise walk them as collections, which frozen dataclasses do not allow
-    return pickle.loads(fabric.launch(_worker, fn, pickle.dumps([t.cpu() for t in tensors])))
+    parts = pickle.loads(fabric.launch(_worker, fn, pickle.dumps([t.cpu() for t in tensors])))
+    for part in parts:
+        if isinstance(part, MixrobustError):  # a user-facing error in one process is the job's error
+            raise part
+    return parts
