@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mixrobust.errors import ConfigError
-from mixrobust.evaluation import cache as cache_mod
-from mixrobust.evaluation.cache import FORMAT_VERSION, CacheKey, DiskCache, file_digest, tensor_digest
+from mixrobust.runtime import cache as cache_mod
+from mixrobust.runtime.cache import FORMAT_VERSION, CacheKey, DiskCache, file_digest, tensor_digest
+from mixrobust.runtime.files import atomic_write, current_umask, sha256_file, write_json, write_text
 
-LOGGER = "mixrobust.evaluation.cache"
+LOGGER = "mixrobust.runtime.cache"
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ def test_key_digest_sensitive_to_any_change(kind, parts):
 
 
 KEY_SCRIPT = """
-from mixrobust.evaluation.cache import CacheKey
+from mixrobust.runtime.cache import CacheKey
 print(CacheKey("adversarial", {"seed": 0, "attack": {"steps": 10, "eps": 8 / 255}, "ckpt": "d1"}).digest)
 """
 
@@ -146,8 +148,8 @@ def test_file_digest(tmp_path, monkeypatch):
     assert file_digest(path) == hashlib.sha256(b"OTHER weights").hexdigest()
 
     calls = []
-    real = cache_mod._hash_file
-    monkeypatch.setattr(cache_mod, "_hash_file", lambda p: calls.append(p) or real(p))
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: calls.append(p) or real(p))
     for _ in range(3):
         assert file_digest(path) == hashlib.sha256(b"OTHER weights").hexdigest()
     assert calls == []  # memoized: hashed above already
@@ -337,6 +339,79 @@ def test_failed_save_does_not_fail_get_or_compute(tmp_path, monkeypatch, caplog)
         out = cache.get_or_compute(cache.key("logits", x=1), sample_tensors)
     assert_same(out, sample_tensors())
     assert warnings_about(caplog, "No space left")
+
+
+# ----------------------------------------------------------------------- atomic files, permissions
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for the test (``umask(0o002)``), restoring the original afterwards."""
+    original = os.umask(0o022)
+    os.umask(original)
+    yield os.umask
+    os.umask(original)
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_current_umask_reads_without_changing(umask):
+    for mask in (0o002, 0o077, 0o022):
+        umask(mask)
+        assert current_umask() == mask
+        assert current_umask() == mask  # reading it left it unchanged
+    assert os.umask(0o022) == 0o022
+
+
+def test_cache_entries_and_results_files_are_group_shared_under_umask_002(tmp_path, umask):
+    umask(0o002)
+    cache = DiskCache(tmp_path / "cache")
+    entry = cache.save(cache.key("logits", ckpt="abc"), sample_tensors())
+    via_compute = cache.path(cache.key("logits", ckpt="abd"))
+    cache.get_or_compute(cache.key("logits", ckpt="abd"), sample_tensors)
+    results = write_json(tmp_path / "out" / "results.json", {"acc": 0.5})
+    text = write_text(tmp_path / "out" / "notes.txt", "hello\n")
+    binary = atomic_write(tmp_path / "out" / "blob.bin", lambda f: f.write(b"\0\1"), mode="wb")
+    for path in (entry, via_compute, results, text, binary):
+        assert mode_of(path) == 0o664, path  # group-readable and group-writable, not mkstemp's 0o600
+    assert json.loads(results.read_text()) == {"acc": 0.5} and binary.read_bytes() == b"\0\1"
+    assert sorted(os.listdir(tmp_path / "out")) == ["blob.bin", "notes.txt", "results.json"]  # no .tmp left
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o000, 0o666), (0o027, 0o640)])
+def test_atomic_files_get_0o666_minus_the_umask(tmp_path, umask, mask, expected):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    os.chmod(path, 0o600)  # an older file's mode does not carry over: the new file replaces it
+    umask(mask)
+    write_json(path, [1, 2])
+    assert mode_of(path) == expected and json.loads(path.read_text()) == [1, 2]
+    cache = DiskCache(tmp_path / "cache")
+    assert mode_of(cache.save(cache.key("logits", x=mask), sample_tensors())) == expected
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    path = write_text(tmp_path / "results.csv", "old\n")
+
+    def fail(f):
+        f.write("half of the new")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(path, fail)
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["results.csv"]  # the temporary file is removed
+
+
+@pytest.mark.parametrize("size", [0, 5, (1 << 20) - 1, 1 << 20, (3 << 20) + 17])
+def test_sha256_file(tmp_path, size):
+    path = tmp_path / "data.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert sha256_file(path) == sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
+    assert file_digest(path) == hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ concurrency

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import shutil
 from pathlib import Path
 
 import pytest
 
-from mixrobust import launch
+from hydra.errors import CompactHydraException
+
 from mixrobust.errors import ConfigError
-from mixrobust.launch import LEASE, Placement, gpu_for_job, lease_gpu, plan_placement
+from mixrobust.runtime import placement
+from mixrobust.runtime.hydra_job import HydraJob, current_job
+from mixrobust.runtime.placement import LEASE, Placement, gpu_for_job, lease_gpu, plan_placement
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 LAUNCHERS = sorted(p.stem for p in (REPO / "conf" / "hydra" / "launcher").glob("*.yaml"))
-LOGGER = "mixrobust.launch"
+LOGGER = "mixrobust.runtime.placement"
 
 
 @pytest.mark.parametrize(
@@ -168,20 +172,28 @@ def test_lease_gpu_across_processes_gives_distinct_gpus(tmp_path):
 
 def test_gpu_lock_dir_is_per_host_and_visible_devices(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    plain = launch.gpu_lock_dir(tmp_path)
+    plain = placement.gpu_lock_dir(tmp_path)
     assert plain.parent == tmp_path / ".gpu_locks"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    other = launch.gpu_lock_dir(tmp_path)
+    other = placement.gpu_lock_dir(tmp_path)
     assert other.parent == plain.parent and other.name == plain.name + "-2_3"
 
 
-def _multirun_hydra_config(tmp_path, launcher: str, job_num: int):
+def _compose_evaluate(overrides: list[str]):
+    """conf/evaluate.yaml composed with its Hydra config (GlobalHydra cleared first: other tests leave it set)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides, return_hydra_config=True)
+
+
+def _multirun_hydra_config(tmp_path, launcher: str, job_num: int, overrides: tuple[str, ...] = ()):
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = _compose_evaluate([f"hydra/launcher={launcher}", *overrides])
     with open_dict(cfg):
         cfg.hydra.mode = RunMode.MULTIRUN
         cfg.hydra.job.num = job_num
@@ -199,35 +211,74 @@ def hydra_runtime():
     HydraConfig.instance().cfg = None
 
 
+def test_current_job_outside_hydra_is_a_plain_single_run():
+    from hydra.core.hydra_config import HydraConfig
+
+    assert not HydraConfig.initialized()
+    assert current_job() == HydraJob(multirun=False, num=0, n_jobs=None, sweep_dir=None, overrides=[],
+                                     override_dirname="", experiment=None, config_name=None)
+
+
+def test_current_job_reads_the_multirun_job(tmp_path, monkeypatch, hydra_runtime):
+    monkeypatch.setattr(placement, "available_cpus", lambda: 2)
+    elsewhere = tmp_path / "elsewhere"  # the job's cwd; the relative sweep dir is not resolved against it
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = _multirun_hydra_config(tmp_path, "local_cpus", job_num=3, overrides=("seed=5",))
+    hydra_runtime(cfg)
+    job = current_job()
+    assert (job.multirun, job.num, job.n_jobs, job.sweep_dir) == (True, 3, 2, tmp_path / "sweep")
+    assert job.config_name == "evaluate" and job.experiment is None
+    assert "seed=5" in job.overrides and "hydra/launcher=local_cpus" not in job.overrides
+    hydra_runtime(_multirun_hydra_config(tmp_path, "basic", job_num=1))
+    assert current_job().n_jobs is None  # the basic launcher runs one job at a time
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    cfg = _multirun_hydra_config(tmp_path, "local_cpus", job_num=3, overrides=("seed=5",))
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.RUN
+    hydra_runtime(cfg)
+    single = current_job()
+    assert (single.multirun, single.num, single.n_jobs, single.sweep_dir) == (False, 0, None, None)
+    assert "seed=5" in single.overrides and single.config_name == "evaluate"  # the overrides are kept
+
+
 def test_job_placement_outside_hydra_and_explicit_device(monkeypatch):
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
-    with launch.job_placement() as device:
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    with placement.job_placement() as device:
         assert device == "cpu"
-    with launch.job_placement("cuda:3") as device:
+    with placement.job_placement("cuda:3") as device:
         assert device == "cuda:3"
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
-    with launch.job_placement() as device:
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 4)
+    with placement.job_placement() as device:
         assert device == "cuda"  # not a multirun: no lease
 
 
-def test_job_placement_multirun_leases_a_gpu(tmp_path, monkeypatch, hydra_runtime):
+def _fake_cuda(monkeypatch) -> list[int]:
+    """torch.cuda.set_device / empty_cache as no-ops that record the devices set (no GPU needed)."""
     import torch
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
-    selected = []
+    selected: list[int] = []
     monkeypatch.setattr(torch.cuda, "set_device", selected.append)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return selected
+
+
+def test_job_placement_multirun_leases_a_gpu(tmp_path, monkeypatch, hydra_runtime):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 4)
+    selected = _fake_cuda(monkeypatch)
     elsewhere = tmp_path / "elsewhere"  # the job's cwd (hydra.job.chdir); the sweep dir is not under it
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     hydra_runtime(_multirun_hydra_config(tmp_path, "local_gpus", job_num=5))
-    lock_dir = launch.gpu_lock_dir(tmp_path / "sweep")
+    lock_dir = placement.gpu_lock_dir(tmp_path / "sweep")
     with lease_gpu(4, lock_dir, job_num=1):  # another running job holds GPU 1
-        with launch.job_placement() as device:
+        with placement.job_placement() as device:
             assert device == "cuda:2" and selected == [2]
             assert "job=5" in (lock_dir / "gpu2.lock").read_text()
-        with launch.job_placement("cpu") as device:
+        with placement.job_placement("cpu") as device:
             assert device == "cpu"  # explicit device: no lease
 
 
@@ -235,19 +286,19 @@ def test_job_placement_multirun_limits_cpu_threads(tmp_path, monkeypatch, hydra_
     import torch
 
     caplog.set_level(logging.INFO, logger=LOGGER)
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
-    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(placement, "available_cpus", lambda: 8)
     hydra_runtime(_multirun_hydra_config(tmp_path, "local_cpus", job_num=0))  # n_jobs: 2
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(6)
-        with launch.job_placement() as device:
+        with placement.job_placement() as device:
             assert device == "cpu"
             assert torch.get_num_threads() == 4  # 8 cores // 2 jobs
         assert torch.get_num_threads() == 6  # restored
         assert any("4 torch threads" in r.getMessage() for r in caplog.records)
         torch.set_num_threads(2)
-        with launch.job_placement():
+        with placement.job_placement():
             assert torch.get_num_threads() == 2  # never raised above what was set (OMP_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
@@ -255,12 +306,10 @@ def test_job_placement_multirun_limits_cpu_threads(tmp_path, monkeypatch, hydra_
 
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_launcher_config_composes_and_target_resolves(name):
-    from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    cfg = _compose_evaluate([f"hydra/launcher={name}"])
     node = cfg.hydra.launcher
     assert cfg.hydra.runtime.choices["hydra/launcher"] == name
     if name == "slurm":
@@ -301,22 +350,192 @@ def test_gpu_count_resolver_is_at_least_one(monkeypatch):
     assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 1
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 3
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 5)  # the resolver counts GPUs as placement does
+    assert OmegaConf.create({"n": "${mr.gpu_count:}"}).n == 5
 
 
-def test_placed_pins_the_job_and_refuses_processes_per_job_in_a_parallel_sweep(tmp_path, monkeypatch,
-                                                                              hydra_runtime):
-    from omegaconf import OmegaConf
+# ------------------------------------------------------------------------------------ resolve_device
 
-    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
-    monkeypatch.setattr(launch, "available_cpus", lambda: 2)
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "expected"),
+    [
+        ("auto", 0, "cpu"),
+        ("auto", 1, "cuda"),
+        ("auto", 4, "cuda"),
+        ("cpu", 0, "cpu"),
+        ("cpu", 2, "cpu"),
+        ("cuda", 1, "cuda"),
+        ("cuda:0", 1, "cuda:0"),
+        ("cuda:3", 4, "cuda:3"),
+    ],
+)
+def test_resolve_device(monkeypatch, name, gpus, expected):
+    import torch
+
+    monkeypatch.setattr(placement, "visible_gpus", lambda: gpus)
+    device = placement.resolve_device(name)
+    assert isinstance(device, torch.device) and device == torch.device(expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "gpus", "match"),
+    [
+        ("gpu", 4, "not a torch device"),  # unknown to torch
+        ("", 4, "not a torch device"),
+        ("cuda:x", 4, "not a torch device"),
+        ("cuda:-1", 4, "not a torch device"),
+        ("mps", 4, "cpu or cuda"),  # a torch device mixrobust does not run on
+        ("meta", 0, "cpu or cuda"),
+        ("cuda", 0, "no CUDA GPU"),  # a machine without a GPU
+        ("cuda:0", 0, "no CUDA GPU"),
+        ("cuda:1", 1, r"only 1 GPU\(s\) are visible"),  # an index beyond the visible count
+        ("cuda:4", 4, r"only 4 GPU\(s\) are visible"),
+    ],
+)
+def test_resolve_device_rejects_with_one_config_error(monkeypatch, name, gpus, match):
+    monkeypatch.setattr(placement, "visible_gpus", lambda: gpus)
+    with pytest.raises(ConfigError, match=match) as info:
+        placement.resolve_device(name)
+    assert repr(name) in str(info.value) or f"device={name}" in str(info.value)
+    # one message: no chained torch error behind it, shown by Hydra without a traceback
+    err = info.value
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+    assert isinstance(err, CompactHydraException) and isinstance(err, ValueError)
+
+
+def test_resolve_device_on_this_machine():
+    import torch
+
+    count = torch.cuda.device_count()
+    assert placement.resolve_device("auto").type == ("cuda" if count else "cpu")
+    assert placement.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA GPU" if count == 0 else "GPU\\(s\\) are visible"):
+        placement.resolve_device(f"cuda:{count}")
+    if count:
+        assert placement.resolve_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
+
+
+# ----------------------------------------------------------------------- placed_device, placed_trainer
+
+
+def test_placed_device_outside_hydra(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    with placement.placed_device("auto") as device:
+        assert device == torch.device("cpu")
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        with placement.placed_device("cuda"):
+            pass
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 2)
+    with placement.placed_device("auto") as device:
+        assert device == torch.device("cuda")  # not a multirun: no lease
+    with placement.placed_device("cuda:1", processes=2) as device:
+        assert device == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match="only 2 GPU"):
+        with placement.placed_device("cuda:2"):
+            pass
+
+
+def test_placed_device_pins_the_job_and_refuses_processes_per_job_in_a_parallel_sweep(tmp_path, monkeypatch,
+                                                                                     hydra_runtime):
+    import torch
+
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(placement, "available_cpus", lambda: 2)
     hydra_runtime(_multirun_hydra_config(tmp_path, "local_cpus", job_num=1))  # joblib, n_jobs: 2
-    cfg = OmegaConf.create({"device": "auto", "distributed": {"devices": 1}})
-    with launch.placed(cfg, "device"):
-        assert cfg.device == "cpu"
-    cfg = OmegaConf.create({"device": "auto", "distributed": {"devices": 2}})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with placement.placed_device("auto") as device:
+            assert device == torch.device("cpu")
+            assert torch.get_num_threads() == 1  # 2 cores // 2 jobs
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="distributed.devices=1"):
-        with launch.placed(cfg, "device"):
+        with placement.placed_device("auto", processes=2):
             pass
     hydra_runtime(_multirun_hydra_config(tmp_path, "basic", job_num=1))  # one job at a time: allowed
-    with launch.placed(cfg, "device"):
-        assert cfg.device == "auto"  # Fabric places the processes
+    with placement.placed_device("auto", processes=2) as device:
+        assert device == torch.device("cpu")  # resolved; Fabric places its processes on it
+
+
+@pytest.mark.parametrize(
+    ("launcher", "overrides", "cpus", "refused"),
+    [
+        ("local_cpus", ["hydra.launcher.n_jobs=3"], 8, True),
+        ("local_cpus", ["hydra.launcher.n_jobs=-1"], 8, True),  # joblib: all 8 cores
+        ("local_cpus", ["hydra.launcher.n_jobs=-1"], 1, False),  # all of 1 core: one job at a time
+        ("local_cpus", ["hydra.launcher.n_jobs=-2"], 2, False),  # all but one of 2 cores
+        ("local_cpus", ["hydra.launcher.n_jobs=1"], 8, False),
+        ("slurm", [], 8, False),  # one job per allocation
+    ],
+)
+def test_placed_device_several_processes_follow_the_launchers_parallelism(tmp_path, monkeypatch, hydra_runtime,
+                                                                          launcher, overrides, cpus, refused):
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(placement, "available_cpus", lambda: cpus)
+    hydra_runtime(_multirun_hydra_config(tmp_path, launcher, job_num=0, overrides=tuple(overrides)))
+    if refused:
+        with pytest.raises(ConfigError, match="distributed.devices=1"):
+            with placement.placed_device("cpu", processes=2):
+                pass
+    else:
+        with placement.placed_device("cpu", processes=2) as device:
+            assert device.type == "cpu"
+    with placement.placed_device("cpu", processes=1) as device:  # one process per job: always allowed
+        assert device.type == "cpu"
+
+
+def test_placed_device_leases_one_gpu_per_job_but_not_for_several_processes(tmp_path, monkeypatch, hydra_runtime):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 4)
+    selected = _fake_cuda(monkeypatch)
+    hydra_runtime(_multirun_hydra_config(tmp_path, "basic", job_num=6))
+    with placement.placed_device("auto") as device:
+        assert device == torch.device("cuda:2") and selected == [2]  # 6 % 4, leased
+        assert "job=6" in (placement.gpu_lock_dir(tmp_path / "sweep") / "gpu2.lock").read_text()
+    selected.clear()
+    shutil.rmtree(tmp_path / "sweep")
+    with placement.placed_device("auto", processes=2) as device:
+        assert device == torch.device("cuda") and selected == []  # Fabric uses devices 0..k-1: no lease
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("trainer", "gpus", "launcher", "expected"),
+    [
+        # a one-GPU trainer in a local multi-GPU sweep gets its leased GPU
+        ({"accelerator": "gpu", "devices": 1}, 4, "local_gpus", {"accelerator": "gpu", "devices": [3]}),
+        ({"accelerator": "auto", "devices": 1, "max_epochs": 2}, 4, "basic",
+         {"accelerator": "auto", "devices": [3], "max_epochs": 2}),
+        ({"accelerator": "cuda", "devices": "1"}, 2, "local_gpus", {"accelerator": "cuda", "devices": [1]}),
+        # DDP, CPU and single-GPU-machine trainers keep their settings
+        ({"accelerator": "gpu", "devices": 2, "strategy": "ddp"}, 4, "local_gpus",
+         {"accelerator": "gpu", "devices": 2, "strategy": "ddp"}),
+        ({"accelerator": "cpu", "devices": 1}, 4, "local_gpus", {"accelerator": "cpu", "devices": 1}),
+        ({"accelerator": "gpu", "devices": 1}, 1, "local_gpus", {"accelerator": "gpu", "devices": 1}),
+        ({"accelerator": "auto", "devices": 1}, 0, "basic", {"accelerator": "auto", "devices": 1}),
+    ],
+)
+def test_placed_trainer(tmp_path, monkeypatch, hydra_runtime, trainer, gpus, launcher, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+    monkeypatch.setattr(placement, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(placement, "available_cpus", lambda: 2)
+    _fake_cuda(monkeypatch)
+    hydra_runtime(_multirun_hydra_config(tmp_path, launcher, job_num=7))
+    given = dict(trainer)
+    with placement.placed_trainer(trainer) as args:
+        assert args == expected
+    assert trainer == given  # the caller's dict is left alone
+
+
+def test_placed_trainer_outside_a_sweep_keeps_the_settings(monkeypatch):
+    monkeypatch.setattr(placement, "visible_gpus", lambda: 4)
+    _fake_cuda(monkeypatch)
+    with placement.placed_trainer({"accelerator": "gpu", "devices": 1}) as args:
+        assert args == {"accelerator": "gpu", "devices": 1}

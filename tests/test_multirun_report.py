@@ -1,6 +1,7 @@
 """The multirun sweep report on hand-built sweep folders: combined.csv against hand-computed rows,
-byte-stability, incomplete jobs, errors, conflicting rows, eps sweeps, the Hydra callback and
-the ``task=report`` pipeline (W&B through fakes)."""
+byte-stability, incomplete and damaged jobs (markers with file checksums), errors, conflicting rows,
+eps sweeps, the latest launch (basic and checked sweepers), the Hydra callback and the
+``task=report`` pipeline (W&B through fakes)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,26 @@ import logging
 import math
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from hydra.errors import CompactHydraException
+
 from mixrobust.errors import ConfigError
-from mixrobust.evaluation.multirun import SweepReport, combine, dedupe_for_plots, find_jobs, write_report
+from mixrobust.evaluation.multirun import combine, dedupe_for_plots, find_jobs, make_report, write_report
 from mixrobust.evaluation.outcomes import COLUMNS
 from mixrobust.evaluation.report import rows_to_csv
 from mixrobust.pipelines import report as report_pipeline
+from mixrobust.pipelines.report import ReportResult, SweepReport
+from mixrobust.runtime import loggers, resume
+from mixrobust.runtime.hydra_job import HydraJob
+from mixrobust.runtime.jobs import find_job_folders, in_launch, latest_launch, read_overrides
+from mixrobust.runtime.resume import finished, read_marker, write_marker
 
 N = 96
 OPTIONS = (("one", "prob"), ("one", "logit"))
@@ -47,15 +57,34 @@ def alpha_job(alpha: float, eps: float = 0.3) -> tuple[list[str], list[dict]]:
             base_rows(eps) + mix_rows(alpha, eps))
 
 
+FP = "f" * 64  # the fingerprint the hand-built jobs' markers record
+CHECKED_SWEEPER = "hydra_plugins.mixrobust_sweeper.checked_sweeper.CheckedSweeper"
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+@contextmanager
+def running_job(overrides: list[str]):
+    """`current_job()` as seen by a job launched with `overrides` (the marker records them)."""
+    with mock.patch.object(resume, "current_job", lambda: HydraJob(overrides=list(overrides))):
+        yield
+
+
+def mark_finished(job: Path, marker: str, content: dict, files: list[str], overrides: list[str] | None = None) -> Path:
+    """Write the job's marker last, as a finished job does: its content, checksums and overrides."""
+    with running_job(read_overrides(job) if overrides is None else overrides):
+        return write_marker(job, marker, content, FP, files)
+
+
 def make_job(sweep: Path, name: str, overrides: list[str], rows: list[dict], complete: bool = True,
              seconds: float = 1.0) -> Path:
     job = sweep / name
     (job / ".hydra").mkdir(parents=True, exist_ok=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / ".hydra" / "config.yaml").write_text("task: mix\n")
+    (job / "run.json").unlink(missing_ok=True)  # a re-run clears its old marker first
     (job / "results.csv").write_text(rows_to_csv(rows))
     if complete:
-        (job / "run.json").write_text(json.dumps({"seconds": seconds, "output_dir": str(job)}))
+        mark_finished(job, "run.json", {"seconds": seconds, "output_dir": str(job)}, ["results.csv"])
     return job
 
 
@@ -138,11 +167,12 @@ def test_incomplete_job_is_left_out_and_listed(tmp_path, caplog):
 def test_missing_or_empty_sweep_dir_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         write_report(tmp_path / "nope")
-    with pytest.raises(ConfigError, match="run.json and results.csv"):
+    with pytest.raises(ConfigError, match="no completed job.*intact run.json.*certify_summary.json"):
         write_report(tmp_path)
     make_job(tmp_path, "0", [], base_rows(), complete=False)
-    with pytest.raises(ConfigError, match="1 incomplete job"):
+    with pytest.raises(ConfigError, match="1 incomplete job") as info:
         write_report(tmp_path)
+    assert isinstance(info.value, CompactHydraException) and isinstance(info.value, ValueError)
     assert not (tmp_path / "report").exists()
 
 
@@ -211,11 +241,42 @@ def test_report_pipeline(tmp_path):
     cfg = OmegaConf.create({"task": "report", "plots": False, "logger": None,
                             "report": {"dir": str(sweep), "out_dir": str(out)}})
     result = report_pipeline.run(cfg)
-    assert result["jobs"] == 3 and result["incomplete"] == ["3"]
-    assert result["output_dir"] == str(out)
-    assert set(result["files"]) == {"combined.csv", "jobs.json"} and (out / "combined.csv").is_file()
+    assert isinstance(result, ReportResult)
+    assert result.jobs == 3 and result.incomplete == ["3"]
+    assert result.output_dir == out
+    assert result.files == {"combined.csv": str(out / "combined.csv"), "jobs.json": str(out / "jobs.json")}
+    assert (out / "combined.csv").is_file() and not (sweep / "report").exists()
+    assert result.text() == "report of 3 finished job(s); incomplete, left out: 3"
+    assert report_pipeline.run(OmegaConf.create({"plots": False, "report": {"dir": str(sweep), "out_dir": None}})
+                               ).output_dir == sweep / "report"  # the default folder
     with pytest.raises(ConfigError, match="report.dir="):
         report_pipeline.run(OmegaConf.create({"report": {"dir": "???"}, "plots": False}))
+
+
+@pytest.mark.parametrize(("report", "match"), [
+    ({"dir": None}, "missing report.dir"),
+    ({"dir": "???"}, "report.dir="),
+    ({"dir": "does/not/exist"}, "is not a folder"),
+])
+def test_report_settings_reject_a_missing_folder(tmp_path, monkeypatch, report, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        report_pipeline.settings(OmegaConf.create({"report": report, "plots": False}))
+
+
+def test_report_settings(tmp_path):
+    sweep = alpha_sweep(tmp_path / "sweep")
+    s = report_pipeline.settings(OmegaConf.create({"report": {"dir": str(sweep), "out_dir": None}, "plots": False,
+                                                   "logger": None}))
+    assert (s.report.dir, s.report.out_dir, s.plots, s.logger) == (sweep, None, False, None)
+    s = report_pipeline.settings(OmegaConf.create({"report": {"dir": str(sweep)}}))
+    assert s.plots is True  # plots by default
+    with pytest.raises(ConfigError, match="plots"):
+        report_pipeline.settings(OmegaConf.create({"report": {"dir": str(sweep)}, "plots": "maybe"}))
+
+
+def test_report_result_text_without_incomplete_jobs(tmp_path):
+    assert ReportResult({}, 2, [], tmp_path).text() == "report of 2 finished job(s)"
 
 
 def test_report_pipeline_logs_to_wandb(tmp_path, monkeypatch):
@@ -235,18 +296,18 @@ def test_report_pipeline_logs_to_wandb(tmp_path, monkeypatch):
     class WandbLogger:
         experiment = types.SimpleNamespace(log=logged.update)
 
-    def build_logger(cfg, output_dir):
-        seen.update(group=cfg.logger.group, output_dir=output_dir)
+    def build_logger(node, output_dir, task, **overrides):
+        seen.update(group=overrides["group"], output_dir=str(output_dir), task=task)
         return WandbLogger()
 
-    monkeypatch.setattr(report_pipeline, "build_logger", build_logger)
+    monkeypatch.setattr(loggers, "build_logger", build_logger)
     monkeypatch.chdir(tmp_path)
     sweep = alpha_sweep(tmp_path / "multirun" / "2024-05-06_07-08-09")
     cfg = OmegaConf.create({"plots": True, "report": {"dir": str(sweep) + "/"},
                             "logger": {"_target_": "lightning.pytorch.loggers.WandbLogger", "group": None}})
     report_pipeline.run(cfg)
     # the group the jobs got from hydra.sweep.dir (relative to the working directory)
-    assert seen == {"group": "multirun/2024-05-06_07-08-09", "output_dir": str(sweep / "report")}
+    assert seen == {"group": "multirun/2024-05-06_07-08-09", "output_dir": str(sweep / "report"), "task": "report"}
     assert cfg.logger.group is None  # the caller's config is left alone
     table = logged["report/combined"]
     assert table.columns == ["job", "overrides", *COLUMNS] and len(table.data) == 3 * 18
@@ -257,11 +318,12 @@ def test_report_pipeline_logs_to_wandb(tmp_path, monkeypatch):
     assert seen["group"] == "fig2"
 
 
-def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path):
+@pytest.mark.parametrize("sweeper", [BASIC_SWEEPER, CHECKED_SWEEPER])
+def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path, sweeper):
     """multirun.yaml (written by Hydra at each launch) says which jobs the latest launch asked for."""
     sweep = alpha_sweep(tmp_path / "sweep")  # three jobs: alphas 0.25, 0.5, 0.75
     make_job(sweep, "3", *alpha_job(0.5))  # an older launch's job 3 with a grid point the new launch has as job 1
-    multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    multirun = {"hydra": {"sweeper": {"_target_": sweeper,
                                       "params": {"mix.alphas": "[0.25],[0.5],[0.9]"}},
                           "overrides": {"task": ["threat.eps=0.3", "mix.mix_spaces=[prob,logit]"]}}}
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
@@ -286,7 +348,8 @@ def test_certification_jobs_get_a_combined_csv_and_one_figure_each(tmp_path):
             writer = csv.DictWriter(f, ["model", "alpha", "theorem", "radius", "certified_accuracy"])
             writer.writeheader()
             writer.writerows(rows)
-        (job / "certify_summary.json").write_text(json.dumps({"sigma": sigma, "alpha_selection": {"alpha": 0.5}}))
+        mark_finished(job, "certify_summary.json", {"sigma": sigma, "alpha_selection": {"alpha": 0.5}},
+                      ["certified_accuracy.csv"])
     files = write_report(sweep)
     assert "combined.csv" not in files and {"certified_accuracy_0.png", "certified_accuracy_1.png"} <= set(files)
     combined = read_csv(sweep / "report" / "combined_certified.csv")
@@ -301,9 +364,209 @@ def test_results_of_an_earlier_launch_under_new_overrides_are_left_out(tmp_path)
     """A job that failed early in a later launch keeps old results next to its new .hydra/overrides.yaml."""
     sweep = alpha_sweep(tmp_path / "sweep")
     for name in ("0", "1"):
-        marker = sweep / name / "run.json"
-        overrides = yaml.safe_load((sweep / name / ".hydra" / "overrides.yaml").read_text())
-        marker.write_text(json.dumps({"overrides": list(reversed(overrides))}))  # order does not matter
+        overrides = read_overrides(sweep / name)
+        # written under the overrides in another order: the order does not matter
+        mark_finished(sweep / name, "run.json", {"seconds": 1.0}, ["results.csv"], overrides=overrides[::-1])
     (sweep / "1" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["mix.alphas=[0.9]"]))  # relaunched
     jobs, incomplete = find_jobs(sweep)
     assert [j.name for j in jobs] == ["0", "2"] and [p.name for p in incomplete] == ["1"]
+
+
+# --- finished jobs: markers with file checksums ------------------------------------------------------
+
+
+def warning_texts(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_results_csv_edited_after_the_marker_makes_the_job_incomplete(tmp_path, caplog):
+    sweep = alpha_sweep(tmp_path / "sweep")
+    edited = sweep / "1" / "results.csv"
+    edited.write_text(edited.read_text().replace(repr(90 / N), repr(91 / N), 1))  # one accuracy, by hand
+    with caplog.at_level(logging.WARNING):
+        files = write_report(sweep, plots=False)
+    info = json.loads(files["jobs.json"].read_text())
+    assert [j["job"] for j in info["completed"]] == ["0", "2"]
+    assert info["incomplete"] == [{"job": "1", "overrides": alpha_job(ALPHAS[1])[0]}]
+    assert {r["job"] for r in read_csv(files["combined.csv"])} == {"0", "2"}
+    warnings = warning_texts(caplog)
+    assert any(str(edited) in w and "does not match the checksum recorded in run.json" in w for w in warnings)
+    assert any("left out: 1" in w for w in warnings)
+    caplog.clear()
+    with running_job(alpha_job(ALPHAS[1])[0]), caplog.at_level(logging.WARNING):
+        assert finished(sweep / "1", "run.json", FP, ["results.csv"]) is None
+    assert any(str(edited) in w for w in warning_texts(caplog))
+    with running_job(alpha_job(ALPHAS[0])[0]):  # an untouched job of the same sweep is finished
+        done = finished(sweep / "0", "run.json", FP, ["results.csv"])
+    assert done is not None and done["seconds"] == 10.0 and done["fingerprint"] == FP
+
+
+def test_edited_certification_results_make_the_job_incomplete(tmp_path, caplog):
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["h_ckpt=rs0.25.ckpt"]))
+    curve = job / "certified_accuracy.csv"
+    curve.write_text("model,alpha,theorem,radius,certified_accuracy\nmix,0.5,rs,0.0,0.5\n")
+    mark_finished(job, "certify_summary.json", {"sigma": 0.25}, [curve.name])
+    assert [j.kind for j in find_jobs(tmp_path / "sweep")[0]] == ["certify"]
+    curve.write_text(curve.read_text().replace("0.0,0.5", "0.0,0.6"))
+    with caplog.at_level(logging.WARNING):
+        jobs, incomplete = find_jobs(tmp_path / "sweep")
+    assert jobs == [] and incomplete == [job]
+    assert any("certified_accuracy.csv does not match the checksum recorded in certify_summary.json" in w
+               for w in warning_texts(caplog))
+
+
+def _marker_without_checksums(job: Path) -> None:  # written by an older version
+    (job / "run.json").write_text(json.dumps({"seconds": 1.0, "fingerprint": FP, "overrides": read_overrides(job)}))
+
+
+def _checksums_not_a_mapping(job: Path) -> None:
+    content = json.loads((job / "run.json").read_text())
+    (job / "run.json").write_text(json.dumps({**content, "checksums": ["results.csv"]}))
+
+
+def _truncated_marker(job: Path) -> None:
+    data = (job / "run.json").read_bytes()
+    (job / "run.json").write_bytes(data[: len(data) // 2])
+
+
+def _results_deleted(job: Path) -> None:
+    (job / "results.csv").unlink()
+
+
+def _results_truncated(job: Path) -> None:
+    data = (job / "results.csv").read_bytes()
+    (job / "results.csv").write_bytes(data[:-10])
+
+
+@pytest.mark.parametrize(("damage", "warning"), [
+    (_marker_without_checksums, "lacks file checksums"),
+    (_checksums_not_a_mapping, "lacks file checksums"),
+    (_truncated_marker, "is unreadable"),
+    (_results_deleted, "results.csv is missing"),
+    (_results_truncated, "does not match the checksum"),
+])
+def test_a_job_with_a_damaged_or_old_marker_is_not_finished(tmp_path, caplog, damage, warning):
+    sweep = alpha_sweep(tmp_path / "sweep")
+    damage(sweep / "2")
+    overrides = read_overrides(sweep / "2")
+    with caplog.at_level(logging.WARNING):
+        assert read_marker(sweep / "2", "run.json") is None
+        with running_job(overrides):
+            assert finished(sweep / "2", "run.json", FP, ["results.csv"]) is None
+        jobs, incomplete = find_jobs(sweep)
+    assert [j.name for j in jobs] == ["0", "1"] and incomplete == [sweep / "2"]
+    assert any(warning in w for w in warning_texts(caplog))
+    info = json.loads(write_report(sweep, plots=False)["jobs.json"].read_text())
+    assert info["incomplete"] == [{"job": "2", "overrides": overrides}]
+
+
+def test_finished_needs_the_same_fingerprint_and_every_file(tmp_path, caplog):
+    job = make_job(tmp_path, "0", *alpha_job(0.5))
+    overrides = read_overrides(job)
+    with running_job(overrides), caplog.at_level(logging.WARNING):
+        assert finished(job, "run.json", "0" * 64, ["results.csv"]) is None
+        assert any("different configuration" in w for w in warning_texts(caplog))
+        assert finished(job, "run.json", FP, ["results.csv", "results.json"]) is None  # not recorded
+        assert any("lacks results.json" in w for w in warning_texts(caplog))
+        assert finished(job, "run.json", FP, ["results.csv"])["checksums"] == {
+            "results.csv": resume.sha256_file(job / "results.csv")}
+    assert finished(tmp_path / "nothing", "run.json", FP, []) is None  # no marker: not finished, no warning
+
+
+def test_a_finished_job_found_by_another_launch_is_adopted(tmp_path):
+    job = make_job(tmp_path, "0", *alpha_job(0.5))
+    before = json.loads((job / "run.json").read_text())
+    with running_job(alpha_job(0.5)[0]):  # the same job: the marker is left as it is
+        assert finished(job, "run.json", FP, ["results.csv"]) is not None
+    assert json.loads((job / "run.json").read_text()) == before
+    with running_job(alpha_job(0.5)[0][::-1]):  # the same overrides in another order: still this job's results
+        assert finished(job, "run.json", FP, ["results.csv"]) is not None
+    assert [j.name for j in find_jobs(tmp_path)[0]] == ["0"]
+    with running_job(["mix.alphas=[0.5]"]):  # a job with other overrides took this folder over
+        assert finished(job, "run.json", FP, ["results.csv"]) is not None
+    after = read_marker(job, "run.json")
+    assert after == {**before, "overrides": ["mix.alphas=[0.5]"]}  # still intact, under the new overrides
+    # the folder's .hydra/overrides.yaml still names the old job: not counted as its results
+    assert [p.name for p in find_jobs(tmp_path)[1]] == ["0"]
+
+
+def test_write_marker_records_checksums_and_overrides_and_never_itself(tmp_path):
+    (tmp_path / "a.csv").write_text("x\n1\n")
+    (tmp_path / "b.json").write_text("{}")
+    with running_job(["seed=1"]):
+        path = write_marker(tmp_path, "run.json", {"seconds": 2.0}, FP, [tmp_path / "b.json", "a.csv", "run.json"])
+    content = json.loads(path.read_text())
+    assert content == {"seconds": 2.0, "fingerprint": FP, "overrides": ["seed=1"],
+                       "checksums": {"a.csv": resume.sha256_file(tmp_path / "a.csv"),
+                                     "b.json": resume.sha256_file(tmp_path / "b.json")}}
+    assert read_marker(tmp_path, "run.json") == content
+
+
+# --- job folders and the latest launch -------------------------------------------------------------
+
+
+def test_find_job_folders_with_other_markers_and_report_folder(tmp_path):
+    for name in ("1", "out/2", "0"):
+        job = make_job(tmp_path, name, [f"seed={name[-1]}"], base_rows(), complete=False)
+        (job / "done.json").write_text("{}")
+        mark_finished(job, "done.json", {"n": 1}, ["results.csv"])
+    folders, incomplete = find_job_folders(tmp_path, ("done.json",), skip="out")
+    assert [(f.name, f.marker, f.overrides, f.content["n"]) for f in folders] == [
+        ("0", "done.json", ["seed=0"], 1), ("1", "done.json", ["seed=1"], 1)]
+    assert incomplete == []
+    folders, _ = find_job_folders(tmp_path, ("done.json",), skip="report")
+    assert [f.name for f in folders] == ["0", "1", "out/2"]
+    folders, incomplete = find_job_folders(tmp_path, ("run.json",))
+    assert folders == [] and [p.name for p in incomplete] == ["0", "1", "2"]
+
+
+def test_read_overrides(tmp_path):
+    assert read_overrides(tmp_path) == []  # no .hydra/overrides.yaml
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("")
+    assert read_overrides(tmp_path) == []
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["a=1", "b=[1,2]"]))
+    assert read_overrides(tmp_path) == ["a=1", "b=[1,2]"]
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump({"a": 1}))
+    with pytest.raises(ConfigError, match="YAML list of override strings"):
+        read_overrides(tmp_path)
+
+
+def _write_multirun_yaml(sweep: Path, target: str, params: dict | None, task: list[str]) -> None:
+    sweeper = {"_target_": target, **({"params": params} if params is not None else {})}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": sweeper, "overrides": {"task": task}}}))
+
+
+@pytest.mark.parametrize("sweeper", [BASIC_SWEEPER, CHECKED_SWEEPER])
+def test_latest_launch_expands_the_grid_as_hydra_does(tmp_path, sweeper):
+    assert latest_launch(tmp_path) is None  # no multirun.yaml
+    _write_multirun_yaml(tmp_path, sweeper, {"seed": "0,1"}, ["threat.eps=0.1,0.3", "n=100"])
+    # the sweeper's params come first, then the command line's: Hydra's job order
+    assert latest_launch(tmp_path) == [frozenset({f"threat.eps={e}", f"seed={s}", "n=100"})
+                                       for s in ("0", "1") for e in ("0.1", "0.3")]
+    _write_multirun_yaml(tmp_path, sweeper, None, ["seed=3"])
+    assert latest_launch(tmp_path) == [frozenset({"seed=3"})]
+
+
+def test_other_sweepers_count_every_job(tmp_path):
+    sweep = alpha_sweep(tmp_path / "sweep")
+    _write_multirun_yaml(sweep, "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+                         {"mix.alphas": "choice([0.1])"}, [])
+    assert latest_launch(sweep) is None
+    report = make_report(sweep, plots=False)
+    assert [j.name for j in report.jobs] == ["0", "1", "2"]
+    info = json.loads(report.files["jobs.json"].read_text())
+    assert info["stale"] == [] and info["missing"] == []
+
+
+def test_in_launch_matches_numbered_folders_by_position(tmp_path):
+    wanted = [frozenset({"seed=0"}), frozenset({"seed=1"})]
+    folders = {}
+    for name, overrides in (("0", ["seed=0"]), ("1", ["seed=0"]), ("5", ["seed=1"]), ("a/b", ["seed=1"]),
+                            ("a/c", ["seed=2"])):
+        folders[name] = make_job(tmp_path, name, overrides, base_rows())
+    jobs = {f.name: f for f in find_job_folders(tmp_path, ("run.json",))[0]}
+    assert {name: in_launch(jobs[name], wanted) for name in folders} == {
+        "0": True, "1": False, "5": False, "a/b": True, "a/c": False}

@@ -177,8 +177,8 @@ def run(cfg: DictConfig) -> TrainResult:
     """Check, load the data, train, test the best checkpoint and write metrics.json."""
     s = settings(cfg)
     out = s.keys.output_dir
-    L.seed_everything(s.keys.seed, workers=True)
     s.data.load_all()  # a truncated or corrupt data file fails here, before the Trainer starts
+    L.seed_everything(s.keys.seed, workers=True)
     module = _module(s)
     with placed_trainer(s.trainer_args) as trainer_args, job_logger(s.logger, out, "train") as logger:
         # last.ckpt at the end of every epoch (resume); best.ckpt on the objective's main validation metric

@@ -100,7 +100,7 @@ def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
 
     cfg = OmegaConf.load(path)
     sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
-    if sweeper is None or not str(sweeper.get("_target_", "")).endswith(BASIC_SWEEPERS):
+    if sweeper is None or str(sweeper.get("_target_", "")).rpartition(".")[2] not in BASIC_SWEEPERS:
         return None
     params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])

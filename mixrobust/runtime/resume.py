@@ -76,7 +76,7 @@ def finished(folder: str | os.PathLike, marker: str, fp: str, files: Sequence[st
         return None
     log.info("%s already holds this run's results: skipped (resume=false recomputes)", folder)
     overrides = current_job().overrides
-    if content.get("overrides") != overrides:
+    if sorted(content.get("overrides") or []) != sorted(overrides):
         write_json(Path(folder) / marker, {**content, "overrides": overrides})
     return content
 
