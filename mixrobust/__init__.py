@@ -4,18 +4,13 @@ Public API: `load_classifier` (rebuild a trained base model from its checkpoint)
 `MixedClassifier` (eq. 3/4 of Bai, Anderson and Sojoudi, L4DC 2024), `create_model`.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from mixrobust.runtime.cache import package_version
 from mixrobust.runtime.resolvers import register_resolvers
 from mixrobust.checkpoint import load_classifier
 from mixrobust.mixing import MixedClassifier
 from mixrobust.models import available_models, create_model
 
 register_resolvers()
-
-try:
-    __version__ = version("mixrobust")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
-    __version__ = "0+unknown"
+__version__ = package_version()
 
 __all__ = ["MixedClassifier", "__version__", "available_models", "create_model", "load_classifier"]

@@ -48,17 +48,32 @@ class Threat:
     step_size: float = 2 / 255
 
     def __post_init__(self):
-        object.__setattr__(self, "norm", Norm.parse(self.norm))
-        for key in ("eps", "step_size"):
-            v = float(getattr(self, key))
-            if not math.isfinite(v) or v < 0:
-                raise ConfigError(f"threat.{key} must be a finite number >= 0, got {v}")
-            object.__setattr__(self, key, v)
+        norm, eps, step_size = checked_values(self.norm, self.eps, self.step_size)
+        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "eps", eps)
+        object.__setattr__(self, "step_size", step_size)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["norm"] = self.norm.value
         return d
+
+
+def checked_values(norm, eps, step_size, key: str = "threat") -> tuple[Norm, float, float]:
+    """A threat's norm, eps and step size, checked; errors name the config node `key` (e.g. ``objective``)."""
+    values = []
+    for name, value in (("eps", eps), ("step_size", step_size)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}.{name} must be a finite number >= 0, got {value!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key}.{name} must be a finite number >= 0, got {value!r}")
+        values.append(v)
+    try:
+        return Norm.parse(norm), values[0], values[1]
+    except ConfigError:
+        raise ConfigError(f"unknown {key}.norm {norm!r}; valid values: {', '.join(n.value for n in Norm)}") from None
 
 
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, norm: Norm, step_size: float) -> torch.Tensor:

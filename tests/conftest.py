@@ -54,6 +54,17 @@ def real_data_root() -> Path:
     pytest.skip("set MIXROBUST_DATA_ROOT to a folder with MNIST/raw and CIFAR10/ to run real-data tests")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is as fast alone and far faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def data_root() -> Path:
     return real_data_root()

@@ -15,28 +15,15 @@ from mixrobust.attacks import FGSM, PGD, attack_in_batches, attack_loss, margin_
 from mixrobust.errors import ConfigError
 from mixrobust.models import create_model
 from mixrobust.threat import Threat
+from tests.small_models import mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast alone and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- small models ---------------------------------------------------------------------------
 
 
-def _mlp() -> nn.Module:
-    """A fixed random 5-class MLP on (N, 3, 4, 4) images."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
-
-
-MLP = _mlp()
+MLP = mlp()
 
 
 def _images(seed: int, n: int, shape=(3, 4, 4)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ interpreter spends about 6 s importing them); a few run in a fresh interpreter t
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -105,12 +104,12 @@ def cases(f: dict) -> list[Case]:
         Case("evaluate.py", (f"g_ckpt={f['nan_g.ckpt']}", f"h_ckpt={f['h']}"), r"^g returned NaN or inf outputs on 360 of 360"),
         Case("evaluate.py", (f"g_ckpt={f['g']}", f"h_ckpt={f['nan_g.ckpt']}"), r"^h returned NaN or inf outputs on 360 of 360"),
         Case("evaluate.py", (f"g_ckpt={f['g']}", f"h_ckpt={f['nan_rs.ckpt']}", "task=certify"),
-             r"h_ckpt .*nan_rs\.ckpt.*NaN or inf outputs on noisy copies of 360 of 360 images"),
+             r"^h_ckpt \(its clean pass\) returned NaN or inf outputs on 360 of 360"),
         Case("evaluate.py", (f"g_ckpt={f['nan_g.ckpt']}", f"h_ckpt={f['rs']}", "task=certify"),
-             r"g_ckpt.*NaN or inf outputs on 360 of 360"),
+             r"^g_ckpt \(its clean pass\) returned NaN or inf outputs on 360 of 360"),
         Case("evaluate.py", (f"g_ckpt={f['g']}", f"h_ckpt={f['rs']}", "task=certify",
                              f"certify.baseline_ckpt={f['nan_rs.ckpt']}"),
-             r"certify\.baseline_ckpt .*nan_rs\.ckpt.*NaN or inf outputs"),
+             r"^certify\.baseline_ckpt \(its clean pass\) returned NaN or inf outputs on 360 of 360"),
         # mixing
         ev("mix.alphas=[1.5]", names=r"mix\.alphas.*1\.5"),
         ev("mix.alphas=[]", names=r"mix\.alphas"),

@@ -7,9 +7,11 @@ g's own predictions, and certified accuracies recounted from certify.csv.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
-import warnings
+import shutil
 
 import numpy as np
 import pytest
@@ -38,7 +40,7 @@ def ckpts(tmp_path_factory):
     paths = {}
     for name, extra in (("g", []), ("h", ["objective=gaussian_noise", f"objective.sigma={SIGMA}"])):
         cfg = compose_config("train", [*TRAIN_FAST, *extra], tmp_path_factory.mktemp(name))
-        paths[name] = train.run(cfg)["best_checkpoint"]
+        paths[name] = train.run(cfg).metrics["best_checkpoint"]
     return paths
 
 
@@ -51,9 +53,14 @@ def cert_cfg(ckpts, out, *overrides, g=None, h=None, experiment="digits_certify"
 
 
 def run_quiet(cfg):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    """certify.run with its log warnings (alphas < 1/2, ...) kept out of the test output."""
+    log = logging.getLogger("mixrobust")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
         return certify.run(cfg)
+    finally:
+        log.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +101,12 @@ def test_files_and_summary(certified):
     assert [r["index"] for r in rows[:: len(alphas)]] == list(range(NUM))
     _, y = images()
     assert [r["label"] for r in rows[:: len(alphas)]] == y.tolist()
+    assert not result.skipped and result.output_dir == out
+    files = {"certify.csv", "baseline_certify.csv", "certified_accuracy.csv", "certified_accuracy.png"}
+    assert set(result.files) == files and all(result.files[name] == str(out / name) for name in files)
     summary = json.loads((out / "certify_summary.json").read_text())
+    # the resume marker, written last, vouches for every results file by its sha256
+    assert summary["checksums"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files}
     assert summary["n_examples"] == NUM and summary["data"] == "digits" and summary["sigma"] == SIGMA
     assert summary["settings"]["n0"] == N0 and summary["settings"]["n"] == N and summary["settings"]["mode"] == "sound"
     assert math.isclose(summary["lipschitz_constant"], math.sqrt(2 / math.pi) / SIGMA)
@@ -148,7 +160,7 @@ def test_mixture_prediction_and_clean_accuracy(ckpts, certified):
     top = est.max(1, keepdims=True)
     at_one = [r["mix_pred"] for r in rows[1.0]]
     assert all(est[j, c] == top[j, 0] for j, c in enumerate(at_one))  # an argmax of h's votes
-    summary = result["summary"]
+    summary = result.summary
     for alpha, alpha_rows in rows.items():
         acc = np.mean([r["mix_pred"] == r["label"] for r in alpha_rows])
         assert math.isclose(summary["clean_accuracy"]["mix"][repr(alpha)], acc)
@@ -187,7 +199,7 @@ def test_baseline_is_cohens_certify(ckpts, certified):
 
 
 def test_alpha_selection_matches_baseline_accuracy(certified):
-    summary = certified[0]["summary"]
+    summary = certified[0].summary
     sel = summary["alpha_selection"]
     grid = {float(a): v for a, v in sel["grid_accuracy"].items()}
     target = summary["clean_accuracy"]["baseline"]
@@ -235,6 +247,26 @@ def test_reproducible_with_seed(ckpts, certified, tmp_path):
     assert (other / "certify.csv").read_bytes() != (out / "certify.csv").read_bytes()
 
 
+def test_finished_job_is_skipped_and_a_damaged_file_recomputed(ckpts, certified, tmp_path, monkeypatch, caplog):
+    """The same job in a folder holding its finished results is skipped without sampling; after certify.csv is
+    edited the job is recomputed, with a warning, to the same bytes."""
+    result, out = certified
+    copy = tmp_path / "job"
+    shutil.copytree(out, copy)
+    cfg = cert_cfg(ckpts, copy, f"certify.baseline_ckpt={ckpts['h']}")
+    with monkeypatch.context() as m:
+        m.setattr(certify, "smoothed_votes", lambda *a, **k: pytest.fail("h was sampled"))
+        again = run_quiet(cfg)
+    assert again.skipped and again.output_dir == copy
+    assert again.summary["clean_accuracy"] == result.summary["clean_accuracy"]
+    expected = (out / "certify.csv").read_bytes()
+    (copy / "certify.csv").write_bytes(expected.replace(b"0", b"1", 1))
+    with caplog.at_level(logging.WARNING):
+        redone = certify.run(cfg)
+    assert "certify.csv does not match the checksum recorded in certify_summary.json" in caplog.text
+    assert not redone.skipped and (copy / "certify.csv").read_bytes() == expected
+
+
 def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
     result = run_quiet(cert_cfg(ckpts, tmp_path, "certify.mode=plugin", "certify.alphas=[0.8]"))
     _, est = redraw(ckpts, seed=0, n0=0)
@@ -246,7 +278,7 @@ def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
     with np.errstate(divide="ignore", invalid="ignore"):
         r5 = 0.5 * SIGMA * (stats.norm.ppf(a * top2[:, 0]) - stats.norm.ppf(a * top2[:, 1] + 1 - a))
     expect = np.where(ok & (r5 > 0), r5, 0.0)
-    cert = result["certificate"]
+    cert = result.certificate
     np.testing.assert_allclose(cert.rs_radius[list(cert.alphas).index(a)], expect, atol=1e-9)
 
 
@@ -278,21 +310,26 @@ def test_bad_input_fails_before_any_work(tmp_path, override, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_low_alpha_warns_and_non_noise_h_warns(ckpts, tmp_path):
-    with pytest.warns(UserWarning, match=r"0\.3 < 1/2"):
-        certify.certify_settings(cert_cfg(ckpts, tmp_path))
+def test_low_alpha_warns_and_non_noise_h_warns(ckpts, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        c = certify.settings(cert_cfg(ckpts, tmp_path)).c
+    assert c.alphas == tuple(ALPHAS) and c.n0 == N0 and c.n == N and c.failure_prob == FP
+    assert "certify.alphas holds 0.0, 0.3 < 1/2" in caplog.text
     with pytest.raises(ConfigError, match="records no noise level"):
         certify.run(cert_cfg(ckpts, tmp_path / "a", h=ckpts["g"]))
-    with pytest.warns(UserWarning, match="not gaussian_noise"):
-        result = certify.run(cert_cfg(ckpts, tmp_path / "b", "certify.sigma=0.25", "certify.alphas=[1.0]", h=ckpts["g"]))
-    assert result["summary"]["sigma"] == 0.25
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = certify.run(cert_cfg(ckpts, tmp_path / "b", "certify.sigma=0.25", "certify.alphas=[1.0]",
+                                      h=ckpts["g"]))
+    assert "h_ckpt was trained with objective 'standard', not gaussian_noise" in caplog.text
+    assert result.summary["sigma"] == 0.25
 
 
 def test_plain_override_and_paper_preset(ckpts, tmp_path):
-    cfg = compose_config("evaluate", [f"g_ckpt={ckpts['g']}", f"h_ckpt={ckpts['h']}", "+certify=default", "++task=certify",
+    cfg = compose_config("evaluate", [f"g_ckpt={ckpts['g']}", f"h_ckpt={ckpts['h']}", "task=certify",
                                       "logger=csv", "n=10", "certify.n0=10", "certify.n=50", "certify.alphas=[1.0]",
                                       "certify.target_accuracy=0.0"], tmp_path)
-    summary = run_quiet(cfg)["summary"]
+    summary = run_quiet(cfg).summary
     assert summary["data"] == "digits" and summary["n_examples"] == 10  # data from the checkpoints
     assert summary["alpha_selection"]["alpha"] == 1.0  # every alpha reaches accuracy 0
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from mixrobust import checkpoint
+from mixrobust.checkpoint import files as checkpoint_files
 from mixrobust.checkpoint import (
+    RESUME_KEYS,
     check_resume,
     load_classifier,
     make_record,
@@ -105,7 +106,7 @@ def test_load_classifier_reproduces_logits(real):
 
 def test_read_checkpoint_of_real_file_holds_lightning_state(real):
     ckpt = read_checkpoint(real["full"])
-    assert set(checkpoint.RESUME_KEYS) <= set(ckpt)
+    assert set(RESUME_KEYS) <= set(ckpt)
     assert ckpt["lr_schedulers"][0]["milestones"] == {1: 1, 2: 1}  # a Counter, allowed as plain data
 
 
@@ -304,8 +305,8 @@ def test_unbuildable_model_kwargs(tmp_path):
 
 def test_read_record_reads_each_file_once_and_rereads_a_rewritten_one(tmp_path, monkeypatch):
     loads = []
-    original = checkpoint._load
-    monkeypatch.setattr(checkpoint, "_load", lambda path, size: loads.append(path) or original(path, size))
+    original = checkpoint_files._load
+    monkeypatch.setattr(checkpoint_files, "_load", lambda path, size: loads.append(path) or original(path, size))
     path = hand_ckpt(tmp_path / "m.ckpt")
     for _ in range(96):
         assert read_record(path)["data"] == "digits"

@@ -1,4 +1,4 @@
-"""evaluate.py end to end on two digits checkpoints trained by the train pipeline.
+"""evaluate.py's mix task end to end on two digits checkpoints trained by the train pipeline.
 
 Numbers are checked against independent computations: the loaded classifiers' own predictions,
 PGD run directly on h, and the metrics.json that train.py wrote for the same test split.
@@ -6,6 +6,7 @@ PGD run directly on h, and the metrics.json that train.py wrote for the same tes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.evaluation import aggregate, load_outcomes, predict_correct, read_results_csv, rows_to_csv
 from mixrobust.evaluation.report import FILES
 from mixrobust.models import create_model
-from mixrobust.pipelines import evaluate, train
+from mixrobust.pipelines import mix, train
 from tests.conftest import compose_config
 
 TRAIN_FAST = ["trainer.enable_progress_bar=false", "logger=none"]
@@ -44,7 +45,7 @@ def ckpts(tmp_path_factory):
     for name, overrides in (("g", ["objective=standard", "optimizer=adamw", "optimizer.lr=3e-3", *fast]),
                             ("h", ["objective=pgd_at", "objective.steps=2", *fast, *THREAT])):
         out = tmp_path_factory.mktemp(name)
-        metrics = train.run(compose_config("train", [*overrides, *TRAIN_FAST], out))
+        metrics = train.run(compose_config("train", [*overrides, *TRAIN_FAST], out)).metrics
         runs[name] = (metrics["best_checkpoint"], metrics)
     return runs
 
@@ -58,7 +59,7 @@ def eval_cfg(ckpts, out: Path, *overrides: str):
 def evaluated(ckpts, tmp_path_factory):
     """The default sweep (data set from the checkpoints) in h's threat on the full test split."""
     out = tmp_path_factory.mktemp("evaluate")
-    return evaluate.run(eval_cfg(ckpts, out, ALPHAS, *THREAT)), out
+    return mix.run(eval_cfg(ckpts, out, ALPHAS, *THREAT)), out
 
 
 def table(rows) -> dict:
@@ -69,7 +70,9 @@ def test_outputs_exist_and_parse(evaluated):
     result, out = evaluated
     for name in (*FILES, "run.json"):
         assert (out / name).is_file(), name
-    rows = result["rows"]
+    assert not result.skipped and result.output_dir == out
+    assert result.files == {name: str(out / name) for name in FILES}
+    rows = result.rows
     csv_rows, json_rows = read_results_csv(out / "results.csv"), json.loads((out / "results.json").read_text())
     assert len(csv_rows) == len(json_rows) == len(rows) == 2 * 4 + 3 * 5  # g, h: 4 rows; 3 alphas x 5
     for c, j, r in zip(csv_rows, json_rows, rows):
@@ -78,6 +81,8 @@ def test_outputs_exist_and_parse(evaluated):
     run = json.loads((out / "run.json").read_text())
     assert run["data"] == "digits" and run["split"] == "test" and run["n"] == 360
     assert run["threat"] == {"norm": "linf", "eps": 0.1, "step_size": 0.05}
+    # the resume marker vouches for every results file by its sha256
+    assert run["checksums"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
     margins = json.loads((out / "margins.json").read_text())
     assert margins["g"]["attack"] == "std" and len(margins["mix"]) == 3
     assert margins["g"]["clean"]["correct"]["n"] + margins["g"]["clean"]["incorrect"]["n"] == 360
@@ -89,7 +94,7 @@ def test_outputs_exist_and_parse(evaluated):
 
 def test_clean_endpoints_equal_base_models(evaluated, ckpts):
     result, _ = evaluated
-    got = table(result["rows"])
+    got = table(result.rows)
     x, y = DigitsDataModule().eval_tensors("test")
     for name, alpha in (("g", 0.0), ("h", 1.0)):
         own = predict_correct(load_classifier(ckpts[name][0]), x, y, 500).mean()
@@ -99,7 +104,7 @@ def test_clean_endpoints_equal_base_models(evaluated, ckpts):
 
 def test_mix_at_alpha_one_is_h_pgd_accuracy(evaluated, ckpts):
     result, _ = evaluated
-    got = table(result["rows"])
+    got = table(result.rows)
     h = load_classifier(ckpts["h"][0])
     x, y = DigitsDataModule().eval_tensors("test")
     attack = PGD("linf", eps=0.1, step_size=0.05, steps=STEPS, seed=0)
@@ -111,7 +116,7 @@ def test_mix_at_alpha_one_is_h_pgd_accuracy(evaluated, ckpts):
 
 def test_worst_case_is_below_every_attack(evaluated):
     groups = {}
-    for r in evaluated[0]["rows"]:
+    for r in evaluated[0].rows:
         groups.setdefault((r["model"], r["alpha"] if r["model"] == "mix" else None, r["r_option"]), {})[r["attack"]] = r
     assert len(groups) == 5
     for rows in groups.values():
@@ -132,12 +137,35 @@ def test_outcomes_file_reaggregates_to_results_csv(evaluated):
 
 def test_bf16_autocast_attack_is_close_to_float32(ckpts, tmp_path):
     common = [*THREAT, "mix.alphas=[0.5]", "n=120"]
-    f32 = table(evaluate.run(eval_cfg(ckpts, tmp_path / "f32", *common))["rows"])
-    bf16 = table(evaluate.run(eval_cfg(ckpts, tmp_path / "bf16", *common, "attack.autocast_dtype=bfloat16"))["rows"])
+    f32 = table(mix.run(eval_cfg(ckpts, tmp_path / "f32", *common)).rows)
+    bf16 = table(mix.run(eval_cfg(ckpts, tmp_path / "bf16", *common, "attack.autocast_dtype=bfloat16")).rows)
     assert "bfloat16" in json.loads((tmp_path / "bf16" / "run.json").read_text())["attack"]
     assert f32[("mix", 0.5, "clean")] == bf16[("mix", 0.5, "clean")]  # evaluation itself stays float32
     for key in (("mix", 0.5, "mix"), ("h", None, "rob"), ("g", None, "std"), ("mix", 0.5, "std")):
         assert abs(bf16[key] - f32[key]) <= 2 / 120, key
+
+
+def test_finished_job_is_skipped_and_a_damaged_file_recomputed(evaluated, ckpts, tmp_path, monkeypatch, caplog):
+    """run.json (written last) vouches for the results files by checksum: the same job in the same folder is
+    skipped without an attack; after a results file is edited it is recomputed, with a warning, to the same numbers."""
+    import shutil
+
+    result, out = evaluated
+    copy = tmp_path / "job"
+    shutil.copytree(out, copy)
+    with monkeypatch.context() as m:
+        m.setattr(PGD, "__call__", lambda *a, **k: pytest.fail("an attack ran"))
+        again = mix.run(eval_cfg(ckpts, copy, ALPHAS, *THREAT))
+    assert again.skipped and again.rows == result.rows and again.output_dir == copy
+    assert json.loads((copy / "run.json").read_text())["fingerprint"] == json.loads((out / "run.json").read_text())[
+        "fingerprint"]
+    csv_text = (copy / "results.csv").read_text()
+    (copy / "results.csv").write_text(csv_text.replace("0.", "0.9", 1))
+    with caplog.at_level(logging.WARNING):
+        redone = mix.run(eval_cfg(ckpts, copy, ALPHAS, *THREAT))
+    assert "results.csv does not match the checksum recorded in run.json" in caplog.text
+    assert not redone.skipped and redone.rows == result.rows
+    assert (copy / "results.csv").read_text() == csv_text
 
 
 # ---------------------------------------------------------------- bad input, before any attack
@@ -167,40 +195,51 @@ def no_attacks(monkeypatch):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        (["mix.alphas=[0.0,1.5]"], ConfigError, r"alpha must be in \[0, 1\]"),
-        (["mix.r_options=[one,grad_gi]"], ConfigError, "unknown r_option 'grad_gi'; valid values: one, grad_g_i"),
-        (["mix.mix_spaces=[probs]"], ConfigError, "unknown mix_space 'probs'; valid values: prob, logit"),
-        (["attacks=[std,cw]"], ConfigError, "unknown attack 'cw'; valid values: std, rob, mix, autoattack"),
+        (["mix.alphas=[0.0,1.5]"], ConfigError, r"mix.alphas\[1\] must be a number >= 0 and <= 1, got 1.5"),
+        (["mix.r_options=[one,grad_gi]"], ConfigError,
+         r"unknown mix.r_options\[1\] 'grad_gi'; valid values: one, grad_g_i"),
+        (["mix.mix_spaces=[probs]"], ConfigError, r"unknown mix.mix_spaces\[0\] 'probs'; valid values: prob, logit"),
+        (["attacks=[std,cw]"], ConfigError, r"unknown attacks\[1\] 'cw'; valid values: std, rob, mix, autoattack"),
         (["mix.gammas=[1.0]"], ConfigError, "set exactly one of mix.alphas"),
-        (["g_ckpt=/no/such/g.ckpt"], CheckpointError, "checkpoint not found: /no/such/g.ckpt"),
-        (["threat.eps=-1"], ConfigError, "threat.eps must be a finite number >= 0"),
+        (["g_ckpt=/no/such/g.ckpt"], CheckpointError, "g_ckpt: checkpoint not found: /no/such/g.ckpt"),
+        (["threat.eps=-1"], ConfigError, "threat.eps must be a number >= 0, got -1"),
+        (["threat.eps=1.5"], ConfigError, r"threat.eps=1.5 exceeds the input range: an l_inf ball of radius 1"),
+        (["threat=l2", "threat.eps=8.5"], ConfigError,
+         r"threat.eps=8.5 exceeds the input range: an l_2 ball of radius 8"),
+        (["attack.steps=0"], ConfigError, "attack.steps must be >= 1"),
         (["split=valid"], ConfigError, "unknown split 'valid'"),
         (["n=100000"], ConfigError, "n=100000 examples requested, but the split has 360"),
+        (["n=0"], ConfigError, "n must be a whole number >= 1, got 0"),
+        (["n=2.5"], ConfigError, "n must be a whole number, got 2.5"),
+        (["n_per_class=0"], ConfigError, "n_per_class must be a whole number >= 1, got 0"),
     ],
 )
 def test_bad_config_fails_before_any_attack(ckpts, tmp_path, no_attacks, overrides, error, pattern):
     with pytest.raises(error, match=pattern):
-        evaluate.run(eval_cfg(ckpts, tmp_path, *overrides))
+        mix.run(eval_cfg(ckpts, tmp_path, *overrides))
 
 
 @pytest.mark.parametrize(
     "change, pattern",
     [
-        (dict(num_classes=5), "g has 10 classes but h has 5"),
-        (dict(input_shape=(1, 16, 16)), r"g takes inputs of shape \(1, 8, 8\) but h takes \(1, 16, 16\)"),
-        (dict(data="mnist"), "g was trained on 'digits' and h on 'mnist': choose the evaluation data explicitly"),
+        (dict(num_classes=5), "g_ckpt has 10 classes but h_ckpt has 5"),
+        (dict(input_shape=(1, 16, 16)), r"g_ckpt takes inputs of shape \(1, 8, 8\) but h_ckpt takes \(1, 16, 16\)"),
+        (dict(data="mnist"), r"trained on different or unknown data sets \(g_ckpt on 'digits', h_ckpt on 'mnist'\): "
+                             "choose the evaluation data with data=<name>"),
     ],
 )
 def test_mismatched_checkpoints_fail_before_any_attack(ckpts, tmp_path, no_attacks, change, pattern):
     h = variant(ckpts["h"][0], tmp_path / "h.ckpt", **change)
     with pytest.raises(ConfigError, match=pattern):
-        evaluate.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}"))
+        mix.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}"))
 
 
-def test_missing_checkpoint_keys(tmp_path):
-    cfg = compose_config("evaluate", ["logger=none"], tmp_path)
-    with pytest.raises(ConfigError, match="missing config value.*g_ckpt, h_ckpt"):
-        evaluate.run(cfg)
+def test_missing_checkpoint_keys(ckpts, tmp_path):
+    """Both checkpoint keys are required; every missing one is named in the one message."""
+    with pytest.raises(ConfigError, match=r"missing config values g_ckpt, h_ckpt; .* g_ckpt=\.\.\. h_ckpt=\.\.\."):
+        mix.run(compose_config("evaluate", ["logger=none"], tmp_path))
+    with pytest.raises(ConfigError, match="missing config value h_ckpt"):
+        mix.run(compose_config("evaluate", ["logger=none", f"g_ckpt={ckpts['g'][0]}"], tmp_path))
 
 
 def test_autoattack_not_installed_fails_before_any_attack(ckpts, tmp_path, no_attacks, monkeypatch):
@@ -208,7 +247,7 @@ def test_autoattack_not_installed_fails_before_any_attack(ckpts, tmp_path, no_at
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="pip install pyautoattack.*torchattacks"):
-        evaluate.run(eval_cfg(ckpts, tmp_path, "attacks=[mix,autoattack]"))
+        mix.run(eval_cfg(ckpts, tmp_path, "attacks=[mix,autoattack]"))
 
 
 def test_explicit_data_set_and_budget_differing_from_training_warn(ckpts, tmp_path, monkeypatch, caplog):
@@ -222,29 +261,30 @@ def test_explicit_data_set_and_budget_differing_from_training_warn(ckpts, tmp_pa
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(evaluate, "run_sweep", stop)
+    monkeypatch.setattr(mix, "run_sweep", stop)
     with caplog.at_level(logging.WARNING), pytest.raises(Stop):
-        evaluate.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}", "data=digits"))
-    assert "h was trained on 'mnist' but is evaluated on 'digits'" in caplog.text
-    assert "h was trained against linf eps=0.1 but is evaluated at linf eps=0.2" in caplog.text
+        mix.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}", "data=digits"))
+    assert "h_ckpt was trained on 'mnist' but is evaluated on 'digits'" in caplog.text
+    assert "h_ckpt was trained against linf eps=0.1 but is evaluated at linf eps=0.2" in caplog.text
 
 
 def test_data_set_and_budget_default_to_the_checkpoints(ckpts, tmp_path, monkeypatch):
     """Without data= or threat.*: the checkpoints' data set, its test split and its l_inf budget."""
     seen = {}
 
-    def capture(g, h, x, y, **kwargs):
-        seen.update(x=x, y=y, **kwargs)
+    def capture(g, h, x, y, index=None, **kwargs):
+        seen.update(x=x, y=y, index=index, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "run_sweep", capture)
+    monkeypatch.setattr(mix, "run_sweep", capture)
     with pytest.raises(KeyboardInterrupt):
-        evaluate.run(compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}"], tmp_path))
+        mix.run(compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}"], tmp_path))
     attack = seen["attack"]
     assert (attack.norm.value, attack.eps, attack.step_size, attack.steps) == ("linf", 0.2, 0.05, 20)
     x, y = DigitsDataModule().eval_tensors("test")
     assert torch.equal(seen["x"], x) and torch.equal(seen["y"], y)
-    assert seen["alphas"] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert torch.equal(seen["index"], torch.arange(360))
+    assert list(seen["alphas"]) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 # ---------------------------------------------------------------- entry point and W&B

@@ -33,37 +33,12 @@ from mixrobust.evaluation import (
 )
 from mixrobust.mixing import MixedClassifier
 from mixrobust.models import create_model
-
-
-def cnn(seed: int, width: int = 4) -> nn.Module:
-    torch.manual_seed(seed)
-    return create_model("small_cnn", 10, (1, 8, 8), [0.5], [0.25], width=width, hidden=16).eval()
-
-
-def digits(n: int = 48):
-    from mixrobust.data import DigitsDataModule
-
-    x, y = DigitsDataModule().eval_tensors("test")
-    return x[:n], y[:n]
+from tests.small_models import cnn, digits, fit_cnns
 
 
 @pytest.fixture(scope="module")
 def fitted():
-    """Two small CNNs fitted for a few full-batch steps on digits: ~80-95% clean accuracy."""
-    from mixrobust.data import DigitsDataModule
-
-    xt, yt = DigitsDataModule().eval_tensors("train")
-    models = []
-    for seed in (0, 1):
-        m = cnn(seed, width=8).train()
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        for _ in range(25):
-            loss = nn.functional.cross_entropy(m(xt), yt)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        models.append(m.eval())
-    return models
+    return fit_cnns()
 
 
 # ---------------------------------------------------------------- counting rule and files

@@ -11,25 +11,12 @@ from mixrobust.attacks.pgd import check_finite, nonfinite_rows, raise_if_nonfini
 from mixrobust.certify.mixture import sample_votes
 from mixrobust.certify.smoothing import SmoothedClassifier
 from mixrobust.errors import NonFiniteError
+from tests.small_models import mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is as fast alone and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- small models ---------------------------------------------------------------------------
-
-
-def _mlp() -> nn.Module:
-    """A fixed random 5-class MLP on (N, 3, 4, 4) images (the one of test_attacks)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh(), nn.Linear(32, 5)).eval()
 
 
 def _nan_model(in_features: int = 48) -> nn.Module:
@@ -134,7 +121,7 @@ def test_finite_models_get_the_same_adversarial_examples_as_before(make, expecte
     g = torch.Generator().manual_seed(11)
     x = torch.rand((16, 3, 4, 4), generator=g)
     y = torch.randint(0, 5, (16,), generator=g)
-    model = _mlp()
+    model = mlp()
     x_adv = make()(model, x, y)
     weights = torch.linspace(-1, 1, 48).view(1, 3, 4, 4)
     total, weighted, fooled = expected

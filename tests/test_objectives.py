@@ -121,7 +121,7 @@ def test_l2_ascent_step_has_step_size_length():
         (lambda: PGDAT(eps=-0.1), "eps must be a finite number >= 0"),
         (lambda: PGDAT(steps=0), "steps must be >= 1"),
         (lambda: TRADES(beta=-1.0), "beta must be >= 0"),
-        (lambda: PGDAT(norm="l1"), "unknown norm 'l1'"),
+        (lambda: PGDAT(norm="l1"), "unknown objective.norm 'l1'"),
     ],
 )
 def test_bad_objective_settings(make, match):

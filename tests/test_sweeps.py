@@ -1,6 +1,6 @@
 """Sweeps at scale: every config composes and instantiates, the shared cache changes no number,
-sharded (DDP) evaluation equals one process, and Hydra multiruns resume, report, run in parallel
-and log one offline W&B run per job, grouped by sweep.
+sharded (DDP) evaluation equals one process, and Hydra multiruns are checked job by job before any
+runs, resume, report, run in parallel and log one offline W&B run per job, grouped by sweep.
 
 The multirun tests run ``evaluate.py -m`` as a user would, in subprocesses, on two small digits
 checkpoints trained here; their numbers are compared with an uninterrupted sequential sweep.
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -32,10 +32,10 @@ from mixrobust.attacks import PGD
 from mixrobust.data import DigitsDataModule
 from mixrobust.errors import DataNotFoundError
 from mixrobust.evaluation import run_sweep
-from mixrobust.evaluation.cache import DiskCache
-from mixrobust.pipelines import certify, evaluate, train
-from mixrobust.pipelines.common import instantiate  # re-raises our own errors unwrapped
-from mixrobust.pipelines.distributed import shard_bounds
+from mixrobust.pipelines import certify, mix, train
+from mixrobust.pipelines.fields import build  # re-raises our own errors unwrapped
+from mixrobust.runtime.cache import DiskCache
+from mixrobust.runtime.sharding import shard_bounds
 from tests.conftest import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def ckpts(tmp_path_factory):
     for name, extra in (("g", ["objective=standard", "optimizer=adamw", "optimizer.lr=3e-3"]),
                         ("h", ["objective=pgd_at", "objective.steps=2", *THREAT])):
         cfg = compose_config("train", [*TRAIN_FAST, *extra], tmp_path_factory.mktemp(name))
-        out[name] = train.run(cfg)["best_checkpoint"]
+        out[name] = train.run(cfg).metrics["best_checkpoint"]
     return out
 
 
@@ -80,11 +80,11 @@ def _instantiate_all(cfg: DictConfig, where: str, save_dir: Path) -> int:
             if path.startswith("hydra."):
                 _plugin(node)
             elif path == "logger":
-                instantiate(node, save_dir=str(save_dir))
+                build(node, path, save_dir=str(save_dir))
             elif path == "trainer":
                 _trainer(node)
             else:
-                instantiate(node, _convert_="all")
+                build(node, path, _convert_="all")
         except DataNotFoundError:  # the data module was built and checked its (absent) folder
             assert path == "data", f"{where}: {path} needs data files"
     return count
@@ -127,6 +127,7 @@ def _no_hydra_job_left_behind():
 def _compose(primary: str, overrides: list[str]) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
 
+    GlobalHydra.instance().clear()  # compose_config (conftest) leaves Hydra initialized on conf/
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name=primary, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a job
@@ -244,14 +245,14 @@ def test_two_process_evaluation_and_certification_equal_one_process(ckpts, tmp_p
     out = {}
     for devices in (1, 2):
         cfg = compose_config("evaluate", [*common, f"distributed.devices={devices}"], tmp_path / f"mix{devices}")
-        out[devices] = evaluate.run(cfg)
+        out[devices] = mix.run(cfg)
     one, two = (np.load(tmp_path / f"mix{d}" / "outcomes.npz") for d in (1, 2))
     assert one.files == two.files
     for key in one.files:
         assert np.array_equal(one[key], two[key]), key
-    assert out[1]["rows"] == out[2]["rows"]
+    assert out[1].rows == out[2].rows
     # margins are means of float32 probability gaps: equal up to the rounding of other batch shapes
-    flat = [_flatten(out[d]["margins"]) for d in (1, 2)]
+    flat = [_flatten(out[d].margins) for d in (1, 2)]
     assert flat[0].keys() == flat[1].keys()
     for key, value in flat[0].items():
         if isinstance(value, float):
@@ -332,6 +333,20 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     assert [j["job"] for j in jobs["completed"]] == ["0"] and [j["job"] for j in jobs["stale"]] == ["1", "2"]
 
 
+def test_checked_sweeper_stops_a_grid_with_one_bad_job_before_any_job_runs(ckpts, tmp_path):
+    """hydra/sweeper=checked: a bad value at one grid point (job 1) stops the sweep before job 0 starts, with one
+    message naming the job, and no traceback."""
+    sweep = tmp_path / "bad"
+    cmd = _sweep_cmd(ckpts, sweep)
+    cmd[cmd.index("mix.alphas=[0.4],[0.7],[1.0]")] = "mix.alphas=[0.4],[1.5]"
+    proc = subprocess.run(cmd, env=_env(tmp_path / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "job 1 of 2 (mix.alphas=[1.5] " in proc.stderr and "checked before any job ran" in proc.stderr
+    assert "mix.alphas[0] must be a number >= 0 and <= 1, got 1.5" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (sweep / "0").exists() and not (sweep / "report").exists()
+
+
 def _wandb_records(path: Path):
     """The protobuf records of an offline W&B run file (a LevelDB-style log of 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2 as pb2
@@ -379,7 +394,7 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
     """No API key (as on a cluster node without network or login): the job warns and logs offline."""
     import wandb
 
-    from mixrobust.pipelines.common import build_logger
+    from mixrobust.runtime.loggers import build_logger
 
     for var in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(var, raising=False)
@@ -388,7 +403,7 @@ def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch,
     cfg = OmegaConf.create({"task": "mix", "logger": {"_target_": "lightning.pytorch.loggers.WandbLogger",
                                                       "project": "mixrobust", "offline": False, "tags": []}})
     with caplog.at_level(logging.WARNING, logger="mixrobust"):
-        logger = build_logger(cfg, str(tmp_path / "run"))
+        logger = build_logger(cfg.logger, str(tmp_path / "run"), cfg.task)
     try:
         assert "logging offline instead" in caplog.text and logger._offline
         assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -20,7 +20,7 @@ FAST = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=non
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One short run per objective on digits; returns {objective: (metrics, output_dir)}."""
+    """One short run per objective on digits; returns {objective: (TrainResult, output_dir)}."""
     from tests.conftest import compose_config
 
     runs = {}
@@ -42,10 +42,13 @@ def trained(tmp_path_factory):
     ],
 )
 def test_metrics_json_and_checkpoint(trained, objective, keys):
-    metrics, out = trained[objective]
+    result, out = trained[objective]
+    metrics = result.metrics
     on_disk = json.loads((out / "metrics.json").read_text())
     assert keys <= set(on_disk) and on_disk == metrics
-    assert Path(metrics["best_checkpoint"]) == out / "checkpoints" / "best.ckpt"
+    assert Path(metrics["best_checkpoint"]) == result.best_checkpoint == out / "checkpoints" / "best.ckpt"
+    assert result.output_dir == out
+    assert (out / "checkpoints" / "last.ckpt").is_file()  # written at the end of every epoch, to resume from
     for key in keys:
         assert 0.0 <= on_disk[key] <= 1.0
     record = load_classifier(metrics["best_checkpoint"]).record
@@ -56,7 +59,7 @@ def test_metrics_json_and_checkpoint(trained, objective, keys):
 
 
 def test_robust_accuracy_is_below_clean(trained):
-    metrics, _ = trained["pgd_at"]
+    metrics = trained["pgd_at"][0].metrics
     assert metrics["test/robust_acc"] <= metrics["test/acc"]
 
 
@@ -64,7 +67,7 @@ def test_load_classifier_reproduces_logits_in_fresh_process(trained, tmp_path):
     """The rebuilt network gives the trained module's logits exactly, in a new interpreter."""
     from mixrobust.data import DigitsDataModule
 
-    ckpt = trained["pgd_at"][0]["best_checkpoint"]
+    ckpt = trained["pgd_at"][0].metrics["best_checkpoint"]
     dm = DigitsDataModule()
     x, _ = dm.eval_tensors("test")
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -87,12 +90,12 @@ def test_load_classifier_reproduces_logits_in_fresh_process(trained, tmp_path):
 
 def test_checkpoint_loads_without_pickled_code(trained):
     """torch.load(weights_only=True) accepts our checkpoints: nothing but tensors and plain data inside."""
-    ckpt = read_checkpoint(trained["standard"][0]["best_checkpoint"])
+    ckpt = read_checkpoint(trained["standard"][0].best_checkpoint)
     assert set(ckpt["mixrobust"]) >= {"format", "model", "objective", "threat", "sigma", "data"}
 
 
 def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
-    data = Path(trained["standard"][0]["best_checkpoint"]).read_bytes()
+    data = trained["standard"][0].best_checkpoint.read_bytes()
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -102,7 +105,7 @@ def test_truncated_checkpoint_is_one_clear_error(trained, tmp_path):
 
 
 def test_truncated_resume_checkpoint_fails_before_training(trained, make_cfg, tmp_path, monkeypatch):
-    data = Path(trained["standard"][0]["best_checkpoint"]).read_bytes()
+    data = trained["standard"][0].best_checkpoint.read_bytes()
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(data[:1000])
     monkeypatch.setattr(train.L.Trainer, "fit", lambda *a, **k: pytest.fail("training started"))
@@ -110,14 +113,39 @@ def test_truncated_resume_checkpoint_fails_before_training(trained, make_cfg, tm
         train.run(make_cfg([*FAST, f"ckpt_path={bad}"]))
 
 
+def test_resume_checkpoint_of_another_run_is_refused_before_training(trained, make_cfg, monkeypatch):
+    """ckpt_path is checked against this run's data, objective, model and optimizer before the Trainer starts."""
+    last = trained["standard"][1] / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(train.L.Trainer, "__init__", lambda *a, **k: pytest.fail("trainer built"))
+    with pytest.raises(CheckpointError, match="cannot resume this run: it was trained with objective 'standard' "
+                                              r"\(this run: 'pgd_at'\)"):
+        train.run(make_cfg([*FAST, "objective=pgd_at", f"ckpt_path={last}"]))
+
+
+def test_resume_continues_its_own_folder_with_its_own_schedule(trained, make_cfg, tmp_path):
+    """A resumed run writes into the folder of the run it continues (elsewhere Lightning would keep the old
+    folder's best checkpoint but not its score), with the same schedule length; resuming a finished run
+    there reports a checkpoint of that folder."""
+    run_dir = trained["standard"][1]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=f"belongs to the run folder {run_dir}.*hydra.run.dir={run_dir}"):
+        train.run(make_cfg([*FAST, f"ckpt_path={last}"], output_dir=tmp_path / "elsewhere"))
+    with pytest.raises(CheckpointError, match=r"trainer.max_epochs 2 \(this run: 3\)"):
+        train.run(make_cfg([*FAST, "trainer.max_epochs=3", f"ckpt_path={last}"], output_dir=run_dir))
+    result = train.run(make_cfg([*FAST, f"ckpt_path={last}"], output_dir=run_dir))
+    assert result.best_checkpoint.parent == run_dir / "checkpoints"
+
+
 @pytest.mark.parametrize(
     "overrides, error, match",
     [
         (["model.arch=no_such_net"], ConfigError, "unknown model 'no_such_net'; registered models: .*small_cnn"),
-        (["threat.eps=-0.1"], ConfigError, r"threat.eps must be a finite number >= 0"),
-        (["objective=pgd_at", "threat.eps=-0.1"], ConfigError, r"eps must be a finite number >= 0"),
+        (["threat.eps=-0.1"], ConfigError, r"threat.eps must be a number >= 0, got -0.1"),
+        (["objective=pgd_at", "threat.eps=-0.1"], ConfigError, r"threat.eps must be a number >= 0, got -0.1"),
+        (["objective=pgd_at", "objective.eps=-0.1"], ConfigError, r"objective.eps must be a finite number >= 0"),
         (["objective=gaussian_noise", "objective.sigma=0"], ConfigError, "sigma must be > 0"),
-        (["threat.norm=l3"], ConfigError, "unknown norm 'l3'; valid values: linf, l2"),
+        (["threat.norm=l3"], ConfigError, "unknown threat.norm 'l3'; valid values: linf, l2"),
+        (["trainer.max_epochs=0"], ConfigError, "trainer.max_epochs must be a whole number >= 1, got 0"),
         (["data=mnist", "data_root=/nonexistent/folder"], DataNotFoundError, "/nonexistent/folder.*data.root"),
     ],
 )
@@ -180,7 +208,7 @@ def test_cifar10_real_data_end_to_end(data_root, make_cfg):
         "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
         "test_attack_steps=2", "val_attack_steps=2",
     ])
-    metrics = train.run(cfg)
+    metrics = train.run(cfg).metrics
     assert {"test/acc", "test/robust_acc"} <= set(metrics)
     model = load_classifier(metrics["best_checkpoint"])
     assert model.record["data"] == "cifar10" and model.input_shape == (3, 32, 32)

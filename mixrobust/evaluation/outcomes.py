@@ -22,7 +22,8 @@ from mixrobust.runtime.files import atomic_write
 from mixrobust.evaluation.options import CLEAN, WORST, MixOption
 
 #: Columns of results.csv / results.json, in order.
-COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "steps", "accuracy", "n")
+COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "implementation", "steps", "accuracy",
+           "n")
 BASE_MODELS = ("g", "h")
 BASE_IMAGES = (CLEAN, "std", "rob")  # g and h are judged on the clean, g-PGD and h-PGD images
 
@@ -62,7 +63,18 @@ def _steps(outcomes: Outcomes, attack: str) -> int | None:
     return None if attack == "autoattack" else outcomes.steps
 
 
+def _implementation(outcomes: Outcomes, attacks) -> str | None:
+    """Which code ran `attacks` (see the module docstring); None for the clean images alone."""
+    known = outcomes.meta.get("implementations") or {}
+    names = sorted({known.get(a, "unknown") for a in attacks if a != CLEAN})
+    return " + ".join(names) or None
+
+
 def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None, attack: str, acc: float) -> dict:
+    if attack == WORST:
+        attacks = BASE_IMAGES if model in BASE_MODELS else outcomes.attacks
+    else:
+        attacks = (attack,)
     return {
         "model": model,
         "alpha": alpha,
@@ -71,6 +83,7 @@ def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None,
         "norm": outcomes.norm,
         "eps": outcomes.eps,
         "attack": attack,
+        "implementation": _implementation(outcomes, attacks),
         "steps": _steps(outcomes, attack),
         "accuracy": acc,
         "n": outcomes.n,

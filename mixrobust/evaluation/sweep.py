@@ -47,7 +47,7 @@ from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
-from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
+from mixrobust.runtime.cache import DiskCache, code_digest, package_version, tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,16 @@ class _Sweep:
         return out
 
 
+def implementations(attack, autoattack=None) -> dict[str, str]:
+    """Which code runs each attack: ``mixrobust <version>`` for our PGD (std, rob, mix); AutoAttack's
+    provenance (its implementation and version) for autoattack."""
+    ours = f"mixrobust {package_version()}" if isinstance(attack, PGD) else type(attack).__qualname__
+    out = {"std": ours, "rob": ours, "mix": ours}
+    if autoattack is not None:
+        out["autoattack"] = getattr(autoattack, "provenance", type(autoattack).__qualname__)
+    return out
+
+
 def _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size) -> tuple:
     alphas, _ = check_alphas(list(alphas) if not isinstance(alphas, (int, float)) else [alphas])
     options = tuple(o if isinstance(o, MixOption) else MixOption(*o) for o in options)
@@ -355,7 +365,8 @@ def run_sweep(
         index=np.arange(y.shape[0]) if index is None else np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64),
         labels=y.cpu().numpy(), norm=attack.norm.value, eps=attack.eps, steps=attack.steps,
         meta={"attack": repr(attack), "autoattack": repr(autoattack) if autoattack is not None else None,
-              "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r},
+              "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r,
+              "implementations": implementations(attack, autoattack)},
     )
     gaps = {"g/clean": clean.base["g"][1], "g/std": judged["std"].base["g"][1], "h/clean": clean.base["h"][1],
             "h/rob": judged["rob"].base["h"][1], "mix/clean": clean.gap}

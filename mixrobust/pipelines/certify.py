@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,7 @@ from mixrobust.certify.sound import BoundSplit, SoftBound, Votes
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
-from mixrobust.pipelines.fields import bounded, parse, plain
+from mixrobust.pipelines.fields import bounded, parse, plain, require
 from mixrobust.pipelines.mix import VOLATILE
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
@@ -94,20 +95,13 @@ class CertifyKeys:
 
 
 @dataclass(frozen=True)
-class CertifySettings:
-    g: inputs.ModelFile
-    h: inputs.ModelFile
+class CertifySettings(inputs.EvaluationJob):
+    """Everything the task does, checked (see `settings`)."""
+
     baseline: inputs.ModelFile | None
     sigma: float
     baseline_sigma: float | None
-    data: Any
-    examples: inputs.Examples
     c: CertifyKeys
-    job: inputs.JobKeys
-    device: str
-    processes: int
-    logger: Any
-    config: dict
 
     @property
     def fingerprint(self) -> str:
@@ -140,6 +134,7 @@ def settings(cfg: DictConfig) -> CertifySettings:
     """Read and check the whole configuration of a certification job; no model is loaded, no image is read."""
     job = parse(inputs.JobKeys, cfg, strict=False)
     c = parse(CertifyKeys, cfg.certify, "certify")
+    require(cfg, "g_ckpt", "h_ckpt")
     g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
     inputs.check_pair(g, h)
     baseline = inputs.model_file(cfg.certify, "certify.baseline_ckpt") if c.baseline_ckpt is not None else None
@@ -173,29 +168,28 @@ class CertifyResult:
         return f"clean accuracy: g {acc['g']:.4f}, smoothed h {acc['h']:.4f}; {chosen}"
 
 
-def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torch.Tensor):
-    """h's votes (and the baseline's, Cohen et al.'s CERTIFY: hard votes with selection samples), sampled once."""
+def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torch.Tensor, models: list) -> list:
+    """The votes of each smoothed model: h's, and the baseline's (Cohen et al.'s CERTIFY: hard votes with
+    selection samples), each sampled once."""
     c, seed = s.c, s.examples.seed
     common = dict(n0=c.n0, n=c.n, soft_bound=c.soft_bound, batch_size=c.batch_size, workers=c.workers,
                   compile=c.compile, autocast_dtype=c.autocast_dtype)
-    where = device if s.processes == 1 else "cpu"
     out = []
-    for model, sigma, votes, offset, mode in ((s.h, s.sigma, c.votes, 0, c.mode),
-                                              (s.baseline, s.baseline_sigma, "hard", 1, "sound")):
-        if model is not None:
-            fn = functools.partial(smoothed_votes, load_classifier(model.path, map_location=where), sigma,
-                                   votes=votes, seed=seed + offset, mode=mode, **common)
-            try:
-                out.append(concat_votes(map_shards(fn, [x, keys], device, s.processes)))
-            except NonFiniteError as exc:
-                raise NonFiniteError(f"{model.key} ({model.path}): {exc}") from None
+    for (file, model), sigma, votes, offset, mode in zip(models, (s.sigma, s.baseline_sigma), (c.votes, "hard"),
+                                                        (0, 1), (c.mode, "sound")):
+        fn = functools.partial(smoothed_votes, model, sigma, votes=votes, seed=seed + offset, mode=mode, **common)
+        try:
+            out.append(concat_votes(map_shards(fn, [x, keys], device, s.processes)))
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{file.key} ({file.path}): {exc}") from None
     return out
 
 
 @torch.no_grad()
-def _log_probs(model, x: torch.Tensor, batch_size: int) -> np.ndarray:
+def _log_probs(model, x: torch.Tensor, batch_size: int, key: str) -> np.ndarray:
+    """The model's log-probabilities on the clean images (N, K); NaN or inf outputs stop the run, naming `key`."""
     out = torch.cat([torch.log_softmax(model(b).double(), dim=1) for b in x.split(batch_size)])  # (N, K)
-    check_finite(out, "g_ckpt (its clean pass)")
+    check_finite(out, f"{key} (its clean pass)")
     return out.cpu().numpy()
 
 
@@ -210,13 +204,17 @@ def run(cfg: DictConfig) -> CertifyResult:
     clear_marker(out, MARKER)
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "certify") as logger:
         g = load_classifier(s.g.path, map_location=device)
+        where = device if s.processes == 1 else torch.device("cpu")  # several processes: each moves its copy
+        smoothed = [(f, load_classifier(f.path, map_location=where)) for f in (s.h, s.baseline) if f is not None]
         x, y, index = s.examples.select(s.data, g.input_shape)
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
                  s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)
-        g_log_probs = _log_probs(g, x.to(device), s.job.batch_size)  # first: a NaN g fails before any sampling
+        g_log_probs = _log_probs(g, x.to(device), s.job.batch_size, "g_ckpt")
+        for file, model in smoothed:  # a model with NaN weights fails here, before any sampling
+            _log_probs(model, x.to(where), s.job.batch_size, file.key)
         start = time.perf_counter()
-        sampled = _votes(s, device, x.to(device), index)
+        sampled = _votes(s, device, x.to(device), index, smoothed)
         timings = {"sample": time.perf_counter() - start}
         summary, paths, cert, base = _certify(s, sampled, g_log_probs, y.numpy(), index.numpy(), out)
         summary.update(device=str(device), timings=timings, fingerprint=fp)
@@ -238,8 +236,10 @@ def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.nd
     if selection["reason"]:
         (log.warning if target is not None else log.info)("alpha selection: %s", selection["reason"])
     alphas = sorted(set(c.alphas) | ({selection["alpha"]} if selection["alpha"] is not None else set()))
-    cert = certify_mixture(votes, g_log_probs, labels, alphas, s.sigma, c.mode, c.failure_prob, c.bound,
-                           c.soft_bound, c.lipschitz)
+    with warnings.catch_warnings():  # alphas < 1/2 were warned about when the settings were read
+        warnings.filterwarnings("ignore", message=r"alpha=.* < 1/2")
+        cert = certify_mixture(votes, g_log_probs, labels, alphas, s.sigma, c.mode, c.failure_prob, c.bound,
+                               c.soft_bound, c.lipschitz)
     grid = radius_grid(cert, base, c.radius_max, c.radius_points)
     title = (f"{s.data.name}, h sigma={s.sigma:g}, {c.mode} ({c.votes} votes, n={c.n}"
              + (f", failure_prob={c.failure_prob:g}" if c.mode == "sound" else "") + f"), {len(labels)} images")

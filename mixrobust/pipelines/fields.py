@@ -159,15 +159,25 @@ def parse(cls: type[T], node: Any, key: str = "", *, strict: bool = True, **give
                           f"{', '.join(sorted(names))}")
     hints = get_type_hints(cls)
     values = dict(given)
+    present = set(node.keys())  # `in` on a DictConfig is False for a ``???`` value, which must not be skipped
     for f in dataclasses.fields(cls):
         if not f.init or f.name in given:
             continue
-        if f.name in node:
+        if f.name in present:
             values[f.name] = convert(value_at(node, f.name, key), hints[f.name], join(key, f.name), f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing config value {join(key, f.name)}; set it on the command line, e.g. "
                               f"{join(key, f.name)}=...")
     return cls(**values)
+
+
+def require(node: DictConfig, *names: str) -> None:
+    """One ConfigError naming every one of `names` that is missing (``???``) or null in `node`."""
+    missing = [n for n in names if n not in node or OmegaConf.is_missing(node, n) or node.get(n) is None]
+    if missing:
+        example = " ".join(f"{n}=..." for n in missing)
+        raise ConfigError(f"missing config value{'s' if len(missing) > 1 else ''} {', '.join(missing)}; set "
+                          f"{'them' if len(missing) > 1 else 'it'} on the command line, e.g. {example}")
 
 
 def plain(node: Any, key: str = "the config") -> Any:
@@ -201,12 +211,13 @@ def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return instantiate(container, *args, **kwargs)
     except InstantiationException as exc:
-        cause = exc.__cause__
+        cause = exc.__cause__ or exc
         if isinstance(cause, MixrobustError):
             raise cause from None
         target = container["_target_"]
-        if cause is None or isinstance(cause, (ImportError, AttributeError)) and "_target_" in str(exc):
-            raise ConfigError(f"{key}._target_={target!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+        if str(exc).startswith("Error locating target"):  # Hydra could not import it
+            detail = str(cause).splitlines()[-1]
+            raise ConfigError(f"{key}._target_={target!r} cannot be loaded: {detail}") from None
         unexpected = _UNEXPECTED.search(str(cause))
         if isinstance(cause, TypeError) and unexpected:
             raise ConfigError(f"{join(key, unexpected.group(1))} is not a setting of {target}") from None

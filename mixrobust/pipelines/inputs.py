@@ -97,6 +97,21 @@ class DistributedKeys:
 
 
 @dataclass(frozen=True)
+class EvaluationJob:
+    """What every evaluation task's settings hold: the two models, the data, the images, the job's switches."""
+
+    g: ModelFile
+    h: ModelFile
+    data: Any  # the data module, not loaded yet
+    examples: "Examples"
+    job: JobKeys
+    device: str
+    processes: int
+    logger: Any
+    config: dict  # the whole configuration, plain and resolved (fingerprints, logger hyperparameters)
+
+
+@dataclass(frozen=True)
 class Examples:
     """Which images are evaluated: the split, and its first `n` or `n_per_class` per class (drawn with `seed`)."""
 

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mixrobust.attacks import PGD, AutoAttack
+from mixrobust.attacks.autoattack import IMPLEMENTATIONS
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import AttackName, MixOption, format_table, read_results_csv, run_sweep, write_results
@@ -34,7 +35,7 @@ from mixrobust.evaluation.report import FILES
 from mixrobust.evaluation.sweep import merge_results
 from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas
 from mixrobust.pipelines import inputs
-from mixrobust.pipelines.fields import bounded, build, parse, plain
+from mixrobust.pipelines.fields import bounded, build, parse, plain, require
 from mixrobust.runtime.cache import DiskCache
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
@@ -76,19 +77,22 @@ class SweepKeys:
 
 
 @dataclass(frozen=True)
+class AutoAttackKeys:
+    """``autoattack.implementation``: which installed AutoAttack runs (see `mixrobust.attacks.autoattack`)."""
+
+    implementation: IMPLEMENTATIONS = "auto"
+
+
+@dataclass(frozen=True)
 class CacheKeys:
     enabled: bool = True
     dir: Path | None = None
 
 
 @dataclass(frozen=True)
-class MixSettings:
+class MixSettings(inputs.EvaluationJob):
     """Everything the task does, checked (see `settings`)."""
 
-    g: inputs.ModelFile
-    h: inputs.ModelFile
-    data: Any  # the data module, not loaded yet
-    examples: inputs.Examples
     threat: Threat
     attack: PGD
     autoattack: AutoAttack | None
@@ -96,12 +100,7 @@ class MixSettings:
     options: tuple[MixOption, ...]
     mix: MixKeys
     sweep: SweepKeys
-    job: inputs.JobKeys
     cache_dir: Path | None
-    device: str
-    processes: int
-    logger: Any
-    config: dict
 
     @property
     def fingerprint(self) -> str:
@@ -126,7 +125,8 @@ def attack(cfg: DictConfig, threat: Threat) -> PGD:
 def settings(cfg: DictConfig) -> MixSettings:
     """Read and check the whole configuration of a mix job; no model is loaded, no image is read."""
     job, sweep = parse(inputs.JobKeys, cfg, strict=False), parse(SweepKeys, cfg, strict=False)
-    mix = parse(MixKeys, cfg.mix, "mix")
+    mix, examples = parse(MixKeys, cfg.mix, "mix"), inputs.examples(cfg)
+    require(cfg, "g_ckpt", "h_ckpt")
     g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
     inputs.check_pair(g, h)
     inputs.warn_if_swapped(g, h)
@@ -138,12 +138,13 @@ def settings(cfg: DictConfig) -> MixSettings:
     cache = parse(CacheKeys, cfg.cache, "cache")
     autoattack = None
     if AttackName.AUTOATTACK in sweep.attacks:
-        autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=inputs.examples(cfg).seed,
-                                implementation=cfg.autoattack.implementation, batch_size=job.batch_size)
+        implementation = parse(AutoAttackKeys, cfg.autoattack, "autoattack").implementation
+        autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=examples.seed,
+                                implementation=implementation, batch_size=job.batch_size)
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
     options = tuple(dict.fromkeys(MixOption(r, s) for r in mix.r_options for s in mix.mix_spaces))
     return MixSettings(
-        g=g, h=h, data=data, examples=inputs.examples(cfg), threat=threat, attack=pgd, autoattack=autoattack,
+        g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack,
         alphas=tuple(sorted(set(alphas))), options=options, mix=mix, sweep=sweep, job=job,
         cache_dir=cache.dir if cache.enabled else None, device=inputs.device(cfg),
         processes=parse(inputs.DistributedKeys, cfg.distributed, "distributed").devices, logger=cfg.get("logger"),
@@ -195,7 +196,7 @@ def run(cfg: DictConfig) -> MixResult:
         result = merge_results(map_shards(sweep, [x, y, index], device, s.processes))
         seconds = time.perf_counter() - start
         paths = write_results(out, result, plots=s.job.plots)
-        _log(logger, result.rows(), paths, s.config)
+        _log(logger, result.rows(), paths, {**s.config, "implementations": result.outcomes.meta["implementations"]})
         write_marker(out, MARKER, _marker(s, result, len(y), device, seconds, cache), fp, list(paths))
         log.info("sweep done in %.1f s; results in %s", seconds, out)
     return MixResult(result.rows(), {k: str(v) for k, v in paths.items()}, out, seconds, False, result.margins)
@@ -205,6 +206,7 @@ def _marker(s: MixSettings, result, n: int, device, seconds: float, cache: DiskC
     return {
         "g_ckpt": str(s.g.path), "h_ckpt": str(s.h.path), "data": s.data.name, "split": s.examples.split, "n": n,
         "threat": s.threat.as_dict(), "attack": repr(s.attack), "autoattack": repr(s.autoattack),
+        "implementations": result.outcomes.meta["implementations"],
         "device": str(device), "processes": s.processes, "seconds": seconds, "timings": result.timings,
         "warnings": result.warnings, "g_record": s.g.record, "h_record": s.h.record,
         # hits and misses are counted in this process (with several processes, in theirs: not here)

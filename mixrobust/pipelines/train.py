@@ -122,6 +122,20 @@ def _optimizer(cfg: DictConfig, model):
     return optimizer, scheduler, optimizer_spec(built)
 
 
+def _check_resume(keys: TrainKeys, expected: dict) -> None:
+    """A resumed run continues its own run folder with the settings it was trained with.
+
+    In another folder Lightning would keep the best checkpoint of the old folder but not its score,
+    so the best checkpoint this run reports could be another run's file.
+    """
+    check_resume(keys.ckpt_path, expected)
+    folder = keys.ckpt_path.expanduser().resolve().parent
+    if folder != (keys.output_dir / "checkpoints").resolve():
+        run_dir = folder.parent
+        raise ConfigError(f"ckpt_path={keys.ckpt_path} belongs to the run folder {run_dir}; a resumed run continues "
+                          f"in that folder: add hydra.run.dir={run_dir}")
+
+
 def settings(cfg: DictConfig) -> TrainSettings:
     """Read and check the whole configuration of a training run (see the module docstring)."""
     keys = parse(TrainKeys, cfg, strict=False)
@@ -132,8 +146,8 @@ def settings(cfg: DictConfig) -> TrainSettings:
     model = _model(cfg, data, keys.seed)
     optimizer, scheduler, opt_spec = _optimizer(cfg, model)
     if keys.ckpt_path is not None:
-        check_resume(keys.ckpt_path, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
-                                      "optimizer": opt_spec})
+        _check_resume(keys, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
+                                      "optimizer": opt_spec, "max_epochs": trainer.max_epochs})
     trainer_args = {k: v for k, v in plain(cfg.trainer, "trainer").items() if k not in TRAINER_EXTRAS}
     return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
                          cfg.get("logger"), plain(cfg))
@@ -168,7 +182,8 @@ def _trainer(s: TrainSettings, trainer_args: dict, logger, checkpoint: ModelChec
 
 def _stopped(checkpoint: ModelCheckpoint, trainer: L.Trainer) -> StoppedError:
     last = Path(checkpoint.dirpath or "") / "last.ckpt"
-    where = (f"the last complete epoch is saved in {last}: resume with ckpt_path={last}" if last.is_file()
+    where = (f"the last complete epoch is saved in {last}: resume by rerunning with ckpt_path={last} "
+             f"hydra.run.dir={last.parent.parent}" if last.is_file()
              else "no epoch had completed, so there is no checkpoint to resume from")
     return StoppedError(f"training was stopped by SIGTERM during epoch {trainer.current_epoch}; {where}")
 

@@ -152,9 +152,11 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.make_scheduler(self.scheduler_factory, optimizer, total)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
         checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name,
-                                                 optimizer=optimizer_spec(optimizers[0]) if optimizers else None)
+                                                 optimizer=optimizer_spec(optimizers[0]) if optimizers else None,
+                                                 max_epochs=trainer.max_epochs if trainer is not None else None)
 
 
 def _needs_total_steps(factory) -> bool:

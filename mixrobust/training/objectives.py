@@ -18,7 +18,7 @@ from torch import nn
 
 from mixrobust.attacks import PGD
 from mixrobust.errors import ConfigError
-from mixrobust.threat import Norm, Threat, ascent_step, project
+from mixrobust.threat import Norm, Threat, ascent_step, checked_values, project
 
 Output = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -54,7 +54,7 @@ class _ThreatObjective(Objective):
     monitor = "val/robust_acc"
 
     def __init__(self, norm: Norm | str, eps: float, step_size: float, steps: int = 10, random_start: bool = True):
-        self.threat = Threat(norm=norm, eps=eps, step_size=step_size)
+        self.threat = Threat(*checked_values(norm, eps, step_size, key="objective"))
         if int(steps) < 1:
             raise ConfigError(f"objective.steps must be >= 1 for adversarial training, got {steps}")
         self.steps = int(steps)

@@ -1,0 +1,88 @@
+"""Resuming training: refuse a checkpoint that belongs to another run, before the Trainer starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+from mixrobust.checkpoint.files import read_checkpoint
+from mixrobust.checkpoint.record import CHECKPOINT_KEY
+from mixrobust.errors import CheckpointError
+
+RESUME_KEYS = ("epoch", "global_step", "optimizer_states", "loops")  # Lightning's state beyond the weights
+
+
+def check_resume(path: str | os.PathLike, expected: Mapping) -> dict:
+    """Refuse to resume training from a checkpoint that belongs to another run; return its record.
+
+    `expected` describes this run: ``"data"`` (str), ``"objective"`` (its ``spec()``), ``"model"``
+    (arch, num_classes, input_shape), ``"optimizer"`` (an `optimizer_spec` dict or None) and
+    ``"max_epochs"`` (the schedule's length: a one-cycle or cosine schedule cannot be stretched). The
+    checkpoint must hold Lightning's resume state (`RESUME_KEYS`), and its data set, objective name
+    (and, for robust objectives, threat norm and eps), architecture, class count, input shape,
+    optimizer name and max_epochs must equal this run's. A None on either side (e.g. a record without an
+    optimizer entry whose name cannot be inferred from its optimizer state) is not compared. All
+    differences are listed in one `CheckpointError`.
+    """
+    ckpt = read_checkpoint(path)
+    absent = [key for key in RESUME_KEYS if key not in ckpt]
+    if absent:
+        raise CheckpointError(
+            f"ckpt_path={path} holds weights only (no {', '.join(absent)}): it was saved without the optimizer "
+            "and loop state, so training cannot resume from it. Use it as initial weights instead "
+            "(mixrobust.load_classifier) and drop ckpt_path"
+        )
+    record = ckpt[CHECKPOINT_KEY]
+    trained = {**record, "optimizer": record.get("optimizer") or _inferred_optimizer(ckpt)}
+    diffs = _resume_differences(trained, expected)
+    if diffs:
+        raise CheckpointError(
+            f"ckpt_path={path} cannot resume this run: it was trained with {', '.join(diffs)}; "
+            "resume with the settings it was trained with, or drop ckpt_path to start afresh"
+        )
+    return record
+
+
+def _inferred_optimizer(ckpt: dict) -> dict | None:
+    """{"name": "adamw" | "sgd"} from Lightning's saved optimizer state, for records without an optimizer entry."""
+    try:
+        group = ckpt["optimizer_states"][0]["param_groups"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    if "betas" in group:
+        return {"name": "adamw"}
+    if "momentum" in group:
+        return {"name": "sgd"}
+    return None
+
+
+def _resume_differences(trained: Mapping, expected: Mapping) -> list[str]:
+    """Phrases "<what> <trained value> (this run: <expected value>)" for every setting that differs."""
+    diffs = []
+
+    def compare(what: str, mine, theirs, show=repr) -> None:
+        if mine is not None and theirs is not None and mine != theirs:
+            diffs.append(f"{what} {show(mine)} (this run: {show(theirs)})")
+
+    compare("data", trained.get("data"), expected.get("data"))
+    mine, theirs = trained["objective"], expected.get("objective") or {}
+    compare("objective", mine["name"], theirs.get("name"))
+    if mine["name"] == theirs.get("name") and isinstance(mine.get("threat"), dict) and theirs.get("threat"):
+        a, b = mine["threat"], theirs["threat"]
+        same_norm = a["norm"] == getattr(b["norm"], "value", b["norm"])
+        if not (same_norm and math.isclose(a["eps"], float(b["eps"]), rel_tol=1e-9, abs_tol=1e-12)):
+            diffs.append(f"threat {_threat_text(a)} (this run: {_threat_text(b)})")
+    model, want = trained["model"], expected.get("model") or {}
+    compare("model", model["arch"], want.get("arch"))
+    compare("num_classes", model["num_classes"], want.get("num_classes"), show=str)
+    shape = want.get("input_shape")
+    compare("input_shape", list(model["input_shape"]), None if shape is None else [int(s) for s in shape], show=str)
+    optimizer = trained.get("optimizer") or {}
+    compare("optimizer", optimizer.get("name"), (expected.get("optimizer") or {}).get("name"))
+    compare("trainer.max_epochs", trained.get("max_epochs"), expected.get("max_epochs"), show=str)
+    return diffs
+
+
+def _threat_text(threat: Mapping) -> str:
+    return f"{getattr(threat['norm'], 'value', threat['norm'])} eps={float(threat['eps']):g}"

@@ -1,0 +1,128 @@
+"""Typed settings: the field parser's conversions and messages, and the checks and warnings the tasks add."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from omegaconf import OmegaConf
+
+from mixrobust.errors import ConfigError
+from mixrobust.pipelines import fields, inputs
+from mixrobust.threat import Norm
+
+
+class Color(str, Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass(frozen=True)
+class Keys:
+    count: int = fields.bounded(1, ge=1)
+    rate: float = fields.bounded(0.5, gt=0, le=1)
+    flag: bool = False
+    name: Literal["a", "b"] = "a"
+    color: Color = Color.RED
+    values: tuple[float, ...] = fields.bounded((0.0,), ge=0, min_len=1)
+    path: Path | None = None
+    limit: float | None = fields.bounded(None, ge=0, allow_inf=True)
+
+
+def parse(**node):
+    return fields.parse(Keys, OmegaConf.create(node), "k")
+
+
+def test_values_are_converted_by_their_type_hints():
+    keys = parse(count=3.0, rate=1, flag=True, name="b", color="BLUE", values=0.25, path="~/x", limit=float("inf"))
+    assert keys == Keys(3, 1.0, True, "b", Color.BLUE, (0.25,), Path("~/x").expanduser(), float("inf"))
+    assert isinstance(keys.count, int) and isinstance(keys.rate, float)
+    assert parse() == Keys()
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"count": 0}, r"^k\.count must be a whole number >= 1, got 0$"),
+        ({"count": 2.5}, r"^k\.count must be a whole number, got 2\.5$"),
+        ({"count": "abc"}, r"^k\.count must be a whole number >= 1, got 'abc'$"),
+        ({"count": True}, r"^k\.count must be a whole number >= 1, got True$"),
+        ({"rate": 0}, r"^k\.rate must be a number > 0 and <= 1, got 0\.0$"),
+        ({"rate": float("nan")}, r"^k\.rate must be a finite number, got nan$"),
+        ({"rate": float("inf")}, r"^k\.rate must be a finite number, got inf$"),
+        ({"flag": "yes"}, r"^k\.flag must be true or false, got 'yes'$"),
+        ({"name": "c"}, r"^unknown k\.name 'c'; valid values: a, b$"),
+        ({"color": "green"}, r"^unknown k\.color 'green'; valid values: red, blue$"),
+        ({"values": []}, r"^k\.values must hold at least 1 value\(s\), got \[\]$"),
+        ({"values": [0.5, -1.0]}, r"^k\.values\[1\] must be a number >= 0, got -1\.0$"),
+        ({"count": None}, r"^k\.count must be set, got null$"),
+        ({"cuont": 2}, r"^unknown setting k\.cuont; valid settings of k: color, count, flag"),
+    ],
+)
+def test_every_bad_value_names_its_key(node, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(**node)
+
+
+def test_missing_and_unresolvable_values_name_their_key():
+    with pytest.raises(ConfigError, match=r"missing config value k\.count; set it on the command line"):
+        fields.parse(Keys, OmegaConf.create({"count": "???"}), "k")
+    with pytest.raises(ConfigError, match=r"^k\.rate cannot be resolved"):
+        fields.parse(Keys, OmegaConf.create({"rate": "${nowhere}"}), "k")
+    with pytest.raises(ConfigError, match=r"missing config values g_ckpt, h_ckpt; .* g_ckpt=\.\.\. h_ckpt=\.\.\."):
+        fields.require(OmegaConf.create({"g_ckpt": "???", "h_ckpt": None}), "g_ckpt", "h_ckpt")
+
+
+def test_build_names_the_node_for_any_failure():
+    with pytest.raises(ConfigError, match=r"^attack\.stpes is not a setting of mixrobust\.attacks\.PGD$"):
+        fields.build({"_target_": "mixrobust.attacks.PGD", "eps": 0.1, "step_size": 0.1, "stpes": 3}, "attack")
+    with pytest.raises(ConfigError, match=r"^attack\._target_='mixrobust\.attacks\.Nope' cannot be loaded"):
+        fields.build({"_target_": "mixrobust.attacks.Nope"}, "attack")
+    with pytest.raises(ConfigError, match=r"^data must be a config group with a _target_"):
+        fields.build({"root": "x"}, "data")
+    with pytest.raises(ConfigError, match=r"attack loss"):  # our own error passes through unchanged
+        fields.build({"_target_": "mixrobust.attacks.PGD", "eps": 0.1, "step_size": 0.1, "loss": "hinge"}, "attack")
+
+
+def _model(key: str, objective: str, threat=None, shape=(1, 8, 8)) -> inputs.ModelFile:
+    record = {"model": {"num_classes": 10, "input_shape": list(shape)}, "objective": {"name": objective},
+              "threat": threat, "data": "digits"}
+    return inputs.ModelFile(key, Path(f"/{key}.ckpt"), record)
+
+
+def test_swapped_models_and_threat_mismatch_warn(caplog):
+    with caplog.at_level(logging.WARNING, logger="mixrobust"):
+        inputs.warn_if_swapped(_model("g_ckpt", "pgd_at"), _model("h_ckpt", "standard"))
+        inputs.warn_if_swapped(_model("g_ckpt", "standard"), _model("h_ckpt", "pgd_at"))
+        threat = inputs.threat(OmegaConf.create({"threat": {"norm": "l2", "eps": 0.5, "step_size": 0.1}}), (1, 8, 8))
+        inputs.warn_threat_mismatch(_model("h_ckpt", "pgd_at", {"norm": "linf", "eps": 0.2}), threat)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "g_ckpt was trained with pgd_at and h_ckpt with standard training" in messages[0]
+    assert "h_ckpt was trained against linf eps=0.2 but is evaluated at l2 eps=0.5" in messages[1]
+
+
+def test_pair_checks_and_threat_range():
+    with pytest.raises(ConfigError, match=r"g_ckpt takes inputs of shape \(1, 8, 8\) but h_ckpt takes \(1, 28, 28\)"):
+        inputs.check_pair(_model("g_ckpt", "standard"), _model("h_ckpt", "standard", shape=(1, 28, 28)))
+    threat = lambda norm, eps: inputs.threat(  # noqa: E731
+        OmegaConf.create({"threat": {"norm": norm, "eps": eps, "step_size": 0.1}}), (1, 8, 8))
+    assert threat("l2", 8.0).eps == 8.0  # the diameter of [0,1]^64
+    with pytest.raises(ConfigError, match=r"threat\.eps=8\.01 exceeds the input range: an l_2 ball of radius 8"):
+        threat("l2", 8.01)
+    with pytest.raises(ConfigError, match=r"threat\.eps=1\.5 exceeds the input range: an l_inf ball of radius 1"):
+        threat("linf", 1.5)
+    assert threat("linf", 1.0).norm is Norm.LINF
+
+
+def test_unreachable_steps_warn_unless_random_start(caplog):
+    with caplog.at_level(logging.WARNING, logger="mixrobust"):
+        inputs.warn_unreachable(10, 0.0027, 8 / 255, False, "attack")  # the paper's Figure 1 PGD-10
+        inputs.warn_unreachable(20, 0.0027, 8 / 255, False, "attack")  # its PGD-20 reaches eps
+        inputs.warn_unreachable(10, 0.0027, 8 / 255, True, "attack")
+    assert len(caplog.records) == 1
+    assert "10 steps of 0.0027 reach at most 0.027" in caplog.records[0].getMessage()
