@@ -184,11 +184,12 @@ def cases(f: dict) -> list[Case]:
     ]
 
 
-def _cli(script: str, args: list[str], cwd: str, stdout: str, stderr: str) -> None:
+def _cli(script: str, args: list[str], cwd: str, stdout: str, stderr: str, env: dict) -> None:
     """Child process: run `script` as ``python script args...`` would (its ``__main__``), output to files."""
     import runpy
     import traceback
 
+    os.environ.update(env)
     os.chdir(cwd)
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
@@ -222,11 +223,11 @@ def _argv(case: Case, out: Path) -> list[str]:
     return [*(["-m"] if case.multirun else []), *case.args, hydra_dir, "logger=none"]
 
 
-def _run_forked(ctx, case: Case, out: Path) -> Outcome:
+def _run_forked(ctx, case: Case, out: Path, env: dict | None = None) -> Outcome:
     """The case in a process forked from a server that imported the entry points' libraries once."""
     folder = out.parent
     proc = ctx.Process(target=_cli, args=(str(ROOT / case.script), _argv(case, out), str(folder),
-                                          str(folder / "stdout"), str(folder / "stderr")))
+                                          str(folder / "stdout"), str(folder / "stderr"), env or {}))
     proc.start()
     proc.join(300)
     return Outcome(proc.exitcode, (folder / "stdout").read_text(), (folder / "stderr").read_text())
@@ -275,14 +276,21 @@ def _problems(case: Case, out: Path, got: Outcome) -> list[str]:
 COLD = ("h_ckpt=/nonexistent/best.ckpt", "mix.alphas=[0.2],[1.5]", "trainer.max_epochs=0", "data=nosuch")
 
 
-def test_every_bad_input_gives_one_clean_message(files, tmp_path):
+@pytest.fixture(scope="module")
+def server():
+    """Processes forked from a server that imported the entry points' libraries once."""
     import multiprocessing
 
-    all_cases = cases(files)
-    assert len({(c.script, c.args) for c in all_cases}) == len(all_cases) >= 40
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["mixrobust.pipelines.train", "mixrobust.pipelines.mix", "mixrobust.pipelines.certify",
                                 "hydra._internal.utils", __name__])
+    return ctx
+
+
+def test_every_bad_input_gives_one_clean_message(files, server, tmp_path):
+    ctx = server
+    all_cases = cases(files)
+    assert len({(c.script, c.args) for c in all_cases}) == len(all_cases) >= 40
     failures, cold = [], 0
     for i, case in enumerate(all_cases):
         runs = [("forked", _run_forked)] + ([("fresh", _run_cold)] if set(case.args) & set(COLD) else [])
@@ -297,3 +305,14 @@ def test_every_bad_input_gives_one_clean_message(files, tmp_path):
                                 + "\n    ".join(got.strip().splitlines()[-6:]))
     assert cold == len(COLD)
     assert not failures, f"{len(failures)} bad inputs misbehaved:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("debug", [("debug=true",), ("HYDRA_FULL_ERROR=1",)])
+def test_debug_and_hydra_full_error_show_the_traceback(files, server, tmp_path, debug):
+    flag = {"HYDRA_FULL_ERROR": "1"} if debug[0].startswith("HYDRA") else {}
+    args = (f"g_ckpt={files['g']}", f"h_ckpt={files['h']}", "mix.alphas=[1.5]", *([] if flag else debug))
+    out = tmp_path / "run"
+    out.parent.mkdir(exist_ok=True)
+    got = _run_forked(server, Case("evaluate.py", args, ""), out, env=flag)
+    assert got.returncode != 0 and not _written(out)
+    assert "Traceback" in got.stderr and "mix.alphas[0] must be a number >= 0 and <= 1, got 1.5" in got.stderr

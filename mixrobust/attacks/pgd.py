@@ -19,6 +19,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,8 @@ from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss
 from mixrobust.errors import ConfigError, NonFiniteError, check_choice
 from mixrobust.threat import Norm, Threat
 
-AUTOCAST_DTYPES = ("bfloat16", "float16", "float32")
+AutocastDtype = Literal["bfloat16", "float16", "float32"]
+AUTOCAST_DTYPES: tuple[str, ...] = get_args(AutocastDtype)
 
 #: The end of every NonFiniteError message: why the run stops and what to look at.
 NONFINITE_ADVICE = (

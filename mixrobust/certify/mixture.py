@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ def sample_votes(
     samples only. With soft votes and ``soft_bound="bernstein"`` the squared softmaxes are summed too.
     `keys` (N,) name the images' noise streams (their positions in the split; default 0..N-1).
     """
-    check_choice("mode", mode, ("sound", "plugin"))
+    check_choice("mode", mode, get_args(Mode))
     select = _np(smoothed.sample_counts(x, n0, keys)) if mode == "sound" else None
     sq = None
     if mode == "sound" and smoothed.votes == "soft" and soft_bound == "bernstein":
@@ -145,7 +145,7 @@ class MixtureCertificate:
 
     def radius(self, theorem: Theorem) -> np.ndarray:
         """(A, N) radii of Theorem 4 (``lipschitz``) or Theorem 5 (``rs``)."""
-        check_choice("theorem", theorem, ("lipschitz", "rs"))
+        check_choice("theorem", theorem, get_args(Theorem))
         return self.lipschitz_radius if theorem == "lipschitz" else self.rs_radius
 
     def certified_accuracy(self, theorem: Theorem, grid) -> np.ndarray:
@@ -181,7 +181,7 @@ def certify_mixture(
     (`plugin_radii`; no guarantee). `lipschitz` (Theorem 4's l_2 constant) defaults to
     sqrt(2/pi)/sigma. Alphas below 1/2 give radius 0 (one warning each).
     """
-    mode = check_choice("mode", mode, ("sound", "plugin"))
+    mode = check_choice("mode", mode, get_args(Mode))
     if mode == "sound" and votes.select is None:
         raise ConfigError("sound certification needs selection samples: draw votes with mode='sound'")
     alphas = np.asarray([float(a) for a in alphas], dtype=np.float64)

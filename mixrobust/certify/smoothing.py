@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ class SmoothedClassifier(nn.Module):
     ):
         super().__init__()
         self.sigma = check_sigma(sigma)
-        self.votes = check_choice("votes", votes, ("hard", "soft"))
+        self.votes = check_choice("votes", votes, get_args(Votes))
         self.batch_size = None if batch_size is None else check_count("batch_size", batch_size)
         self.channels_last = bool(channels_last)
         self._channels_last_done = False

@@ -9,7 +9,7 @@ selection samples: choosing it from the estimation samples biases its count upwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ from mixrobust.certify.radii import (
     theorem4_radius,
     theorem5_radius,
 )
+from mixrobust.certify.smoothing import Votes
 from mixrobust.errors import ConfigError, check_choice
 
-Votes = Literal["hard", "soft"]
 BoundSplit = Literal["complement", "bonferroni", "runner_up"]
 SoftBound = Literal["hoeffding", "bernstein"]
 
@@ -103,9 +103,9 @@ def sound_radii(
 
     The returned y is the selection class; `abstain` where p_lower <= p_upper_other.
     """
-    check_choice("votes", votes, ("hard", "soft"))
-    check_choice("bound", bound, ("complement", "bonferroni", "runner_up"))
-    check_choice("soft_bound", soft_bound, ("hoeffding", "bernstein"))
+    check_choice("votes", votes, get_args(Votes))
+    check_choice("bound", bound, get_args(BoundSplit))
+    check_choice("soft_bound", soft_bound, get_args(SoftBound))
     fp = bounds.check_failure_prob(failure_prob)
     sigma = check_sigma(sigma)
     check_alpha(alpha)

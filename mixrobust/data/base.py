@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as L
 import torch
@@ -32,7 +32,7 @@ from mixrobust.errors import ConfigError, DataError, DataNotFoundError, check_ch
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = get_args(Split)
 
 
 @rank_zero_only

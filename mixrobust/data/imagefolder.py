@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
-from mixrobust.data.base import ImageDataModule, Split, _info
+from mixrobust.data.base import SPLITS, ImageDataModule, Split, _info
 from mixrobust.data.loaders import split_train_val
 from mixrobust.errors import ConfigError, DataError, check_choice
 
@@ -144,7 +144,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def eval_tensors(self, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split through the evaluation transform: float32 (N, 3, S, S) in [0, 1], int64 (N,)."""
-        check_choice("split", split, ("train", "val", "test"))
+        check_choice("split", split, SPLITS)
         dataset = self._dataset("train_eval" if split == "train" else split)
         loader = DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
         xs, ys = zip(*loader) if len(dataset) else ((torch.empty(0, *self.input_shape),), (torch.empty(0),))

@@ -19,13 +19,14 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from mixrobust.attacks import check_finite
+from mixrobust.attacks.pgd import AutocastDtype
 from mixrobust.certify.mixture import (
     Mode,
     certify_baseline,
@@ -36,7 +37,8 @@ from mixrobust.certify.mixture import (
 )
 from mixrobust.certify.radii import AlphaMethod
 from mixrobust.certify.report import curve_rows, radius_grid, select_alpha, write_certify_results
-from mixrobust.certify.sound import BoundSplit, SoftBound, Votes
+from mixrobust.certify.smoothing import Votes
+from mixrobust.certify.sound import BoundSplit, SoftBound
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
@@ -50,7 +52,6 @@ from mixrobust.runtime.sharding import check_processes, map_shards
 log = logging.getLogger(__name__)
 
 MARKER = "certify_summary.json"
-AutocastDtype = Literal["bfloat16", "float16", "float32"]
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mixrobust.checkpoint import read_record
 from mixrobust.data import subset_indices
+from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.pipelines.fields import bounded, build, convert, parse, value_at
 from mixrobust.runtime.hydra_job import current_job
@@ -26,7 +27,6 @@ from mixrobust.threat import Norm, Threat
 
 log = logging.getLogger(__name__)
 
-Split = Literal["train", "val", "test"]
 ROBUST_OBJECTIVES = ("pgd_at", "trades")
 
 

@@ -35,10 +35,13 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mixrobust.errors import ConfigError
 from mixrobust.runtime.hydra_job import current_job
+
+if TYPE_CHECKING:  # torch is imported where it is used: launching a sweep does not need it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +272,7 @@ def job_placement(device: str = "auto") -> Iterator[str]:
             torch.set_num_threads(threads_before)
 
 
-def resolve_device(name: str) -> "torch.device":
+def resolve_device(name: str) -> torch.device:
     """The torch device for a ``device`` setting: ``auto`` is cuda if a GPU is visible, else cpu.
 
     One ConfigError for a name torch does not know and for a CUDA device this machine lacks.
@@ -296,7 +299,7 @@ def resolve_device(name: str) -> "torch.device":
 
 
 @contextlib.contextmanager
-def placed_device(device: str, processes: int = 1) -> Iterator["torch.device"]:
+def placed_device(device: str, processes: int = 1) -> Iterator[torch.device]:
     """The device an evaluation job runs on, for the ``with`` block (`job_placement`, resolved).
 
     With ``processes > 1`` (Lightning Fabric spawns them on devices 0..k-1) nothing is leased, and a

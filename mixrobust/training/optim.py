@@ -8,18 +8,19 @@ configs), and keys that only one optimizer takes (momentum, betas) never reach t
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from mixrobust.errors import ConfigError, check_choice
 
-OPTIMIZERS = ("sgd", "adamw")
+OptimizerName = Literal["sgd", "adamw"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 
 def make_optimizer(
     params: Iterable[torch.nn.Parameter],
-    name: Literal["sgd", "adamw"] = "sgd",
+    name: OptimizerName = "sgd",
     lr: float = 0.1,
     weight_decay: float = 5e-4,
     momentum: float = 0.9,
