@@ -4,10 +4,10 @@
         --objective standard --epochs 12
     python benchmarks/bench_train_throughput.py ... --objective pgd_at --steps 10 --epochs 4
 
-Builds the run exactly as ``train.py`` would (same configs, in-memory loader with on-device
-crop/flip, bf16 and channels_last from the ``gpu`` trainer preset), skips validation, and times
-every training epoch after the first `--warmup` ones (compilation, cuDNN autotuning, first
-transfer). Prints images/s and, with ``--reference``, the ratio to a reference figure.
+Builds the run exactly as ``train.py`` would (`mixrobust.pipelines.train.settings`: same configs,
+in-memory loader with on-device crop/flip, bf16 and channels_last from the ``gpu`` trainer preset),
+skips validation, and times every training epoch after the first `--warmup` ones (compilation,
+cuDNN autotuning, first transfer). Prints images/s and, with ``--reference``, the ratio to a reference figure.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 import mixrobust  # noqa: F401  (config resolvers)
-from mixrobust.pipelines.train import TRAINER_EXTRAS, build
+from mixrobust.pipelines import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -80,10 +80,10 @@ def main() -> None:
         cfg = compose(config_name="train", overrides=overrides)
     with open_dict(cfg):
         cfg.output_dir = "/tmp/mixrobust_bench_train"
+    settings = train.settings(cfg)  # every value checked, as train.py does
     L.seed_everything(0)
-    module, datamodule = build(cfg)
-    trainer_cfg = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if k not in TRAINER_EXTRAS}
-    trainer_cfg.pop("_target_")
+    module, datamodule = train.build_module(settings), settings.data
+    trainer_cfg = {k: v for k, v in settings.trainer_args.items() if k != "_target_"}
     timer = EpochTimer()
     trainer = L.Trainer(
         **trainer_cfg, callbacks=[timer], logger=False, enable_checkpointing=False, inference_mode=False,

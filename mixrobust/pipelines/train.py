@@ -160,7 +160,8 @@ class TrainResult:
     output_dir: Path
 
 
-def _module(s: TrainSettings) -> ClassifierModule:
+def build_module(s: TrainSettings) -> ClassifierModule:
+    """The LightningModule of the run: the settings' model, objective, optimizer and schedule."""
     module = ClassifierModule(
         s.model, s.objective, optimizer=s.optimizer, scheduler=s.scheduler, threat=s.threat,
         val_attack_steps=s.keys.val_attack_steps, test_attack_steps=s.keys.test_attack_steps, seed=s.keys.seed,
@@ -194,7 +195,7 @@ def run(cfg: DictConfig) -> TrainResult:
     out = s.keys.output_dir
     s.data.load_all()  # a truncated or corrupt data file fails here, before the Trainer starts
     L.seed_everything(s.keys.seed, workers=True)
-    module = _module(s)
+    module = build_module(s)
     with placed_trainer(s.trainer_args) as trainer_args, job_logger(s.logger, out, "train") as logger:
         # last.ckpt at the end of every epoch (resume); best.ckpt on the objective's main validation metric
         checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/selection", mode="max",
