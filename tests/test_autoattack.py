@@ -159,6 +159,13 @@ def test_autoattack_through_torchattacks_is_in_the_worst_case(fitted):
     rows = {r["attack"]: r for r in res.rows() if r["model"] == "mix"}
     assert set(rows) == {"clean", "mix", "autoattack", "worst"} and rows["autoattack"]["steps"] is None
     assert rows["worst"]["accuracy"] <= min(rows["mix"]["accuracy"], rows["autoattack"]["accuracy"])
+    # every row names the code that produced it, and the worst case names every attack it is taken over
+    ours = f"mixrobust {importlib.metadata.version('mixrobust')}"
+    torchattacks = f"torchattacks {importlib.metadata.version('torchattacks')}"
+    assert aa.provenance == torchattacks
+    assert [rows[a]["implementation"] for a in ("clean", "mix", "autoattack", "worst")] == [
+        None, ours, torchattacks, " + ".join(sorted([ours, torchattacks]))]
+    assert {r["implementation"] for r in res.rows() if r["model"] == "g" and r["attack"] in ("std", "rob")} == {ours}
     # the adapter keeps the threat: x_adv in the eps-ball and in [0,1]
     mixture = MixedClassifier(g, h, 0.5)
     x_adv = aa(mixture, x, y)

@@ -340,8 +340,12 @@ def resume_copy(real: dict, path: Path, edit) -> Path:
 
 def test_check_resume_accepts_the_same_run(real, tmp_path):
     record = read_record(real["full"])
-    sgd = {"name": "sgd", "lr": 0.1}
+    sgd = {"name": "sgd", "lr": record["optimizer"]["lr"]}
     assert check_resume(real["full"], expected_of(record, optimizer=sgd)) == record
+    assert check_resume(real["full"], expected_of(record, optimizer=record["optimizer"])) == record
+    # Lightning restores the checkpoint's optimizer state: a changed learning rate would be ignored, so it is refused
+    faster = expected_of(record, optimizer={**record["optimizer"], "lr": 2 * record["optimizer"]["lr"]})
+    refused(partial(check_resume, expected=faster), real["full"], r"optimizer\.lr 0\.05 \(this run: 0\.1\)")
     assert check_resume(real["full"], expected_of(record, optimizer=None)) == record  # None: not compared
     # a record written before the optimizer entry existed: the name comes from Lightning's optimizer state
     legacy = resume_copy(real, tmp_path / "legacy.ckpt", lambda ckpt: ckpt["mixrobust"].pop("optimizer", None))
@@ -383,7 +387,7 @@ def test_check_resume_compares_the_robust_threat_and_the_recorded_optimizer(real
     other = PGDAT(norm="l2", eps=0.5, step_size=0.1, steps=2).spec()
     message = refused(partial(check_resume, expected=expected_of(record, objective=other, optimizer={"name": "sgd"})),
                       path, "cannot resume")
-    assert "threat linf eps=0.2 (this run: l2 eps=0.5)" in message
+    assert "objective.threat linf eps=0.2 step_size=0.05 (this run: l2 eps=0.5 step_size=0.1)" in message
     assert "optimizer 'adamw' (this run: 'sgd')" in message  # the record wins over the SGD optimizer state
 
 

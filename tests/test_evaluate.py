@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import mixrobust
 from mixrobust import load_classifier
 from mixrobust.attacks import PGD, attack_in_batches
 from mixrobust.data import DigitsDataModule
@@ -81,6 +82,9 @@ def test_outputs_exist_and_parse(evaluated):
     run = json.loads((out / "run.json").read_text())
     assert run["data"] == "digits" and run["split"] == "test" and run["n"] == 360
     assert run["threat"] == {"norm": "linf", "eps": 0.1, "step_size": 0.05}
+    ours = f"mixrobust {mixrobust.__version__}"
+    assert run["implementations"] == {"std": ours, "rob": ours, "mix": ours}  # which code ran each attack
+    assert {r["implementation"] for r in csv_rows if r["attack"] != "clean"} == {ours}
     # the resume marker vouches for every results file by its sha256
     assert run["checksums"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
     margins = json.loads((out / "margins.json").read_text())

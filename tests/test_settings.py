@@ -31,6 +31,7 @@ class Keys:
     values: tuple[float, ...] = fields.bounded((0.0,), ge=0, min_len=1)
     path: Path | None = None
     limit: float | None = fields.bounded(None, ge=0, allow_inf=True)
+    precision: str | int = "32"
 
 
 def parse(**node):
@@ -38,8 +39,10 @@ def parse(**node):
 
 
 def test_values_are_converted_by_their_type_hints():
-    keys = parse(count=3.0, rate=1, flag=True, name="b", color="BLUE", values=0.25, path="~/x", limit=float("inf"))
-    assert keys == Keys(3, 1.0, True, "b", Color.BLUE, (0.25,), Path("~/x").expanduser(), float("inf"))
+    keys = parse(count=3.0, rate=1, flag=True, name="b", color="BLUE", values=0.25, path="~/x", limit=float("inf"),
+                 precision=16)
+    assert keys == Keys(3, 1.0, True, "b", Color.BLUE, (0.25,), Path("~/x").expanduser(), float("inf"), 16)
+    assert parse(precision="bf16-mixed").precision == "bf16-mixed"  # a union takes the member that fits
     assert isinstance(keys.count, int) and isinstance(keys.rate, float)
     assert parse() == Keys()
 
@@ -84,7 +87,7 @@ def test_build_names_the_node_for_any_failure():
         fields.build({"_target_": "mixrobust.attacks.Nope"}, "attack")
     with pytest.raises(ConfigError, match=r"^data must be a config group with a _target_"):
         fields.build({"root": "x"}, "data")
-    with pytest.raises(ConfigError, match=r"attack loss"):  # our own error passes through unchanged
+    with pytest.raises(ConfigError, match=r"^unknown attack\.loss .hinge."):  # our own error, unchanged
         fields.build({"_target_": "mixrobust.attacks.PGD", "eps": 0.1, "step_size": 0.1, "loss": "hinge"}, "attack")
 
 
@@ -126,3 +129,87 @@ def test_unreachable_steps_warn_unless_random_start(caplog):
         inputs.warn_unreachable(10, 0.0027, 8 / 255, True, "attack")
     assert len(caplog.records) == 1
     assert "10 steps of 0.0027 reach at most 0.027" in caplog.records[0].getMessage()
+
+
+# --------------------------------------------------------------------- the tasks' settings, from configs
+
+
+def hand_checkpoint(path: Path, objective, num_classes: int = 10, sigma_objective: bool = False) -> str:
+    """A valid mixrobust checkpoint of an untrained digits model (settings read records, not weights)."""
+    import torch
+
+    from mixrobust.checkpoint import make_record
+    from mixrobust.models import create_model
+
+    model = create_model("small_cnn", num_classes, (1, 8, 8), (0.3,), (0.4,))
+    torch.save({"mixrobust": make_record(model, objective, None, "digits"),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return str(path)
+
+
+@pytest.fixture
+def hand_ckpts(tmp_path):
+    from mixrobust.training.objectives import PGDAT, GaussianNoise, Standard
+
+    return {"g": hand_checkpoint(tmp_path / "g.ckpt", Standard()),
+            "h": hand_checkpoint(tmp_path / "h.ckpt", PGDAT(eps=0.2, step_size=0.05)),
+            "rs": hand_checkpoint(tmp_path / "rs.ckpt", GaussianNoise(0.25)),
+            "five": hand_checkpoint(tmp_path / "five.ckpt", Standard(), num_classes=5)}
+
+
+def test_fingerprints_follow_every_number_and_only_those(hand_ckpts, tmp_path):
+    from mixrobust.pipelines import certify, mix
+    from tests.conftest import compose_config
+
+    def mix_fp(*overrides):
+        cfg = compose_config("evaluate", [f"g_ckpt={hand_ckpts['g']}", f"h_ckpt={hand_ckpts['h']}", "logger=none",
+                                          "data=digits", *overrides], tmp_path)
+        return mix.settings(cfg).fingerprint
+
+    def cert_fp(*overrides):
+        cfg = compose_config("evaluate", [f"g_ckpt={hand_ckpts['g']}", f"h_ckpt={hand_ckpts['rs']}", "task=certify",
+                                          "logger=none", *overrides], tmp_path)
+        return certify.settings(cfg).fingerprint
+
+    base = mix_fp()
+    for change in ("mix.alphas=[0.5]", "attack.steps=7", "threat.eps=0.1", "n=10", "seed=1", "batch_size=64",
+                   "attacks=[std,rob,mix,autoattack]"):
+        assert mix_fp(change) != base, change
+    for same in ("plots=false", "device=cpu", "resume=false", "preflight=false", "skip_misclassified=false",
+                 "certify.n=5", "autoattack.implementation=torchattacks", "data.eval_batch_size=7", "logger=csv"):
+        assert mix_fp(same) == base, same
+    base = cert_fp()
+    for change in ("certify.n=500", "certify.n0=50", "certify.mode=plugin", "certify.failure_prob=0.01",
+                   "certify.votes=soft", "certify.alphas=[0.6]", "certify.sigma=0.5", "certify.autocast_dtype=bfloat16",
+                   "certify.report_radii=[0.1]", "certify.target_accuracy=0.5", "n=10"):
+        assert cert_fp(change) != base, change
+    for same in ("certify.batch_size=16", "certify.workers=1", "certify.compile=true", "mix.alphas=[0.5]",
+                 "attack.steps=7", "batch_size=64", "plots=false"):
+        assert cert_fp(same) == base, same
+
+
+def test_data_whose_classes_differ_from_the_models_is_refused(hand_ckpts, tmp_path):
+    from mixrobust.pipelines import mix
+    from tests.conftest import compose_config
+
+    cfg = compose_config("evaluate", [f"g_ckpt={hand_ckpts['five']}", f"h_ckpt={hand_ckpts['five']}", "data=digits",
+                                      "logger=none"], tmp_path)
+    with pytest.raises(ConfigError, match=r"data=digits has 10 classes .* the models \(g_ckpt, \.\.\.\) take 5 classes"):
+        mix.settings(cfg)
+
+
+def test_a_lipschitz_constant_below_the_smoothed_models_is_refused_when_sound(hand_ckpts, tmp_path, caplog):
+    from mixrobust.pipelines import certify
+    from tests.conftest import compose_config
+
+    def settings(*overrides):
+        return certify.settings(compose_config("evaluate", [f"g_ckpt={hand_ckpts['g']}", f"h_ckpt={hand_ckpts['rs']}",
+                                                            "task=certify", "logger=none", *overrides], tmp_path))
+
+    floor = (2 / 3.141592653589793) ** 0.5 / 0.25  # sqrt(2/pi)/sigma = 3.19
+    assert settings(f"certify.lipschitz={floor + 0.01}").c.lipschitz > floor
+    with pytest.raises(ConfigError, match=r"certify\.lipschitz=3 is below .* sqrt\(2/pi\)/sigma = 3\.19154"):
+        settings("certify.lipschitz=3")
+    with caplog.at_level(logging.WARNING, logger="mixrobust"):
+        assert settings("certify.lipschitz=3", "certify.mode=plugin").c.lipschitz == 3
+    assert any("no guarantee" in r.getMessage() for r in caplog.records)

@@ -64,7 +64,10 @@ class CheckedSweeper(BasicSweeper):
                 try:
                     check(job)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the job named, same type when it can be
-                    raise _named(exc, num, sum(len(b) for b in self.overrides), overrides) from None
+                    named = _named(exc, num, sum(len(b) for b in self.overrides), overrides)
+                    if job.get("debug") is True:  # the app's debug switch: Hydra prints the traceback
+                        raise RuntimeError(str(named)) from exc
+                    raise named from None
         finally:
             HydraConfig.instance().cfg = saved
 

@@ -34,5 +34,5 @@ def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
 
 def attack_loss(name: AttackLoss, logits: Tensor, y: Tensor) -> Tensor:
     """The per-example loss `name` (one of `LOSSES`) that an attack maximises, (N,) float32."""
-    check_choice("attack loss", name, LOSSES)
+    check_choice("attack.loss", name, LOSSES)
     return cross_entropy_loss(logits, y) if name == "ce" else margin_loss(logits, y)

@@ -81,17 +81,17 @@ def _number(name: str, value, *, low: float, integer: bool = False):
     """`value` as an int (if `integer`) or finite float that is >= `low`, else a ConfigError."""
     if integer:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"attack {name} must be an integer >= {low}, got {value!r}")
+            raise ConfigError(f"attack.{name} must be an integer >= {low}, got {value!r}")
         value = int(value)
     else:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"attack {name} must be a number >= {low}, got {value!r}") from None
+            raise ConfigError(f"attack.{name} must be a number >= {low}, got {value!r}") from None
         if not math.isfinite(value):
-            raise ConfigError(f"attack {name} must be finite, got {value}")
+            raise ConfigError(f"attack.{name} must be finite, got {value}")
     if value < low:
-        raise ConfigError(f"attack {name} must be >= {low}, got {value}")
+        raise ConfigError(f"attack.{name} must be >= {low}, got {value}")
     return value
 
 
@@ -168,13 +168,13 @@ class PGD:
         self.step_size = _number("step_size", step_size, low=0.0)
         self.steps = _number("steps", steps, low=0, integer=True)
         self.restarts = _number("restarts", restarts, low=1, integer=True)
-        self.loss: AttackLoss = check_choice("attack loss", loss, LOSSES)
+        self.loss: AttackLoss = check_choice("attack.loss", loss, LOSSES)
         if not isinstance(random_start, bool):
-            raise ConfigError(f"attack random_start must be true or false, got {random_start!r}")
+            raise ConfigError(f"attack.random_start must be true or false, got {random_start!r}")
         self.random_start = random_start
         if self.restarts > 1 and not random_start:
             raise ConfigError(
-                f"attack restarts={self.restarts} needs random_start=true: without a random "
+                f"attack.restarts={self.restarts} needs attack.random_start=true: without a random "
                 "start every restart repeats the same deterministic search"
             )
         self.seed = None if seed is None else _number("seed", seed, low=0, integer=True)

@@ -88,14 +88,16 @@ def smoothed_votes(
     device: torch.device | None = None,
 ) -> Votes:
     """The votes of `base` smoothed with noise `sigma` on images `x` (N, C, H, W), their noise streams named by
-    `keys` (N,): `SmoothedClassifier` (moved to `device`, default x's) sampled by `sample_votes`.
+    `keys` (N,): `SmoothedClassifier` sampled by `sample_votes` on `device` (default x's; the noise is drawn
+    there, so the votes depend on the device type, as on its kernels).
 
     Each image's votes depend only on its own key and `seed`, so the votes of a shard of the images
     are that shard of the votes of all of them (`mixrobust.runtime.sharding.map_shards`).
     """
-    smoothed = SmoothedClassifier(base.to(device or x.device), sigma, votes=votes, batch_size=batch_size, seed=seed,
+    device = device or x.device
+    smoothed = SmoothedClassifier(base.to(device), sigma, votes=votes, batch_size=batch_size, seed=seed,
                                   workers=workers, compile=compile, autocast_dtype=autocast_dtype)
-    return sample_votes(smoothed, x, n0, n, mode, soft_bound, keys=[int(k) for k in keys.tolist()])
+    return sample_votes(smoothed, x.to(device), n0, n, mode, soft_bound, keys=[int(k) for k in keys.tolist()])
 
 
 def mixture_predictions(g_log_probs, h_probs, alphas: Sequence[float]) -> np.ndarray:

@@ -21,7 +21,8 @@ from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.models import ImageClassifier, create_model
 
 _PREFIX = "model."
-_SAFE_GLOBALS = [collections.Counter]
+#: The non-container types a checkpoint may hold: MultiStepLR keeps its milestones in a Counter.
+SAFE_GLOBALS = [collections.Counter]
 _TRAIN_FIX = "train base models with train.py so their checkpoints describe themselves"
 _records: dict[tuple[str, int, int], dict] = {}  # (resolved path, size, mtime_ns) -> validated record
 _records_lock = threading.Lock()
@@ -145,7 +146,7 @@ def _load(path: str | os.PathLike, size: int) -> object:
     torch's own message is summarized, never copied: it advises loading with pickled code enabled.
     """
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise

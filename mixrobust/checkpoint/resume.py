@@ -57,32 +57,50 @@ def _inferred_optimizer(ckpt: dict) -> dict | None:
     return None
 
 
+def _same(a, b) -> bool:
+    """Equal settings: numbers up to float rounding, lists and dicts element by element, enums by value."""
+    a, b = getattr(a, "value", a), getattr(b, "value", b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
 def _resume_differences(trained: Mapping, expected: Mapping) -> list[str]:
-    """Phrases "<what> <trained value> (this run: <expected value>)" for every setting that differs."""
+    """Phrases "<what> <trained value> (this run: <expected value>)" for every setting that differs: the data
+    set, the model, every setting of the objective (its threat, steps, beta, sigma, ...) and of the optimizer
+    (lr, weight decay, momentum, betas: Lightning would restore the checkpoint's and ignore this run's), and
+    the schedule's length."""
     diffs = []
 
     def compare(what: str, mine, theirs, show=repr) -> None:
-        if mine is not None and theirs is not None and mine != theirs:
+        if mine is not None and theirs is not None and not _same(mine, theirs):
             diffs.append(f"{what} {show(mine)} (this run: {show(theirs)})")
 
     compare("data", trained.get("data"), expected.get("data"))
     mine, theirs = trained["objective"], expected.get("objective") or {}
     compare("objective", mine["name"], theirs.get("name"))
-    if mine["name"] == theirs.get("name") and isinstance(mine.get("threat"), dict) and theirs.get("threat"):
-        a, b = mine["threat"], theirs["threat"]
-        same_norm = a["norm"] == getattr(b["norm"], "value", b["norm"])
-        if not (same_norm and math.isclose(a["eps"], float(b["eps"]), rel_tol=1e-9, abs_tol=1e-12)):
-            diffs.append(f"threat {_threat_text(a)} (this run: {_threat_text(b)})")
+    if mine["name"] == theirs.get("name"):
+        for key in sorted(set(mine) & set(theirs) - {"name"}):
+            show = _threat_text if key == "threat" and isinstance(mine[key], dict) else repr
+            compare(f"objective.{key}", mine[key], theirs[key], show=show)
     model, want = trained["model"], expected.get("model") or {}
     compare("model", model["arch"], want.get("arch"))
     compare("num_classes", model["num_classes"], want.get("num_classes"), show=str)
     shape = want.get("input_shape")
     compare("input_shape", list(model["input_shape"]), None if shape is None else [int(s) for s in shape], show=str)
-    optimizer = trained.get("optimizer") or {}
-    compare("optimizer", optimizer.get("name"), (expected.get("optimizer") or {}).get("name"))
+    optimizer, other = trained.get("optimizer") or {}, expected.get("optimizer") or {}
+    compare("optimizer", optimizer.get("name"), other.get("name"))
+    if optimizer.get("name") == other.get("name"):
+        for key in sorted(set(optimizer) & set(other) - {"name"}):
+            compare(f"optimizer.{key}", optimizer[key], other[key], show=str)
     compare("trainer.max_epochs", trained.get("max_epochs"), expected.get("max_epochs"), show=str)
     return diffs
 
 
 def _threat_text(threat: Mapping) -> str:
-    return f"{getattr(threat['norm'], 'value', threat['norm'])} eps={float(threat['eps']):g}"
+    text = f"{getattr(threat['norm'], 'value', threat['norm'])} eps={float(threat['eps']):g}"
+    return text + (f" step_size={float(threat['step_size']):g}" if "step_size" in threat else "")

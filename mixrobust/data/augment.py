@@ -7,12 +7,12 @@ For reproducible (and resumable) augmentation, pass a generator seeded with `aug
 
 from __future__ import annotations
 
-import hashlib
 
 import torch
 import torch.nn.functional as F
 
 from mixrobust.errors import ConfigError
+from mixrobust.runtime.seeds import mixed_seed
 
 
 def to_unit_float(x: torch.Tensor) -> torch.Tensor:
@@ -24,13 +24,8 @@ def to_unit_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
-    """A seed in [0, 2**63) mixed from (seed, epoch, rank), the same in every process and release.
-
-    BLAKE2b of the three integers (Python's ``hash`` is not used: it is salted for strings and
-    an implementation detail for tuples). Neighbouring epochs or ranks get unrelated seeds.
-    """
-    digest = hashlib.blake2b(f"{int(seed)},{int(epoch)},{int(rank)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
+    """The seed of an epoch's augmentation on a rank: `mixed_seed` of (seed, epoch, rank)."""
+    return mixed_seed(seed, epoch, rank)
 
 
 def draw_crop_flip_params(

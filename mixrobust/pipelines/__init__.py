@@ -15,9 +15,10 @@ import logging
 from collections.abc import Iterator
 from typing import Literal, get_args
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from mixrobust.errors import MixrobustError
+from mixrobust.errors import DataNotFoundError, MixrobustError
+from mixrobust.runtime.placement import without_host_checks
 from mixrobust.pipelines.fields import convert, value_at
 
 EvaluateTask = Literal["mix", "certify", "report"]
@@ -35,16 +36,28 @@ def module(task: str):
     return importlib.import_module(f"mixrobust.pipelines.{task}")
 
 
+#: Launchers whose jobs run on this machine; under any other (SLURM) a job runs elsewhere.
+LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
+
+
 def check(cfg: DictConfig) -> None:
     """Build the settings of `cfg`'s task, which checks them; nothing runs (the checked sweeper's hook).
 
-    Warnings are left to the job itself: a grid of 96 jobs would repeat each one 96 times here.
+    Warnings are left to the job itself: a grid of 96 jobs would repeat each one 96 times here. For a
+    job launched elsewhere (SLURM), what depends on this machine (its GPUs, a data folder only the
+    compute nodes see) is left to the job.
     """
+    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    remote = bool(launcher) and launcher.rpartition(".")[2] not in LOCAL_LAUNCHERS
     log = logging.getLogger("mixrobust")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        module(task_of(cfg)).settings(cfg)
+        with without_host_checks() if remote else contextlib.nullcontext():
+            module(task_of(cfg)).settings(cfg)
+    except DataNotFoundError:
+        if not remote:
+            raise
     finally:
         log.setLevel(level)
 

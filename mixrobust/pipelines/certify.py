@@ -43,7 +43,6 @@ from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse, plain, require
-from mixrobust.pipelines.mix import VOLATILE
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
 from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
@@ -106,7 +105,10 @@ class CertifySettings(inputs.EvaluationJob):
 
     @property
     def fingerprint(self) -> str:
-        config = {k: v for k, v in self.config.items() if k not in (*VOLATILE, "mix", "attack", "attacks", "autoattack")}
+        """What the results depend on: the config (every ``certify.*`` number, but the pass size, workers and
+        compilation, which change no vote), the checkpoints' contents, the code, the data set and the sigmas."""
+        config = inputs.numbers_config(self.config, ("mix", "attack", "attacks", "autoattack", "threat", "batch_size"),
+                                       {"certify": ("batch_size", "workers", "compile")})
         files = [self.g.path, self.h.path] + ([self.baseline.path] if self.baseline else [])
         return fingerprint(config, files, data=self.data.name, sigma=self.sigma, baseline_sigma=self.baseline_sigma)
 
@@ -131,6 +133,18 @@ def smoothing_sigma(model: inputs.ModelFile, override: float | None, key: str) -
     return override
 
 
+def _check_lipschitz(c: CertifyKeys, sigma: float) -> None:
+    """A Lipschitz constant below the smoothed model's sqrt(2/pi)/sigma makes Theorem 4's radii too large."""
+    floor = math.sqrt(2 / math.pi) / sigma
+    if c.lipschitz is None or c.lipschitz >= floor:
+        return
+    message = (f"certify.lipschitz={c.lipschitz:g} is below the l_2 Lipschitz constant of the smoothed model, "
+               f"sqrt(2/pi)/sigma = {floor:.6g}: Theorem 4's radii would not hold")
+    if c.mode == "sound":
+        raise ConfigError(message + "; leave certify.lipschitz=null (or give a constant >= it)")
+    log.warning("%s (plug-in mode: these radii carry no guarantee anyway)", message)
+
+
 def settings(cfg: DictConfig) -> CertifySettings:
     """Read and check the whole configuration of a certification job; no model is loaded, no image is read."""
     job = parse(inputs.JobKeys, cfg, strict=False)
@@ -142,13 +156,14 @@ def settings(cfg: DictConfig) -> CertifySettings:
     if baseline is not None:
         inputs.check_pair(g, baseline)
     sigma = smoothing_sigma(h, c.sigma, "certify.sigma")
+    _check_lipschitz(c, sigma)
     baseline_sigma = smoothing_sigma(baseline, c.baseline_sigma, "certify.baseline_sigma") if baseline else None
     files = [g, h] + ([baseline] if baseline else [])
     cfg = inputs.with_data(cfg, files)
     return CertifySettings(
         g=g, h=h, baseline=baseline, sigma=sigma, baseline_sigma=baseline_sigma,
         data=inputs.datamodule(cfg, files), examples=inputs.examples(cfg), c=c, job=job, device=inputs.device(cfg),
-        processes=parse(inputs.DistributedKeys, cfg.distributed, "distributed").devices, logger=cfg.get("logger"),
+        processes=inputs.processes(cfg), logger=inputs.logger(cfg),
         config=plain(cfg))
 
 
@@ -189,7 +204,8 @@ def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torc
 @torch.no_grad()
 def _log_probs(model, x: torch.Tensor, batch_size: int, key: str) -> np.ndarray:
     """The model's log-probabilities on the clean images (N, K); NaN or inf outputs stop the run, naming `key`."""
-    out = torch.cat([torch.log_softmax(model(b).double(), dim=1) for b in x.split(batch_size)])  # (N, K)
+    device = next(model.parameters()).device
+    out = torch.cat([torch.log_softmax(model(b.to(device)).double(), dim=1) for b in x.split(batch_size)])  # (N, K)
     check_finite(out, f"{key} (its clean pass)")
     return out.cpu().numpy()
 
@@ -211,11 +227,12 @@ def run(cfg: DictConfig) -> CertifyResult:
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
                  s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)
-        g_log_probs = _log_probs(g, x.to(device), s.job.batch_size, "g_ckpt")
+        g_log_probs = _log_probs(g, x, s.job.batch_size, "g_ckpt")
         for file, model in smoothed:  # a model with NaN weights fails here, before any sampling
-            _log_probs(model, x.to(where), s.job.batch_size, file.key)
+            _log_probs(model.to(device), x, s.job.batch_size, file.key)
+            model.to(where)
         start = time.perf_counter()
-        sampled = _votes(s, device, x.to(device), index, smoothed)
+        sampled = _votes(s, device, x, index, smoothed)
         timings = {"sample": time.perf_counter() - start}
         summary, paths, cert, base = _certify(s, sampled, g_log_probs, y.numpy(), index.numpy(), out)
         summary.update(device=str(device), timings=timings, fingerprint=fp)

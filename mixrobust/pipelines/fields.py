@@ -15,6 +15,7 @@ with Hydra and turns whatever the constructor raises into one ConfigError naming
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import re
@@ -101,7 +102,13 @@ def convert(value: Any, tp: Any, key: str, meta: Mapping | None = None) -> Any:
         options = [a for a in get_args(tp) if a is not type(None)]
         if value is None and len(options) < len(get_args(tp)):
             return None
-        return convert(value, options[0], key, meta)
+        errors = []
+        for option in options:  # the first member the value converts to
+            try:
+                return convert(value, option, key, meta)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
     if value is None:
         raise ConfigError(f"{key} must be set, got null")
     if origin is Literal:
@@ -194,6 +201,30 @@ def plain(node: Any, key: str = "the config") -> Any:
             from None
 
 
+def check_arguments(node: Any, key: str, ignore: tuple[str, ...] = ()) -> dict:
+    """Check a ``_target_`` node without building it: the target imports, and every key (but `ignore`) is an
+    argument it takes. For nodes whose construction has side effects (the Trainer, a W&B run). Returns the
+    plain node (None for an empty node)."""
+    container = plain(node, key)
+    if not container:
+        return container
+    if not isinstance(container, Mapping) or "_target_" not in container:
+        raise ConfigError(f"{key} must be a config group with a _target_ (pick one with {key}=<option>)")
+    from hydra.utils import get_method
+
+    try:
+        target = get_method(container["_target_"])
+    except Exception as exc:  # noqa: BLE001 - Hydra raises several types for an unimportable path
+        raise ConfigError(f"{key}._target_={container['_target_']!r} cannot be loaded: "
+                          f"{str(exc).splitlines()[-1]}") from None
+    params = inspect.signature(target).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(container) - set(params) - {"_target_", "_partial_", *ignore})
+        if unknown:
+            raise ConfigError(f"{join(key, unknown[0])} is not a setting of {container['_target_']}")
+    return container
+
+
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
@@ -210,7 +241,7 @@ def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
                           f"got {container!r}")
     try:
         return instantiate(container, *args, **kwargs)
-    except InstantiationException as exc:
+    except InstantiationException as exc:  # Hydra wraps whatever the constructor raised
         cause = exc.__cause__ or exc
         if isinstance(cause, MixrobustError):
             raise cause from None
@@ -223,7 +254,3 @@ def build(node: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             raise ConfigError(f"{join(key, unexpected.group(1))} is not a setting of {target}") from None
         message = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise ConfigError(f"{key} ({target}) is invalid: {message}") from None
-    except MixrobustError:
-        raise
-    except (TypeError, ValueError, RuntimeError) as exc:  # raised by a partial's factory when called
-        raise ConfigError(f"{key} is invalid: {str(exc).splitlines()[0]}") from None

@@ -20,14 +20,16 @@ from mixrobust.checkpoint import read_record
 from mixrobust.data import subset_indices
 from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
-from mixrobust.pipelines.fields import bounded, build, convert, parse, value_at
+from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, value_at
 from mixrobust.runtime.hydra_job import current_job
-from mixrobust.runtime.placement import resolve_device
+from mixrobust.runtime.placement import check_processes_launcher, resolve_device
 from mixrobust.threat import Norm, Threat
+from mixrobust.training.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
-ROBUST_OBJECTIVES = ("pgd_at", "trades")
+#: The adversarial-training objectives: a model trained with one of them is a robust model h.
+ROBUST_OBJECTIVES = tuple(name for name, objective in OBJECTIVES.items() if objective.robust)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,27 @@ def warn_if_swapped(g: ModelFile, h: ModelFile) -> None:
         log.warning("g_ckpt was trained with %s and h_ckpt with standard training: h^alpha puts weight alpha on h, "
                     "the robust model of the paper; swap g_ckpt and h_ckpt unless this is what you meant",
                     g.objective)
+
+
+#: Keys of every evaluation config that change no reported number (device: only in float rounding,
+#: and a local multi-GPU sweep hands a resumed job another GPU); left out of the resume fingerprint.
+JOB_KEYS = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "device", "debug", "task", "report",
+            "data_root", "preflight", "skip_misclassified")
+#: Settings of the data node that only say how images are loaded.
+LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "batch_size", "eval_batch_size", "download",
+               "in_memory")
+
+
+def numbers_config(config: dict, drop: tuple[str, ...], nested: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """The part of a plain config a task's numbers depend on, for its resume fingerprint: without `JOB_KEYS`,
+    the task's own `drop` keys, the data loader's settings and the `nested` keys of sub-nodes. Anything
+    not left out counts, so a setting added later is fingerprinted until it is listed here."""
+    nested = {"data": LOADER_KEYS, **(nested or {})}
+    out = {k: v for k, v in config.items() if k not in JOB_KEYS + drop}
+    for node, keys in nested.items():
+        if isinstance(out.get(node), dict):
+            out[node] = {k: v for k, v in out[node].items() if k not in keys}
+    return out
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,19 @@ def device(cfg: DictConfig) -> str:
     return name
 
 
+def logger(cfg: DictConfig):
+    """The ``logger`` node, its target and arguments checked (it is built when the job starts)."""
+    check_arguments(cfg.get("logger"), "logger", ("save_dir",))
+    return cfg.get("logger")
+
+
+def processes(cfg: DictConfig) -> int:
+    """``distributed.devices``, refused under a parallel joblib launcher when above 1."""
+    count = parse(DistributedKeys, cfg.distributed, "distributed").devices
+    check_processes_launcher(count)
+    return count
+
+
 def _compose(overrides: list[str]) -> DictConfig:
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
@@ -186,9 +222,17 @@ def with_data(cfg: DictConfig, files: list[ModelFile]) -> DictConfig:
 
 
 def datamodule(cfg: DictConfig, files: list[ModelFile]):
-    """The data module of ``cfg.data`` (its constructor checks that the files exist; nothing is loaded);
-    warns when a checkpoint was trained on another data set (allowed, e.g. a model trained on a superset)."""
+    """The data module of ``cfg.data`` (its constructor checks that the files exist; nothing is loaded).
+
+    Its class count and image shape must be the models'; a checkpoint trained on another data set of
+    the same shape is allowed (e.g. a model trained on a superset), with a warning.
+    """
     module = build(cfg.data, "data")
+    model = files[0]
+    if (module.num_classes, tuple(module.input_shape)) != (model.num_classes, model.input_shape):
+        raise ConfigError(f"data={module.name} has {module.num_classes} classes and {tuple(module.input_shape)} "
+                          f"images but the models ({model.key}, ...) take {model.num_classes} classes and "
+                          f"{model.input_shape} images; pass the data set they were trained on (data=...)")
     for f in files:
         trained = f.record.get("data")
         if trained is not None and trained != module.name:
@@ -200,7 +244,7 @@ def datamodule(cfg: DictConfig, files: list[ModelFile]):
 class ThreatKeys:
     norm: Norm = Norm.LINF
     eps: float | None = bounded(None, ge=0)
-    step_size: float | None = bounded(None, ge=0)
+    step_size: float | None = bounded(None, gt=0)
 
 
 def threat(cfg: DictConfig, input_shape) -> Threat:

@@ -29,7 +29,7 @@ from mixrobust.attacks import PGD, AutoAttack
 from mixrobust.attacks.autoattack import IMPLEMENTATIONS
 from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError
-from mixrobust.evaluation import AttackName, MixOption, format_table, read_results_csv, run_sweep, write_results
+from mixrobust.evaluation import AttackName, MixOption, format_table, mix_options, read_results_csv, run_sweep, write_results
 from mixrobust.evaluation.report import FILES
 from mixrobust.evaluation.sweep import merge_results
 from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas
@@ -45,9 +45,6 @@ from mixrobust.threat import Threat
 log = logging.getLogger(__name__)
 
 MARKER = "run.json"
-#: Config keys that change no number the task reports (device: only in float rounding); not fingerprinted.
-VOLATILE = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "preflight", "device", "debug",
-            "report", "certify", "task", "data_root")
 
 
 @dataclass(frozen=True)
@@ -103,8 +100,11 @@ class MixSettings(inputs.EvaluationJob):
 
     @property
     def fingerprint(self) -> str:
-        config = {k: v for k, v in self.config.items() if k not in VOLATILE}
-        return fingerprint(config, [self.g.path, self.h.path], data=self.data.name, threat=self.threat.as_dict(),
+        """What the results depend on: the config (but certification's and job keys), the checkpoints' contents,
+        the code, the data set and threat as resolved, and the AutoAttack implementation that runs."""
+        unused = ("certify",) + (() if self.autoattack else ("autoattack",))
+        return fingerprint(inputs.numbers_config(self.config, unused), [self.g.path, self.h.path],
+                           data=self.data.name, threat=self.threat.as_dict(),
                            autoattack=self.autoattack.provenance if self.autoattack else None)
 
 
@@ -141,12 +141,12 @@ def settings(cfg: DictConfig) -> MixSettings:
         autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=examples.seed,
                                 implementation=implementation, batch_size=job.batch_size)
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
-    options = tuple(dict.fromkeys(MixOption(r, s) for r in mix.r_options for s in mix.mix_spaces))
+    options = mix_options(mix.r_options, mix.mix_spaces)
     return MixSettings(
         g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack,
         alphas=tuple(sorted(set(alphas))), options=options, mix=mix, sweep=sweep, job=job,
         cache_dir=cache.dir if cache.enabled else None, device=inputs.device(cfg),
-        processes=parse(inputs.DistributedKeys, cfg.distributed, "distributed").devices, logger=cfg.get("logger"),
+        processes=inputs.processes(cfg), logger=inputs.logger(cfg),
         config=plain(cfg))
 
 

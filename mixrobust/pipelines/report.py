@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.errors import ConfigError, MixrobustError
 from mixrobust.evaluation.multirun import COMBINED_COLUMNS, Report, combine, make_report
-from mixrobust.pipelines.fields import parse, plain
+from mixrobust.pipelines.fields import check_arguments, parse, plain
 from mixrobust.runtime.loggers import is_wandb, job_logger, sweep_group
 
 log = logging.getLogger(__name__)
@@ -50,15 +50,16 @@ class ReportSettings:
     logger: Any
 
 
-def settings(cfg: DictConfig) -> ReportSettings:
-    """Read and check the report task's settings."""
-    return ReportSettings(parse(ReportKeys, cfg.report, "report"), parse(_Plots, cfg, strict=False).plots,
-                          cfg.get("logger"))
-
-
 @dataclass(frozen=True)
 class _Plots:
     plots: bool = True
+
+
+def settings(cfg: DictConfig) -> ReportSettings:
+    """Read and check the report task's settings."""
+    check_arguments(cfg.get("logger"), "logger", ("save_dir",))
+    return ReportSettings(parse(ReportKeys, cfg.report, "report"), parse(_Plots, cfg, strict=False).plots,
+                          cfg.get("logger"))
 
 
 def log_to_wandb(node, report: Report, group: str) -> None:

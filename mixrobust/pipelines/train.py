@@ -28,10 +28,10 @@ from omegaconf import DictConfig
 from mixrobust.checkpoint import check_resume, optimizer_spec
 from mixrobust.errors import ConfigError, MixrobustError, StoppedError
 from mixrobust.pipelines import inputs
-from mixrobust.pipelines.fields import bounded, build, parse, plain
+from mixrobust.pipelines.fields import bounded, build, check_arguments, parse, plain
 from mixrobust.runtime.files import write_json
 from mixrobust.runtime.loggers import job_logger
-from mixrobust.runtime.placement import placed_trainer, visible_gpus
+from mixrobust.runtime.placement import host_checks, placed_trainer, visible_gpus
 from mixrobust.threat import Threat
 from mixrobust.training.checkpoint_io import SafeCheckpointIO
 from mixrobust.training.module import ClassifierModule
@@ -67,7 +67,7 @@ class TrainerKeys:
     def __post_init__(self):
         if str(self.precision) not in PRECISIONS:
             raise ConfigError(f"unknown trainer.precision {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
-        if self.accelerator in ("gpu", "cuda") and visible_gpus() == 0:
+        if self.accelerator in ("gpu", "cuda") and host_checks() and visible_gpus() == 0:
             raise ConfigError(f"trainer.accelerator={self.accelerator} but this machine has no CUDA GPU; "
                               "use trainer=cpu (or trainer.accelerator=cpu)")
 
@@ -128,6 +128,9 @@ def _check_resume(keys: TrainKeys, expected: dict) -> None:
     In another folder Lightning would keep the best checkpoint of the old folder but not its score,
     so the best checkpoint this run reports could be another run's file.
     """
+    if str(keys.ckpt_path) in ("last", "best", "hpc", "registry"):  # Lightning's names: ambiguous across runs
+        raise ConfigError(f"ckpt_path={keys.ckpt_path}: give the checkpoint file to resume from, e.g. "
+                          "ckpt_path=<run dir>/checkpoints/last.ckpt hydra.run.dir=<run dir>")
     check_resume(keys.ckpt_path, expected)
     folder = keys.ckpt_path.expanduser().resolve().parent
     if folder != (keys.output_dir / "checkpoints").resolve():
@@ -143,12 +146,16 @@ def settings(cfg: DictConfig) -> TrainSettings:
     data = build(cfg.data, "data")
     threat = inputs.threat(cfg, data.input_shape)
     objective = build(cfg.objective, "objective")
+    for key in ("val_attack_steps", "test_attack_steps") if objective.robust else ():  # val/ and test/robust_acc
+        inputs.warn_unreachable(getattr(keys, key), threat.step_size, threat.eps, False, key)
     model = _model(cfg, data, keys.seed)
     optimizer, scheduler, opt_spec = _optimizer(cfg, model)
     if keys.ckpt_path is not None:
         _check_resume(keys, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
                                       "optimizer": opt_spec, "max_epochs": trainer.max_epochs})
-    trainer_args = {k: v for k, v in plain(cfg.trainer, "trainer").items() if k not in TRAINER_EXTRAS}
+    trainer_args = {k: v for k, v in check_arguments(cfg.trainer, "trainer", TRAINER_EXTRAS).items()
+                    if k not in TRAINER_EXTRAS}
+    check_arguments(cfg.get("logger"), "logger", ("save_dir",))
     return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
                          cfg.get("logger"), plain(cfg))
 

@@ -8,6 +8,7 @@
 - `placement`: which device and how many CPU threads a job gets (GPU leases in local sweeps);
 - `sharding`: a map over example shards in several processes;
 - `jobs`: the job folders of a multirun (finished, incomplete, asked for by the latest launch);
+- `seeds`: seeds mixed from several values (training steps, augmentation epochs);
 - `resolvers`: the ``${mr.*}`` OmegaConf resolvers of the configs.
 
 Nothing here imports the science packages (data, models, attacks, mixing, certify, evaluation,

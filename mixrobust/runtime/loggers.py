@@ -92,16 +92,19 @@ def build_logger(node: Mapping | None, output_dir: str | os.PathLike, task: str,
 
 @contextlib.contextmanager
 def finish_wandb() -> Iterator[None]:
-    """Always close the W&B run, also when the job fails, so multirun jobs never log into one run."""
+    """Always close the W&B run, also when the job fails (marked failed: exit code 1), so multirun jobs never
+    log into one run and a stopped job never shows as finished."""
+    failed = True
     try:
         yield
+        failed = False
     finally:
         try:
             import wandb
         except ImportError:  # pragma: no cover - wandb is a dependency
             return
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ The decision is the pure function `plan_placement` (testable without Hydra or GP
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fcntl
 import logging
@@ -272,6 +273,25 @@ def job_placement(device: str = "auto") -> Iterator[str]:
             torch.set_num_threads(threads_before)
 
 
+_HOST_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("host_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_host_checks() -> Iterator[None]:
+    """Skip the checks that depend on this machine (its GPUs) for the block: a sweep submitted to a
+    cluster from a login node is checked there, but runs elsewhere."""
+    token = _HOST_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)
+
+
+def host_checks() -> bool:
+    """Whether checks about this machine apply (see `without_host_checks`)."""
+    return _HOST_CHECKS.get()
+
+
 def resolve_device(name: str) -> torch.device:
     """The torch device for a ``device`` setting: ``auto`` is cuda if a GPU is visible, else cpu.
 
@@ -286,7 +306,7 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ConfigError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...): "
                           f"{str(err).splitlines()[0]}") from None
-    if device.type == "cuda":
+    if device.type == "cuda" and host_checks():
         count = visible_gpus()
         if count == 0:
             raise ConfigError(f"device={name} but this machine has no CUDA GPU (torch sees none); use device=cpu "
@@ -298,6 +318,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_processes_launcher(processes: int) -> None:
+    """Refuse several processes per job under a parallel joblib launcher (Fabric puts every job's processes
+    on devices 0..k-1, so jobs running at the same time would share them)."""
+    job = current_job()
+    if processes > 1 and job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
+        raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at the "
+                          "same time (joblib launchers) would share them: use the basic launcher (one job at a "
+                          "time) or SLURM with distributed.devices, or distributed.devices=1")
+
+
 @contextlib.contextmanager
 def placed_device(device: str, processes: int = 1) -> Iterator[torch.device]:
     """The device an evaluation job runs on, for the ``with`` block (`job_placement`, resolved).
@@ -306,11 +336,7 @@ def placed_device(device: str, processes: int = 1) -> Iterator[torch.device]:
     parallel joblib launcher is refused: its concurrent jobs would share those devices.
     """
     if processes > 1:
-        job = current_job()
-        if job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
-            raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at "
-                              "the same time (joblib launchers) would share them: use the basic launcher (one "
-                              "job at a time) or SLURM with distributed.devices, or distributed.devices=1")
+        check_processes_launcher(processes)
         yield resolve_device(device)
         return
     with job_placement(device) as name:

@@ -3,8 +3,9 @@
 ``map_shards(fn, tensors, device, processes)`` is ``[fn(*shard, device=device_k) for each shard]``:
 the tensors (all with the same first dimension N) are split into `processes` contiguous shards
 (`shard_bounds`: sizes differ by at most one, nothing padded or repeated), and each shard goes to
-its own process under Fabric's DDP strategy (gloo on CPUs, NCCL on GPUs), which calls `fn` on its
-device and sends the result back; the results come back in shard order. Joined in that order they
+its own process under Fabric's DDP strategy (gloo on CPUs, NCCL on GPUs), which calls `fn` with its
+device and sends the result back (the shards stay where they are, on the CPU in spawned processes:
+`fn` moves what it needs, batch by batch if the data is large); the results come back in shard order. Joined in that order they
 are the one-process results when `fn` treats each example independently of the others in its
 shard (the caller's contract to state). With one process `fn` runs here, on `device`.
 
@@ -48,7 +49,7 @@ def _worker(fabric, fn: Callable[..., Any], payload: bytes) -> bytes | None:
     tensors = pickle.loads(payload)
     start, stop = shard_bounds(tensors[0].shape[0], fabric.world_size)[fabric.global_rank]
     try:
-        part = fn(*[t[start:stop].to(fabric.device) for t in tensors], device=fabric.device)
+        part = fn(*[t[start:stop] for t in tensors], device=fabric.device)
     except MixrobustError as exc:  # sent back like a result, so every process reaches the gather
         part = exc
     parts = [None] * fabric.world_size
@@ -63,7 +64,7 @@ def map_shards(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], device: 
     """``[fn(*shard_tensors, device=...) for each of `processes` contiguous shards]`` (see the module docstring)."""
     tensors = list(tensors)
     if processes == 1:
-        return [fn(*[t.to(device) for t in tensors], device=device)]
+        return [fn(*tensors, device=device)]
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn")

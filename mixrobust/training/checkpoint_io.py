@@ -5,13 +5,11 @@ checkpoint to a temporary file next to the target and renames it over the target
 while saving (a preemption, ``kill -9``) leaves the previous ``last.ckpt`` intact, never half of
 one. Loading always uses ``torch.load(weights_only=True)``: resuming from a checkpoint never runs
 pickled code (mixrobust's checkpoints are plain data; MultiStepLR's ``collections.Counter`` of
-milestones is allowed).
+milestones is allowed, `mixrobust.checkpoint.files.SAFE_GLOBALS`).
 """
 
 from __future__ import annotations
 
-import collections
-import io
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from mixrobust.checkpoint.files import SAFE_GLOBALS
 from mixrobust.runtime.files import atomic_write
 
 
@@ -28,11 +27,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):  # remote stores: Lightning's own
             return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write(path, lambda f: f.write(buffer.getbuffer()), mode="wb")
+        atomic_write(path, lambda f: torch.save(checkpoint, f), mode="wb")
 
     def load_checkpoint(self, path, map_location: Callable | None = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        with torch.serialization.safe_globals([collections.Counter]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mixrobust.attacks import PGD
 from mixrobust.checkpoint import CHECKPOINT_KEY, make_record, optimizer_spec
 from mixrobust.models import ImageClassifier
+from mixrobust.runtime.seeds import mixed_seed
 from mixrobust.threat import Threat
 from mixrobust.training.objectives import GaussianNoise, Objective
 
@@ -33,9 +34,9 @@ class ClassifierModule(L.LightningModule):
     early does not freeze the choice at the first epoch that reaches 100%.
     The checkpoint carries a self-describing record (see `mixrobust.checkpoint`), the optimizer's included.
 
-    Randomness: every training batch re-seeds torch's generators (`step_seed`: a function of `seed`,
-    the rank and the global step), so the random starts of adversarial training, the training noise
-    and dropout of step t are the same whether the run started at step 0 or resumed from a
+    Randomness: every training batch re-seeds torch's generators (`step_seed`: mixed from `seed`, the
+    rank, the epoch and the batch index), so the random starts of adversarial training, the training
+    noise and dropout of a batch are the same whether the run started at epoch 0 or resumed from a
     checkpoint; with the data module's per-epoch augmentation generator this makes a resumed run
     repeat the uninterrupted one exactly (on the CPU).
     """
@@ -83,12 +84,13 @@ class ClassifierModule(L.LightningModule):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def step_seed(self) -> int:
-        """The seed of this training step: a fixed mix of `seed`, the global rank and the global step."""
-        return (self.seed * 1_000_003 + self.global_rank * 7_919 + self.global_step) % (2**63 - 1)
+    def step_seed(self, batch_idx: int) -> int:
+        """The seed of a training batch: `mixed_seed` of `seed`, the global rank, the epoch and the batch
+        index (not the optimizer step, which gradient accumulation repeats across micro-batches)."""
+        return mixed_seed("train-batch", self.seed, self.global_rank, self.current_epoch, batch_idx)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        torch.manual_seed(self.step_seed())
+        torch.manual_seed(self.step_seed(batch_idx))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
