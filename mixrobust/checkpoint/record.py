@@ -23,9 +23,11 @@ _RECORD_FIX = "retrain it with train.py, or rewrite the record with mixrobust.ch
 def optimizer_spec(optimizer: torch.optim.Optimizer) -> dict:
     """The plain-dict description of `optimizer` stored in a checkpoint's record.
 
-    ``{"name", "lr", "weight_decay"}`` from the first parameter group (``lr`` is the scheduler's
-    ``initial_lr`` when one set it), plus ``momentum``/``nesterov`` for SGD or ``betas`` for the
-    Adam family. ``name`` is the lowercased class name: ``"sgd"``, ``"adamw"``, ``"adam"``, ...
+    ``{"name", "lr", "weight_decay"}`` from the first parameter group, plus ``momentum``/``nesterov``
+    for SGD or ``betas`` for the Adam family. Values a scheduler moves during training are recorded as
+    configured: ``lr`` is the scheduler's ``initial_lr`` when one set it, and the momentum (beta1) a
+    one-cycle schedule cycles is its peak, ``max_momentum``, so a spec taken mid-run equals the run's.
+    ``name`` is the lowercased class name: ``"sgd"``, ``"adamw"``, ``"adam"``, ...
     """
     group = optimizer.param_groups[0]
     spec = {
@@ -33,10 +35,12 @@ def optimizer_spec(optimizer: torch.optim.Optimizer) -> dict:
         "lr": float(group.get("initial_lr", group["lr"])),
         "weight_decay": float(group.get("weight_decay", 0.0)),
     }
+    peak = group.get("max_momentum")  # a one-cycle schedule cycles the momentum (or beta1) from this peak
     if isinstance(optimizer, torch.optim.SGD):
-        spec.update(momentum=float(group.get("momentum", 0.0)), nesterov=bool(group.get("nesterov", False)))
+        momentum = group.get("momentum", 0.0) if peak is None else peak
+        spec.update(momentum=float(momentum), nesterov=bool(group.get("nesterov", False)))
     elif "betas" in group:
-        spec["betas"] = [float(b) for b in group["betas"]]
+        spec["betas"] = [float(group["betas"][0] if peak is None else peak), float(group["betas"][1])]
     return spec
 
 
