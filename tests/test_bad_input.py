@@ -144,6 +144,7 @@ def cases(f: dict) -> list[Case]:
         ev("distributed.devices=0", names=r"distributed\.devices"),
         ev("cache.enabled=maybe", names=r"cache\.enabled.*maybe"),
         ev("task=bogus", names=r"task.*bogus"),
+        ev("debug=yes", names=r"^debug must be true or false, got 'yes'"),
         ev("data=mnist", "data_root=/nonexistent/data", names=r"/nonexistent/data"),
         ev("data=nosuch", names=r"Could not find 'data/nosuch'"),
         ev("mix.alphs=[0.5]", names=r"mix\.alphs"),

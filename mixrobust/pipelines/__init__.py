@@ -66,10 +66,11 @@ def check(cfg: DictConfig) -> None:
 def errors(cfg: DictConfig) -> Iterator[None]:
     """Let a `MixrobustError` through as it is (the entry point prints its message alone and exits 1),
     or, with ``debug=true``, as an error Hydra prints with its traceback."""
+    debug = convert(value_at(cfg, "debug", ""), bool, "debug") if "debug" in cfg else False
     try:
         yield
     except MixrobustError as exc:
-        if cfg.get("debug", False) is True:
+        if debug:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
         raise
 
