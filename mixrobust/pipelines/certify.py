@@ -223,7 +223,7 @@ def run(cfg: DictConfig) -> CertifyResult:
         g = load_classifier(s.g.path, map_location=device)
         where = device if s.processes == 1 else torch.device("cpu")  # several processes: each moves its copy
         smoothed = [(f, load_classifier(f.path, map_location=where)) for f in (s.h, s.baseline) if f is not None]
-        x, y, index = s.examples.select(s.data, g.input_shape)
+        x, y, index = s.examples.select(s.data)
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
                  s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)

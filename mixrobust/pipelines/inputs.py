@@ -147,13 +147,11 @@ class Examples:
         if self.n is not None and self.n_per_class is not None:
             raise ConfigError(f"set at most one of n={self.n} and n_per_class={self.n_per_class}")
 
-    def select(self, datamodule, input_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images (N, C, H, W) in [0,1], labels (N,) and their positions in the split (N,)."""
+    def select(self, datamodule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (N, C, H, W) in [0,1], labels (N,) and their positions in the split (N,). (That the images fit
+        the models was checked with the settings, `datamodule`; the data module checks its files' shapes.)"""
         x, y = datamodule.eval_tensors(self.split)
         index = subset_indices(y, n=self.n, n_per_class=self.n_per_class, seed=self.seed)
-        if tuple(x.shape[1:]) != tuple(input_shape):
-            raise ConfigError(f"the {datamodule.name} {self.split} images have shape {tuple(x.shape[1:])} but the "
-                              f"models take {tuple(input_shape)}; pass the data set they were trained on (data=...)")
         return x[index], y[index], index
 
 

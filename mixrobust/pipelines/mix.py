@@ -174,7 +174,7 @@ def _sweep(s: MixSettings, device, cache: DiskCache | None):
     return functools.partial(
         run_sweep, g, h, alphas=s.alphas, attack=s.attack, options=s.options, attacks=[a.value for a in s.sweep.attacks],
         autoattack=s.autoattack, batch_size=s.job.batch_size, skip_misclassified=s.sweep.skip_misclassified,
-        detach_r=s.mix.detach_r, preflight=s.sweep.preflight, cache=cache), g.input_shape
+        detach_r=s.mix.detach_r, preflight=s.sweep.preflight, cache=cache)
 
 
 def run(cfg: DictConfig) -> MixResult:
@@ -186,8 +186,8 @@ def run(cfg: DictConfig) -> MixResult:
     clear_marker(out, MARKER)
     cache = DiskCache(s.cache_dir) if s.cache_dir is not None else None
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "mix") as logger:
-        sweep, input_shape = _sweep(s, device, cache)
-        x, y, index = s.examples.select(s.data, input_shape)
+        sweep = _sweep(s, device, cache)
+        x, y, index = s.examples.select(s.data)
         check_processes(s.processes, device, len(y))
         log.info("evaluating %s (%s split, %d examples) on %s%s: %s", s.data.name, s.examples.split, len(y), device,
                  f" x {s.processes} processes" if s.processes > 1 else "", s.attack)
