@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 import torch
-from scipy import stats
 
 from mixrobust.errors import ConfigError
 
@@ -68,6 +67,8 @@ def clopper_pearson_lower(k, n, failure_prob: float):
     fp = check_failure_prob(failure_prob)
     k_np, n_np = np.broadcast_arrays(_as_numpy(k), _as_numpy(n))
     _check_counts(k_np, n_np)
+    from scipy import stats  # on first use: scipy.stats takes a second to import
+
     with np.errstate(invalid="ignore"):
         lo = stats.beta.ppf(fp, k_np, n_np - k_np + 1)
     lo = np.where(k_np == 0, 0.0, lo)
@@ -83,6 +84,8 @@ def clopper_pearson_upper(k, n, failure_prob: float):
     fp = check_failure_prob(failure_prob)
     k_np, n_np = np.broadcast_arrays(_as_numpy(k), _as_numpy(n))
     _check_counts(k_np, n_np)
+    from scipy import stats
+
     with np.errstate(invalid="ignore"):
         hi = stats.beta.ppf(1.0 - fp, k_np + 1, n_np - k_np)
     hi = np.where(k_np == n_np, 1.0, hi)

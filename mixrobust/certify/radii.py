@@ -19,7 +19,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from scipy import stats
 
 from mixrobust.certify.lipschitz import local_lipschitz  # noqa: F401  (feeds lipschitz_radius)
 from mixrobust.errors import ConfigError
@@ -122,6 +121,8 @@ def theorem5_radius(lower_y, upper_other, alpha: float, sigma: float) -> np.ndar
     lower_y, upper_other = _np(lower_y), _np(upper_other)
     if not check_alpha(alpha, warn=False):
         return np.zeros(lower_y.shape)
+    from scipy import stats  # on first use: scipy.stats takes a second to import
+
     with np.errstate(invalid="ignore"):
         r = 0.5 * sigma * (
             stats.norm.ppf(alpha * lower_y) - stats.norm.ppf(alpha * upper_other + 1.0 - alpha)

@@ -17,16 +17,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mixrobust.runtime.files import atomic_write, csv_text, write_text  # noqa: E402
-from mixrobust.certify.mixture import BaselineCertificate, MixtureCertificate  # noqa: E402
-from mixrobust.certify.radii import alpha_for_clean_accuracy  # noqa: E402
-from mixrobust.errors import ConfigError  # noqa: E402
+from mixrobust.runtime.files import atomic_write, csv_text, write_text
+from mixrobust.certify.mixture import BaselineCertificate, MixtureCertificate
+from mixrobust.certify.radii import alpha_for_clean_accuracy
+from mixrobust.errors import ConfigError
 
 CERTIFY_COLUMNS = ("index", "label", "alpha", "h_pred", "mix_pred", "p_y", "p_runner_up", "lipschitz_radius",
                    "rs_radius", "correct", "mix_correct")
@@ -130,6 +126,11 @@ def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike, selected_
                             title: str = "") -> Path:
     """Certified accuracy vs l_2 radius: per certifiable alpha, Theorem 5 (solid) and Theorem 4
     (dashed) in one colour, the selected alpha drawn thicker, and the RS baseline in black."""
+    import matplotlib  # on the first plot, not with this module
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     alphas = sorted({r["alpha"] for r in rows if r["model"] == "mix" and r["alpha"] >= 0.5})
     for k, alpha in enumerate(alphas):

@@ -17,7 +17,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from mixrobust.attacks.pgd import NONFINITE_ADVICE, nonfinite_rows, parse_autocast_dtype
@@ -44,6 +43,8 @@ def two_sided_binomial_pvalue(n_a: np.ndarray, n_b: np.ndarray) -> np.ndarray:
     and 1 on a tie.
     """
     n_a, n_b = np.asarray(n_a, dtype=np.int64), np.asarray(n_b, dtype=np.int64)
+    from scipy import stats  # on first use: scipy.stats takes a second to import
+
     hi = np.maximum(n_a, n_b)
     p = np.minimum(1.0, 2.0 * stats.binom.sf(hi - 1, n_a + n_b, 0.5))
     return np.where(n_a == n_b, 1.0, p)
@@ -348,6 +349,8 @@ class SmoothedClassifier(nn.Module):
         else:
             p_lower = hoeffding_lower(hits / n, n, fp)
         ok = p_lower > 0.5
+        from scipy import stats
+
         radius = np.where(ok, self.sigma * stats.norm.ppf(np.where(ok, p_lower, 0.75)), 0.0)
         dev = x.device
         pred = torch.where(torch.as_tensor(ok, device=dev), c_a, torch.full_like(c_a, -1))

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from mixrobust.data.augment import augmentation_seed, random_crop_flip, to_unit_float
 from mixrobust.data.loaders import InMemoryLoader, TensorImageDataset, check_val_size, split_train_val
 from mixrobust.errors import ConfigError, DataError, DataNotFoundError, check_choice
+
+if TYPE_CHECKING:  # imported where used: any torchvision import loads its whole model zoo
+    from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +306,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def _transform(self, train: bool) -> v2.Transform:
         """Per-image transforms of the DataLoader path: uint8 tensor -> float in [0, 1] (+ augment)."""
+        from torchvision.transforms import v2
+
         steps: list[v2.Transform] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
         if train and self.augment:
             if self.crop_padding > 0:

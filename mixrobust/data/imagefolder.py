@@ -5,15 +5,17 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms import v2
 
 from mixrobust.data.base import SPLITS, ImageDataModule, Split, _info
 from mixrobust.data.loaders import split_train_val
 from mixrobust.errors import ConfigError, DataError, check_choice
+
+if TYPE_CHECKING:  # imported where used: any torchvision import loads its whole model zoo
+    from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +84,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.num_classes = len(classes)
 
     def _transform(self, train: bool) -> v2.Transform:
+        from torchvision.transforms import v2
+
         if train and self.augment:
             steps = [v2.ToImage(), v2.RandomResizedCrop(self.image_size, antialias=True)]
             if self.flip:

@@ -1,4 +1,9 @@
-"""Architectures. Importing this package registers every built-in model."""
+"""Architectures. Importing this package registers every built-in model.
+
+Registering is cheap: torchvision's model zoo (which also loads torchvision.ops and torch._dynamo)
+is imported only when an ImageNet-scale architecture (`mixrobust.models.imagenet`) is built or its
+pretrained weights are read.
+"""
 
 from mixrobust.models import imagenet  # noqa: F401  (registers convnext_tiny, resnet50, resnet18_imagenet)
 from mixrobust.models import resnet  # noqa: F401  (registers resnet18, preact_resnet18, resnet20, resnet110)

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from mixrobust.errors import CheckpointError, ConfigError
@@ -87,6 +86,8 @@ class ResizedBackbone(nn.Module):
 def _read_state_dict(pretrained: bool | str | Path, arch: TorchvisionArch) -> Mapping[str, torch.Tensor]:
     """The ImageNet state_dict named by `pretrained` (True: torchvision default; str: local file)."""
     if pretrained is True:
+        import torchvision.models  # on first use: the whole zoo (and torchvision.ops, torch._dynamo)
+
         weights = torchvision.models.get_model_weights(arch.tv_name).DEFAULT
         try:
             return weights.get_state_dict(progress=False, check_hash=True)
@@ -139,6 +140,8 @@ def build_torchvision(
     """torchvision model `name` (a key of TORCHVISION_MODELS) with a `num_classes` head; see module doc."""
     arch = TORCHVISION_MODELS[name]
     _check_input(input_shape[0], int(resize))  # fail before building a large network
+    import torchvision.models  # on first use: the whole zoo (and torchvision.ops, torch._dynamo)
+
     net = torchvision.models.get_model(arch.tv_name, weights=None, num_classes=num_classes)
     if pretrained is not False and pretrained is not None:
         if not isinstance(pretrained, (bool, str, Path)):
