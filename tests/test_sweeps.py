@@ -276,6 +276,10 @@ def _sweep_cmd(ckpts, sweep_dir: Path, *extra: str) -> list[str]:
             "mix.r_options=[one]", "logger=none", f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
+#: The job folders of `_sweep_cmd`'s grid: the job number and its values on the grid's axes (hydra.sweep.subdir).
+JOBS = ("0_alphas=0.4,r_options=one", "1_alphas=0.7,r_options=one", "2_alphas=1.0,r_options=one")
+
+
 def _env(cache_dir: Path) -> dict:
     return {**os.environ, "MIXROBUST_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -299,25 +303,26 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     lines = combined.read_text().splitlines()
     assert lines[0].startswith("job,overrides,model,alpha") and len(lines) == 1 + 3 * (8 + 5)
     assert (full / "report" / "accuracy_vs_alpha.png").is_file() and (full / "report" / "tradeoff.png").is_file()
-    assert json.loads((full / "0" / "run.json").read_text())["cache"]["hits"] == 0
-    assert json.loads((full / "2" / "run.json").read_text())["cache"]["hits"] >= 3  # STD, ROB from job 0
+    assert sorted(p.name for p in full.iterdir() if p.is_dir()) == [*JOBS, "report"]
+    assert json.loads((full / JOBS[0] / "run.json").read_text())["cache"]["hits"] == 0
+    assert json.loads((full / JOBS[2] / "run.json").read_text())["cache"]["hits"] >= 3  # STD, ROB from job 0
 
     # kill a sweep as soon as its first job finished, then re-run the same command
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_sweep_cmd(ckpts, killed), env=_env(tmp_path / "cache2"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (killed / "0" / "run.json").exists() and proc.poll() is None and time.time() < deadline:
+    while not (killed / JOBS[0] / "run.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed / "0" / "run.json").exists() and not (killed / "report" / "combined.csv").exists()
-    finished_before = json.loads((killed / "0" / "run.json").read_text())["fingerprint"]
-    stamp = (killed / "0" / "results.csv").stat().st_mtime_ns
+    assert (killed / JOBS[0] / "run.json").exists() and not (killed / "report" / "combined.csv").exists()
+    finished_before = json.loads((killed / JOBS[0] / "run.json").read_text())["fingerprint"]
+    stamp = (killed / JOBS[0] / "results.csv").stat().st_mtime_ns
     out = _run(_sweep_cmd(ckpts, killed), _env(tmp_path / "cache2"))
     assert "already holds this run's results: skipped" in out.stderr + out.stdout
-    assert (killed / "0" / "results.csv").stat().st_mtime_ns == stamp  # job 0 was not redone
-    assert json.loads((killed / "0" / "run.json").read_text())["fingerprint"] == finished_before
+    assert (killed / JOBS[0] / "results.csv").stat().st_mtime_ns == stamp  # job 0 was not redone
+    assert json.loads((killed / JOBS[0] / "run.json").read_text())["fingerprint"] == finished_before
     assert _numbers(killed / "report" / "combined.csv") == _numbers(combined)
 
     # the joblib launcher, two worker processes: the same numbers
@@ -330,7 +335,7 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     _run(_sweep_cmd(ckpts, full)[:-4] + ["mix.alphas=[0.4]", "mix.r_options=[one]", "logger=none",
                                           f"hydra.sweep.dir={full}"], env)
     jobs = json.loads((full / "report" / "jobs.json").read_text())
-    assert [j["job"] for j in jobs["completed"]] == ["0"] and [j["job"] for j in jobs["stale"]] == ["1", "2"]
+    assert [j["job"] for j in jobs["completed"]] == [JOBS[0]] and [j["job"] for j in jobs["stale"]] == list(JOBS[1:])
 
 
 def test_checked_sweeper_stops_a_grid_with_one_bad_job_before_any_job_runs(ckpts, tmp_path):
@@ -344,7 +349,7 @@ def test_checked_sweeper_stops_a_grid_with_one_bad_job_before_any_job_runs(ckpts
     assert "job 1 of 2 (mix.alphas=[1.5] " in proc.stderr and "checked before any job ran" in proc.stderr
     assert "mix.alphas[0] must be a number >= 0 and <= 1, got 1.5" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert not (sweep / "0").exists() and not (sweep / "report").exists()
+    assert not sweep.exists() or not any(p.is_dir() for p in sweep.iterdir())  # no job folder, no report
 
 
 def _wandb_records(path: Path):
@@ -376,7 +381,7 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep(ckpts, tmp_path):
     env = {**_env(tmp_path / "cache"), "WANDB_MODE": "", "WANDB_API_KEY": ""}
     _run([*cmd, "logger=wandb"], env)
     runs = {}
-    for job in ("0", "1"):
+    for job in JOBS[:2]:
         files = list((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(files) == 1, f"job {job}: {files}"
         records = list(_wandb_records(files[0]))
@@ -385,9 +390,9 @@ def test_wandb_offline_one_run_per_job_grouped_by_sweep(ckpts, tmp_path):
                 for i in r.history.item}
         runs[job] = run
         assert run.run_group == str(sweep) and "mix" in run.tags
-        assert f"mix.alphas=[{'0.4' if job == '0' else '0.7'}]" in run.display_name
+        assert f"mix.alphas=[{'0.4' if job == JOBS[0] else '0.7'}]" in run.display_name
         assert "eval/results/_type" in keys  # the results table
-    assert runs["0"].run_id != runs["1"].run_id
+    assert runs[JOBS[0]].run_id != runs[JOBS[1]].run_id
 
 
 def test_wandb_online_without_login_falls_back_to_offline(tmp_path, monkeypatch, caplog):

@@ -5,7 +5,9 @@ a certification job) is intact and every results file still matches the checksum
 (`mixrobust.runtime.jobs.find_job_folders`). Other folders with ``.hydra/`` are incomplete jobs
 (still running, failed, damaged): they are listed and left out. Jobs are found at any depth below
 the sweep folder, except in ``report/`` and dot-folders, and ordered by their relative path with
-integer parts compared as numbers (``2`` before ``10``).
+job numbers compared as numbers (``2_alphas=0.5,r_options=one``, or ``2`` from earlier versions, before
+``10_...``). A job's name is its folder's path relative to the sweep folder, e.g.
+``3_alphas=0.6,r_options=one`` (``hydra.sweep.subdir``: the job number, then its grid values).
 
 `write_report` writes, atomically, into ``<sweep_dir>/report`` (or `out_dir`):
 

@@ -5,12 +5,17 @@ written last, with a checksum of every results file) recorded under the job's cu
 Folders with ``.hydra/`` but no such marker are incomplete (still running, failed, damaged, or
 holding an earlier launch's results next to new overrides). Jobs are found at any depth below the
 sweep folder, except in the report folder and dot-folders, and ordered by their relative path with
-integer parts compared as numbers (``2`` before ``10``).
+integer parts, and the job number of a ``<num>_<overrides>`` folder, compared as numbers (``2`` and
+``2_alphas=0.5`` before ``10``).
+
+Job folders are named ``<num>_<overrides>`` (``hydra.sweep.subdir``, `mixrobust.runtime.resolvers.job_dir`),
+``<num>`` alone in sweeps of earlier versions: `job_number` reads the number back.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +41,18 @@ class JobFolder:
     content: dict = field(default_factory=dict)
 
 
+_NUMBERED = re.compile(r"([0-9]+)(?:_[^/]*)?")
+
+
+def job_number(name: str) -> int | None:
+    """The job number of a folder named ``<num>`` or ``<num>_<anything>`` (one path component), else None."""
+    match = _NUMBERED.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def _sort_key(relative: Path) -> tuple:
-    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in relative.parts)
+    return tuple((1, 0, p) if job_number(p) is None else (0, job_number(p), p.partition("_")[2])
+                 for p in relative.parts)
 
 
 def read_overrides(job_dir: str | os.PathLike) -> list[str]:
@@ -85,13 +100,9 @@ def find_job_folders(sweep_dir: str | os.PathLike, markers: tuple[str, ...],
     return done, incomplete
 
 
-def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
-    """The override sets of the jobs the latest launch into `sweep_dir` asked for, or None if unknown.
-
-    Hydra writes ``multirun.yaml`` into the sweep folder at every launch; its sweeper params and
-    command-line task overrides are expanded into jobs exactly as Hydra's basic sweeper does
-    (other sweepers' folders, or folders without the file, give None: every job counts).
-    """
+def _launch(sweep_dir: str | os.PathLike) -> tuple[list, list, list[frozenset[str]]] | None:
+    """The latest launch's parsed sweeper params, its parsed command-line task overrides and its jobs'
+    override sets in Hydra's job order; None if unknown (`latest_launch`)."""
     path = Path(sweep_dir) / "multirun.yaml"
     if not path.is_file():
         return None
@@ -105,14 +116,48 @@ def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
     params = OmegaConf.to_container(sweeper.params, resolve=False) if sweeper.get("params") else {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
     overrides = OverridesParser.create().parse_overrides(arguments)
-    return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    jobs = [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return overrides[:len(params)], overrides[len(params):], jobs
+
+
+def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
+    """The override sets of the jobs the latest launch into `sweep_dir` asked for, or None if unknown.
+
+    Hydra writes ``multirun.yaml`` into the sweep folder at every launch; its sweeper params and
+    command-line task overrides are expanded into jobs exactly as Hydra's basic sweeper does
+    (other sweepers' folders, or folders without the file, give None: every job counts).
+    """
+    launch = _launch(sweep_dir)
+    return None if launch is None else launch[2]
+
+
+def override_key(override) -> str:
+    """The key of a parsed Hydra override as the job folder names see it: ``mix.alphas``,
+    ``objective``, ``data@pkg`` (without ``+`` / ``++`` / ``~``)."""
+    return override.get_key_element().lstrip("+~")
+
+
+def latest_grid(sweep_dir: str | os.PathLike) -> tuple[set[str], list[frozenset[str]]] | None:
+    """The axes of the latest launch's grid and its jobs' override sets (`latest_launch`), or None if unknown.
+
+    The axes are the keys of the sweeper's params (a preset's grid, also when the command line gives
+    one of them a single value) and the command-line overrides that sweep (``threat.eps=0.1,0.2``):
+    every key whose value can differ between the launch's jobs.
+    """
+    launch = _launch(sweep_dir)
+    if launch is None:
+        return None
+    params, arguments, jobs = launch
+    return {override_key(o) for o in params} | {override_key(o) for o in arguments if o.is_sweep_override()}, jobs
 
 
 def in_launch(job: JobFolder, wanted: list[frozenset[str]]) -> bool:
     """Whether `job` is one the latest launch asked for. Hydra numbers a launch's jobs in the
-    sweeper's order, so a numbered job folder must hold that number's overrides (an old folder 11
-    with alpha 0.8 is not the new job 1 with alpha 0.8); other folder names match by overrides."""
+    sweeper's order, so a numbered job folder (``<num>_<overrides>``, or ``<num>`` from earlier
+    versions) must hold that number's overrides (an old folder ``11_alphas=0.8`` is not the new job 1
+    with alpha 0.8); other folder names match by overrides."""
     overrides = frozenset(job.overrides)
-    if job.name.isdigit():
-        return int(job.name) < len(wanted) and wanted[int(job.name)] == overrides
+    num = job_number(job.name)
+    if num is not None:
+        return num < len(wanted) and wanted[num] == overrides
     return overrides in wanted
