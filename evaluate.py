@@ -1,16 +1,16 @@
-"""Evaluate a mixture of two checkpoints: ``python evaluate.py g_ckpt=... h_ckpt=...`` (see README).
+"""Evaluate a mixture: ``python evaluate.py g_ckpt=... h_ckpt=... [task=mix|certify|report]`` (see README)."""
 
-``task=mix`` (default): alpha sweep under attacks; ``task=certify``: certified radii; ``task=report``.
-"""
+from mixrobust.runtime import entry
 
-import hydra
-from omegaconf import DictConfig
-
-from mixrobust import pipelines
+entry.prepare()  # before torch is imported: CPU thread policy, third-party noise filtered
+import hydra  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def main(cfg) -> None:
+    entry.prepare()  # again: a launcher's worker process (joblib, SLURM) did not run the lines above
+    from mixrobust import pipelines  # here, not above: --help needs no torch
+
     result = pipelines.run(cfg)
     print(result.text())  # the results table; certification: accuracies and the chosen alpha; report: its jobs
     print(result.output_dir)  # the last line: the folder with the results files

@@ -1,16 +1,18 @@
 """Train a base classifier: ``python train.py objective=pgd_at data=cifar10 model=resnet18`` (see README)."""
 
-import hydra
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from mixrobust.runtime import entry
 
-from mixrobust import pipelines
+entry.prepare()  # before torch is imported: CPU thread policy, third-party noise filtered
+import hydra  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg) -> float | None:
+    entry.prepare()  # again: a launcher's worker process (joblib, SLURM) did not run the lines above
+    from mixrobust import pipelines  # here, not above: --help needs no torch
+
     result = pipelines.run(cfg)
-    if rank_zero_only.rank == 0:
+    if pipelines.is_rank_zero():
         print(result.best_checkpoint)  # the last line: the checkpoint to mix, attack and certify
     return result.metrics.get(cfg.optimized_metric)
 

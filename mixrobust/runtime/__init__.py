@@ -9,7 +9,10 @@
 - `sharding`: a map over example shards in several processes;
 - `jobs`: the job folders of a multirun (finished, incomplete, asked for by the latest launch);
 - `seeds`: seeds mixed from several values (training steps, augmentation epochs);
-- `resolvers`: the ``${mr.*}`` OmegaConf resolvers of the configs.
+- `resolvers`: the ``${mr.*}`` OmegaConf resolvers of the configs;
+- `threads`: the CPU thread policy the entry points apply before torch starts (`entry.prepare`);
+- `quiet`: third-party warnings and log lines the entry points filter out;
+- `progress`: progress of long stages, a live bar on a terminal, log lines elsewhere.
 
 Nothing here imports the science packages (data, models, attacks, mixing, certify, evaluation,
 training); they and the tasks in `mixrobust.pipelines` build on it.

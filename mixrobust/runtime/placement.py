@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from mixrobust.errors import ConfigError
 from mixrobust.runtime.hydra_job import current_job
+from mixrobust.runtime.threads import usable_cores
 
 if TYPE_CHECKING:  # torch is imported where it is used: launching a sweep does not need it
     import torch
@@ -82,13 +83,8 @@ def visible_gpus() -> int:
 
 
 def available_cpus() -> int:
-    """CPU cores this process may use: joblib's count (affinity mask, cgroup quota), else os.cpu_count()."""
-    try:
-        from joblib import cpu_count
-
-        return max(1, int(cpu_count()))
-    except Exception:  # joblib missing or unable to read the limits
-        return max(1, os.cpu_count() or 1)
+    """CPU cores this process may use (affinity mask, cgroup quota): `mixrobust.runtime.threads.usable_cores`."""
+    return usable_cores()
 
 
 def gpu_for_job(job_num: int, count: int) -> int:
