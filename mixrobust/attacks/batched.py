@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,13 +25,15 @@ def model_device(model: nn.Module, default: torch.device) -> torch.device:
     return default
 
 
-def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                      on_batch: Callable[[int], None] | None = None) -> Tensor:
     """Adversarial examples for all of `x` (N, C, H, W), attacking `batch_size` images at a time.
 
     Chunks are moved to the model's device and the result comes back on x's device with x's
     dtype. For a `PGD` with random start, one generator (seeded with ``attack.seed``) serves all
     chunks, so each chunk draws fresh starts and the whole run is reproducible for a fixed
-    seed and `batch_size` (a different `batch_size` gives different draws).
+    seed and `batch_size` (a different `batch_size` gives different draws). `on_batch` is called with
+    the number of images of each chunk once it is attacked (progress reporting).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -45,4 +48,6 @@ def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, ba
         yb = y[start:stop].to(device, non_blocking=True)
         x_adv = attack(model, xb, yb, generator=generator) if generator is not None else attack(model, xb, yb)
         out[start:stop].copy_(x_adv)
+        if on_batch is not None:
+            on_batch(xb.shape[0])
     return out

@@ -25,6 +25,7 @@ from mixrobust.certify.smoothing import SmoothedClassifier
 from mixrobust.certify.sound import MixtureRadii, plugin_radii, sound_radii
 from mixrobust.errors import ConfigError, check_choice
 from mixrobust.mixing import mix_log_probs
+from mixrobust.runtime import progress
 
 Mode = Literal["sound", "plugin"]
 Theorem = Literal["lipschitz", "rs"]
@@ -72,12 +73,18 @@ def sample_votes(
     `keys` (N,) name the images' noise streams (their positions in the split; default 0..N-1).
     """
     check_choice("mode", mode, get_args(Mode))
-    select = _np(smoothed.sample_counts(x, n0, keys)) if mode == "sound" else None
-    sq = None
-    if mode == "sound" and smoothed.votes == "soft" and soft_bound == "bernstein":
-        est, sq = (_np(t) for t in smoothed.sample_soft_moments(x, n, keys))
-    else:
-        est = _np(smoothed.sample_counts(x, n, keys))
+    total = x.shape[0] * (n + (n0 if mode == "sound" else 0))
+    with progress.stage(f"noise samples (sigma {smoothed.sigma:g}, {x.shape[0]:,} images)", total, "samples") as shown:
+        smoothed.on_pass = shown.advance
+        try:
+            select = _np(smoothed.sample_counts(x, n0, keys)) if mode == "sound" else None
+            sq = None
+            if mode == "sound" and smoothed.votes == "soft" and soft_bound == "bernstein":
+                est, sq = (_np(t) for t in smoothed.sample_soft_moments(x, n, keys))
+            else:
+                est = _np(smoothed.sample_counts(x, n, keys))
+        finally:
+            smoothed.on_pass = None
     return Votes(select, est, int(n), smoothed.votes, sq)
 
 

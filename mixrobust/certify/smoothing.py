@@ -11,6 +11,7 @@ such outputs per image on the device and a sampling call raises `NonFiniteError`
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Literal, get_args
@@ -117,6 +118,8 @@ class SmoothedClassifier(nn.Module):
         self.base = base.eval()
         self.base.requires_grad_(False)
         self._generators: dict[torch.device, torch.Generator] = {}
+        #: called with the number of noisy copies of each forward pass once its votes are counted (progress)
+        self.on_pass: Callable[[int], None] | None = None
 
     def train(self, mode: bool = True) -> "SmoothedClassifier":
         """Keep the base model in eval mode whatever mode the wrapper is put in."""
@@ -217,6 +220,8 @@ class SmoothedClassifier(nn.Module):
                 else:
                     flat = img * totals.shape[1] + votes  # (B,)
                     totals.view(-1).index_add_(0, flat, torch.ones_like(flat))
+                if self.on_pass is not None:
+                    self.on_pass(int(img.shape[0]))
         self._check_finite(bad, n)
         return totals, sq
 

@@ -29,6 +29,8 @@ would do themselves.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +49,7 @@ from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
+from mixrobust.runtime import progress
 from mixrobust.runtime.cache import DiskCache, code_digest, package_version, tensor_digest
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,13 @@ def merge_results(parts: Sequence[SweepResult]) -> SweepResult:
     gaps = {k: np.concatenate([p.gaps[k] for p in parts], axis=-1) for k in parts[0].gaps}
     timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
     return SweepResult(outcomes, margins_from(outcomes, gaps), list(parts[0].warnings), timings, gaps)
+
+
+def attack_label(attack) -> str:
+    """How progress names an attack: ``PGD-20`` (steps, restarts when several), else its class name."""
+    if isinstance(attack, PGD):
+        return f"PGD-{attack.steps}" + (f" x{attack.restarts}" if attack.restarts > 1 else "")
+    return type(attack).__name__
 
 
 def attack_settings(attack) -> dict:
@@ -177,15 +187,18 @@ class _Sweep:
         """
         model = self.g if target == "g" else self.h
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
+        stage = f"{'STD' if target == 'g' else 'ROB'} attack ({attack_label(attack)} on {target})"
         if self.cache is None or not len(idx):
-            x_adv, idx = self.run_attack(attack, model, keep)
+            with progress.stage(stage, len(idx)) as shown:
+                x_adv, idx = self.run_attack(attack, model, keep, shown)
             return x_adv, idx, None
         key = self.cache.key("adversarial", target=target, attack=attack_settings(attack), **self.key_parts)
         entry = self.cache.load(key)
         have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
         missing = np.setdiff1d(idx, have)
         if len(missing):
-            x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing))
+            with progress.stage(stage, len(missing)) as shown:
+                x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing), shown)
             gl, hl = self.base_logits(x_new)
             new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "g": gl.cpu(), "h": hl.cpu()}
             if entry is not None:
@@ -219,15 +232,19 @@ class _Sweep:
             out = self.outputs(self.single[m], x)
         return (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy()
 
-    def run_attack(self, attack: Attack, model: nn.Module, keep: np.ndarray | None) -> tuple[Tensor, np.ndarray]:
-        """Attack the examples where `keep` (N,) is True (all if None): (x_adv (n, ...), their indices (n,))."""
+    def run_attack(self, attack: Attack, model: nn.Module, keep: np.ndarray | None,
+                   stage: progress.Stage | None = None) -> tuple[Tensor, np.ndarray]:
+        """Attack the examples where `keep` (N,) is True (all if None): (x_adv (n, ...), their indices (n,)),
+        advancing progress `stage` (default: a stage of its own) as batches finish."""
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
         sel = torch.from_numpy(idx)
         x, y = self.x[sel], self.y[sel]
         if not len(idx):
             return x, idx
         try:
-            return attack_in_batches(attack, model, x, y, self.batch_size), idx
+            with (contextlib.nullcontext(stage) if stage is not None else
+                  progress.stage(f"{type(attack).__name__} on {self.name(model)}", len(idx))) as shown:
+                return attack_in_batches(attack, model, x, y, self.batch_size, on_batch=shown.advance), idx
         except NonFiniteError as exc:
             raise NonFiniteError(f"{type(attack).__name__} on {self.name(model)}: {exc}") from None
 
@@ -330,23 +347,30 @@ def run_sweep(
         keep = anyone if skip_misclassified else None
         judged[name] = sweep.judge_subset(clean, *sweep.adversarial(attack, target, keep))
         timings[name] = time.perf_counter() - t0
-        log.info("%s: PGD on %s done in %.1f s", name.upper(), "g" if name == "std" else "h", timings[name])
 
     shape = clean.correct.shape  # (M, A, N)
     adaptive = [a for a in attacks if a in (AttackName.MIX, AttackName.AUTOATTACK)]
     results = {a.value: (np.zeros(shape, bool), np.zeros(shape)) for a in adaptive}
     for name in adaptive:
         t0 = time.perf_counter()
-        for m, option in enumerate(options):
-            for a, alpha in enumerate(alphas):
+        reused = name is AttackName.MIX and reuse
+        kept = {(m, a): clean.correct[m, a] if skip_misclassified or name is AttackName.AUTOATTACK else None
+                for m in range(len(options)) for a, alpha in enumerate(alphas) if not (reused and alpha in (0.0, 1.0))}
+        total = sum(int(k.sum()) if k is not None else len(y) for k in kept.values())
+        label = attack_label(attack) if name is AttackName.MIX else "AutoAttack"
+        with progress.stage(f"{name.value.upper()} attacks ({label} on the mixture, {len(kept)} alpha x option)",
+                            total) as shown:
+            for (m, option), (a, alpha) in itertools.product(enumerate(options), enumerate(alphas)):
                 correct, gap = results[name.value][0][m, a], results[name.value][1][m, a]
-                if name is AttackName.MIX and reuse and alpha in (0.0, 1.0):
+                if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h, attacked by STD / ROB already
                     src = judged["std" if alpha == 0.0 else "rob"]
                     correct[:], gap[:] = src.correct[m, a], src.gap[m, a]
                     continue
-                keep = clean.correct[m, a] if skip_misclassified or name is AttackName.AUTOATTACK else None
+                keep = kept[m, a]
                 sweep.single[m].alpha = alpha
-                x_adv, idx = sweep.run_attack(attack if name is AttackName.MIX else autoattack, sweep.single[m], keep)
+                shown.detail = f"alpha {alpha:g}, {option.label}"
+                x_adv, idx = sweep.run_attack(attack if name is AttackName.MIX else autoattack, sweep.single[m], keep,
+                                              shown)
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
                 if len(idx):
                     correct[idx], gap[idx] = sweep.judge_single(m, alpha, x_adv, y[torch.from_numpy(idx)])

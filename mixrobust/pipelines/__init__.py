@@ -13,13 +13,15 @@ import contextlib
 import importlib
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.errors import DataNotFoundError, MixrobustError
+from mixrobust.runtime import progress
 from mixrobust.runtime.placement import without_host_checks
-from mixrobust.pipelines.fields import convert, value_at
+from mixrobust.pipelines.fields import bounded, convert, parse, value_at
 
 EvaluateTask = Literal["mix", "certify", "report"]
 """The tasks of evaluate.py (``task=``); train.py's config has no ``task`` key: its task is ``train``."""
@@ -34,6 +36,20 @@ def task_of(cfg: DictConfig) -> str:
 def module(task: str):
     """The task's module (imported on first use, so an entry point loads only what its task needs)."""
     return importlib.import_module(f"mixrobust.pipelines.{task}")
+
+
+@dataclass(frozen=True)
+class ProgressKeys:
+    """``progress``: how long stages report (`mixrobust.runtime.progress`): a live bar on a terminal, a log
+    line every `interval` seconds elsewhere."""
+
+    mode: progress.ProgressMode = "auto"
+    interval: float = bounded(progress.DEFAULT_INTERVAL, gt=0)
+
+
+def progress_settings(cfg: DictConfig) -> ProgressKeys:
+    """The ``progress`` node of either entry point's config (defaults where the node is absent)."""
+    return parse(ProgressKeys, cfg.get("progress") or {}, "progress")
 
 
 #: Launchers whose jobs run on this machine; under any other (SLURM) a job runs elsewhere.
@@ -54,6 +70,7 @@ def check(cfg: DictConfig) -> None:
     log.setLevel(logging.ERROR)
     try:
         with without_host_checks() if remote else contextlib.nullcontext():
+            progress_settings(cfg)
             module(task_of(cfg)).settings(cfg)
     except DataNotFoundError:
         if not remote:
@@ -75,7 +92,16 @@ def errors(cfg: DictConfig) -> Iterator[None]:
         raise
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the global-zero one (under DDP only it prints the result)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
 def run(cfg: DictConfig):
     """Run `cfg`'s task (see `TASKS`) and return its result; user errors as described in `errors`."""
     with errors(cfg):
+        shown = progress_settings(cfg)
+        progress.configure(shown.mode, shown.interval)
         return module(task_of(cfg)).run(cfg)

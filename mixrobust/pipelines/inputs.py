@@ -84,7 +84,7 @@ def warn_if_swapped(g: ModelFile, h: ModelFile) -> None:
 #: Keys of every evaluation config that change no reported number (device: only in float rounding,
 #: and a local multi-GPU sweep hands a resumed job another GPU); left out of the resume fingerprint.
 JOB_KEYS = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "device", "debug", "task", "report",
-            "data_root", "preflight", "skip_misclassified")
+            "data_root", "preflight", "skip_misclassified", "progress")
 #: Settings of the data node that only say how images are loaded.
 LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "batch_size", "eval_batch_size", "download",
                "in_memory")

@@ -14,6 +14,7 @@ stopped by SIGTERM (a scheduler's preemption, ``kill``) fails with a message nam
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -32,9 +33,11 @@ from mixrobust.pipelines.fields import bounded, build, check_arguments, parse, p
 from mixrobust.runtime.files import write_json
 from mixrobust.runtime.loggers import job_logger
 from mixrobust.runtime.placement import host_checks, placed_trainer, visible_gpus
+from mixrobust.runtime.progress import current_mode
 from mixrobust.threat import Threat
 from mixrobust.training.checkpoint_io import SafeCheckpointIO
 from mixrobust.training.module import ClassifierModule
+from mixrobust.training.progress import LogProgress
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +183,14 @@ def build_module(s: TrainSettings) -> ClassifierModule:
 
 def _trainer(s: TrainSettings, trainer_args: dict, logger, checkpoint: ModelCheckpoint) -> L.Trainer:
     callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="epoch")] if logger else [])
-    if s.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar())
     args = dict(trainer_args)
+    shown = current_mode() if s.trainer.enable_progress_bar else "none"
+    if shown == "bar":
+        callbacks.append(RichProgressBar())
+    elif shown == "log":
+        callbacks.append(LogProgress())  # a rich bar in a log file would draw only its last frame
+    args["enable_progress_bar"] = shown == "bar"
+    args.setdefault("enable_model_summary", False)  # its table (with a FLOPs column of zeros) says no more than:
     plugins = list(args.pop("plugins", None) or []) + [SafeCheckpointIO()]  # atomic, never unpickles code
     return build(args, "trainer", callbacks=callbacks, logger=logger, plugins=plugins,
                  default_root_dir=str(s.keys.output_dir), inference_mode=False)
@@ -203,6 +211,10 @@ def run(cfg: DictConfig) -> TrainResult:
     s.data.load_all()  # a truncated or corrupt data file fails here, before the Trainer starts
     L.seed_everything(s.keys.seed, workers=True)
     module = build_module(s)
+    params = list(module.model.parameters())
+    log.info("model: %s, %s parameters (%s trainable)", s.config["model"].get("arch", type(s.model).__name__),
+             f"{sum(p.numel() for p in params):,}",
+             f"{sum(p.numel() for p in params if p.requires_grad):,}")
     with placed_trainer(s.trainer_args) as trainer_args, job_logger(s.logger, out, "train") as logger:
         # last.ckpt at the end of every epoch (resume); best.ckpt on the objective's main validation metric
         checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val/selection", mode="max",
@@ -211,7 +223,10 @@ def run(cfg: DictConfig) -> TrainResult:
         if logger:
             logger.log_hyperparams(s.config)
         try:
-            trainer.fit(module, datamodule=s.data, ckpt_path=s.keys.ckpt_path)
+            with warnings.catch_warnings():
+                if s.keys.ckpt_path is not None:  # resuming in its own folder (checked): its checkpoints are there
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+                trainer.fit(module, datamodule=s.data, ckpt_path=s.keys.ckpt_path)
             best = checkpoint.best_model_path or checkpoint.last_model_path
             if not best or not Path(best).is_file():
                 raise MixrobustError(f"training ended without writing a checkpoint in {out / 'checkpoints'}; "
