@@ -282,6 +282,63 @@ def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
     np.testing.assert_allclose(cert.rs_radius[list(cert.alphas).index(a)], expect, atol=1e-9)
 
 
+def curve_value(curves, model, alpha, theorem, radius):
+    """The certified accuracy certified_accuracy.csv holds at `radius` (one of its grid's radii)."""
+    (hit,) = [c["certified_accuracy"] for c in curves if c["model"] == model and c["theorem"] == theorem
+              and (alpha is None or c["alpha"] == alpha) and math.isclose(c["radius"], radius, abs_tol=1e-9)]
+    return hit
+
+
+def test_summary_text_is_the_certified_accuracy_table(ckpts, tmp_path):
+    """What evaluate.py prints: per alpha and theorem the certified accuracy at the report radii, read back from
+    certified_accuracy.csv (its radius grid chosen to hold the report radii), the clean accuracies recounted
+    from certify.csv, the baseline's line, and the selected alpha."""
+    radii = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]  # digits_certify's certify.report_radii
+    result = run_quiet(cert_cfg(ckpts, tmp_path, f"certify.baseline_ckpt={ckpts['h']}", "certify.radius_max=0.5",
+                                "certify.radius_points=11", "certify.alphas=[0.5,0.75,1.0]",
+                                "certify.target_accuracy=0.5"))
+    curves = read_rows(tmp_path / "certified_accuracy.csv")
+    rows = by_alpha(read_rows(tmp_path / "certify.csv"))
+    lines = result.text().splitlines()
+    assert lines[0] == (f"certified accuracy at l_2 radius r, {NUM} images, h sigma={SIGMA:g} "
+                        "(Thm 4: Lipschitz, Thm 5: randomized smoothing)")
+    assert lines[1] == f"sound: each radius holds with probability >= 1 - {FP:g} (n0={N0}, n={N}, hard votes)"
+    assert lines[2].split() == ["alpha", "clean", "bound"] + [f"r={r:g}" for r in radii]
+    sel = result.summary["alpha_selection"]
+    assert sel["alpha"] is not None and sel["target"] == 0.5
+    table = lines[3:-2]
+    assert len(table) == 2 * len(rows) + 1  # two theorems per alpha (the selected one added), then the baseline
+    for line, (alpha, theorem) in zip(table, [(a, t) for a in sorted(rows) for t in ("lipschitz", "rs")]):
+        cells = line.split()
+        mark = "*" if math.isclose(alpha, sel["alpha"]) else ""
+        assert cells[0] == f"{alpha:g}{mark}" and cells[2:4] == ["Thm", {"lipschitz": "4", "rs": "5"}[theorem]]
+        clean = np.mean([r["mix_correct"] for r in rows[alpha]])
+        assert cells[1] == f"{clean:.4f}"
+        assert cells[4:] == [f"{curve_value(curves, 'mix', alpha, theorem, r):.4f}" for r in radii], line
+    base = read_rows(tmp_path / "baseline_certify.csv")
+    cells = table[-1].split()
+    assert cells[:3] == ["baseline", f"{np.mean([b['clean_pred'] == b['label'] for b in base]):.4f}", "CERTIFY"]
+    assert cells[3:3 + len(radii)] == [f"{curve_value(curves, 'baseline', None, 'cohen', r):.4f}" for r in radii]
+    acc = result.summary["clean_accuracy"]
+    assert lines[-2] == f"clean accuracy: g {acc['g']:.4f}, smoothed h {acc['h']:.4f}"
+    assert lines[-1] == (f"selected alpha {sel['alpha']:g} (*): at_least target clean accuracy 0.5000 "
+                         "(certify.target_accuracy)")
+
+
+def test_summary_text_without_a_selection_and_in_plugin_mode(certified):
+    """No alpha selected: the reason, as the selection recorded it; plug-in mode says its numbers are estimates."""
+    import copy
+
+    summary = copy.deepcopy(certified[0].summary)
+    summary["alpha_selection"].update(alpha=None, reason="no target: set certify.baseline_ckpt or "
+                                                         "certify.target_accuracy")
+    summary["settings"]["mode"] = "plugin"
+    text = certify.CertifyResult(summary, {}, certified[1], True).text().splitlines()
+    assert text[-1] == "no alpha selected: no target: set certify.baseline_ckpt or certify.target_accuracy"
+    assert text[1] == f"plug-in: Monte Carlo estimates, no guarantee (n={N}, hard votes)"
+    assert not any("*" in line for line in text)
+
+
 BAD = [
     ("certify.sigma=0", "sigma"),
     ("certify.sigma=-0.5", "sigma"),

@@ -43,7 +43,7 @@ from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse, plain, require
-from mixrobust.runtime.loggers import is_wandb_logger, job_logger
+from mixrobust.runtime.loggers import is_wandb_logger, job_logger, log_to_files
 from mixrobust.runtime.placement import placed_device
 from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
 from mixrobust.runtime.sharding import check_processes, map_shards
@@ -177,11 +177,48 @@ class CertifyResult:
     baseline: Any = None
 
     def text(self) -> str:
-        """Clean accuracies of g and the smoothed h, and the alpha selected for the target accuracy."""
-        sel = self.summary["alpha_selection"]
-        chosen = f"alpha {sel['alpha']:g}" if sel["alpha"] is not None else f"no alpha selected ({sel['reason']})"
-        acc = self.summary["clean_accuracy"]
-        return f"clean accuracy: g {acc['g']:.4f}, smoothed h {acc['h']:.4f}; {chosen}"
+        """The console summary: certified accuracy at ``certify.report_radii`` per alpha and theorem (the run's mode,
+        sound or plug-in) and of the baseline, the clean accuracies, and the selected alpha or why none was."""
+        return certify_text(self.summary)
+
+
+#: The theorems of ``cert/<key>_acc@<r>``, as the table names them.
+THEOREMS = {"lipschitz": "Thm 4", "rs": "Thm 5"}
+
+
+def certify_text(summary: dict) -> str:
+    """`CertifyResult.text` of a summary (``certify_summary.json``): a header saying what the numbers are, one
+    line per alpha and theorem (the selected alpha marked ``*``), the baseline's line, then the clean
+    accuracies of g and the smoothed h and the alpha selection."""
+    st, acc, table = summary["settings"], summary["clean_accuracy"], summary["certified_accuracy"]
+    sel = summary["alpha_selection"]
+    mix = table["mix"]
+    first = next(iter(mix.values()), {})
+    radii = [key.rpartition("@")[2] for key in first if key.startswith("cert/rs_acc@")]
+    how = (f"sound: each radius holds with probability >= 1 - {st['failure_prob']:g} (n0={st['n0']}, n={st['n']}"
+           if st["mode"] == "sound" else f"plug-in: Monte Carlo estimates, no guarantee (n={st['n']}")
+    lines = [f"certified accuracy at l_2 radius r, {summary['n_examples']} images, h sigma={summary['sigma']:g} "
+             "(Thm 4: Lipschitz, Thm 5: randomized smoothing)", f"{how}, {st['votes']} votes)"]
+    lines.append(f"{'alpha':<9}{'clean':>7}  {'bound':<8}" + "".join(f"{'r=' + r:>9}" for r in radii))
+    chosen = sel["alpha"]
+    for alpha, metrics in sorted(mix.items(), key=lambda kv: float(kv[0])):
+        mark = "*" if chosen is not None and math.isclose(float(alpha), chosen) else ""
+        for theorem, name in THEOREMS.items():
+            cells = "".join(f"{metrics[f'cert/{theorem}_acc@{r}']:>9.4f}" for r in radii)
+            lines.append(f"{f'{float(alpha):g}{mark}':<9}{acc['mix'][alpha]:>7.4f}  {name:<8}{cells}")
+    if "baseline" in table:
+        cells = "".join(f"{table['baseline'][f'cert/baseline_acc@{r}']:>9.4f}" for r in radii)
+        sigma = summary.get("baseline_sigma")
+        lines.append(f"{'baseline':<9}{acc['baseline']:>7.4f}  {'CERTIFY':<8}{cells}"
+                     + (f"   (RS model, sigma={sigma:g})" if sigma is not None else ""))
+    lines.append(f"clean accuracy: g {acc['g']:.4f}, smoothed h {acc['h']:.4f}")
+    if chosen is None:
+        lines.append(f"no alpha selected: {sel['reason']}")
+    else:
+        source = "the baseline's" if st.get("target_accuracy") is None else "certify.target_accuracy"
+        lines.append(f"selected alpha {chosen:g} (*): {sel['method']} target clean accuracy {sel['target']:.4f} "
+                     f"({source})")
+    return "\n".join(lines)
 
 
 def _votes(s: CertifySettings, device: torch.device, x: torch.Tensor, keys: torch.Tensor, models: list) -> list:
@@ -217,7 +254,7 @@ def run(cfg: DictConfig) -> CertifyResult:
     files = ["certify.csv", "certified_accuracy.csv"] + (["certified_accuracy.png"] if s.job.plots else []) + (
         ["baseline_certify.csv"] if s.baseline else [])
     if s.job.resume and (done := finished(out, MARKER, fp, files)):
-        return CertifyResult(done, {f: str(out / f) for f in files}, out, True)
+        return _logged(CertifyResult(done, {f: str(out / f) for f in files}, out, True))
     clear_marker(out, MARKER)
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "certify") as logger:
         g = load_classifier(s.g.path, map_location=device)
@@ -239,7 +276,14 @@ def run(cfg: DictConfig) -> CertifyResult:
         _log(logger, summary, paths, s.config)
         write_marker(out, MARKER, summary, fp, list(paths))
         log.info("certification done (%.1f s sampling); results in %s", timings["sample"], out)
-    return CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base)
+    return _logged(CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base))
+
+
+def _logged(result: CertifyResult) -> CertifyResult:
+    """`result`, its summary written to the job's log file; evaluate.py prints it on the console (once)."""
+    log_to_files(log, logging.INFO, "%s:\n%s", "finished before, skipped" if result.skipped else "summary",
+                 result.text())
+    return result
 
 
 def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.ndarray, index: np.ndarray, out: Path):
@@ -252,7 +296,10 @@ def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.nd
     target = c.target_accuracy if c.target_accuracy is not None else (base.clean_accuracy if base else None)
     selection = select_alpha(fine, fine_acc, target, c.alpha_method)
     if selection["reason"]:
-        (log.warning if target is not None else log.info)("alpha selection: %s", selection["reason"])
+        if target is not None:
+            log.warning("alpha selection: %s", selection["reason"])
+        else:  # no target asked for: the summary evaluate.py prints says so; the log file gets it here
+            log_to_files(log, logging.INFO, "alpha selection: %s", selection["reason"])
     alphas = sorted(set(c.alphas) | ({selection["alpha"]} if selection["alpha"] is not None else set()))
     with warnings.catch_warnings():  # alphas < 1/2 were warned about when the settings were read
         warnings.filterwarnings("ignore", message=r"alpha=.* < 1/2")

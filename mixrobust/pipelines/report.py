@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mixrobust.errors import ConfigError, MixrobustError
 from mixrobust.evaluation.multirun import COMBINED_COLUMNS, Report, combine, make_report
 from mixrobust.pipelines.fields import check_arguments, parse, plain
-from mixrobust.runtime.loggers import is_wandb, job_logger, sweep_group
+from mixrobust.runtime.loggers import is_wandb, job_logger, log_to_files, sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,16 @@ def log_to_wandb(node, report: Report, group: str) -> None:
         logger.experiment.log({"report/combined": wandb.Table(columns=list(COMBINED_COLUMNS), data=data), **images})
 
 
-def report_sweep(sweep_dir: str | Path, out_dir: str | Path | None, plots: bool, logger_node=None) -> Report:
-    """`make_report` of `sweep_dir`, logged, and copied to W&B when `logger_node` is a W&B logger."""
+def report_sweep(sweep_dir: str | Path, out_dir: str | Path | None, plots: bool, logger_node=None,
+                 console: bool = True) -> Report:
+    """`make_report` of `sweep_dir`, logged (to the log files only unless `console`: the report task's entry point
+    prints its own line), and copied to W&B when `logger_node` is a W&B logger."""
     report = make_report(sweep_dir, out_dir, plots=plots)
-    log.info("report of %d job(s) of %s in %s", len(report.jobs), sweep_dir, report.out_dir)
+    args = ("report of %d job(s) of %s in %s", len(report.jobs), sweep_dir, report.out_dir)
+    if console:
+        log.info(*args)
+    else:
+        log_to_files(log, logging.INFO, *args)
     if is_wandb(logger_node):
         log_to_wandb(logger_node, report, sweep_group(sweep_dir))
     return report
@@ -101,7 +107,7 @@ class ReportResult:
 def run(cfg: DictConfig) -> ReportResult:
     """Write the sweep report; returns its files, the number of jobs, the incomplete job folders and the folder."""
     s = settings(cfg)
-    report = report_sweep(s.report.dir, s.report.out_dir, s.plots, s.logger)
+    report = report_sweep(s.report.dir, s.report.out_dir, s.plots, s.logger, console=False)
     return ReportResult({k: str(v) for k, v in report.files.items()}, len(report.jobs),
                         [p.relative_to(s.report.dir).as_posix() for p in report.incomplete], report.out_dir)
 
