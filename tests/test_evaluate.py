@@ -269,7 +269,7 @@ def test_explicit_data_set_and_budget_differing_from_training_warn(ckpts, tmp_pa
     with caplog.at_level(logging.WARNING), pytest.raises(Stop):
         mix.run(eval_cfg(ckpts, tmp_path, f"h_ckpt={h}", "data=digits"))
     assert "h_ckpt was trained on 'mnist' but is evaluated on 'digits'" in caplog.text
-    assert "h_ckpt was trained against linf eps=0.1 but is evaluated at linf eps=0.2" in caplog.text
+    assert "h_ckpt was trained against linf eps=0.1 but is evaluated at linf eps=0.25" in caplog.text
 
 
 def test_data_set_and_budget_default_to_the_checkpoints(ckpts, tmp_path, monkeypatch):
@@ -284,7 +284,7 @@ def test_data_set_and_budget_default_to_the_checkpoints(ckpts, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         mix.run(compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}"], tmp_path))
     attack = seen["attack"]
-    assert (attack.norm.value, attack.eps, attack.step_size, attack.steps) == ("linf", 0.2, 0.05, 20)
+    assert (attack.norm.value, attack.eps, attack.step_size, attack.steps) == ("linf", 0.25, 0.0625, 20)
     x, y = DigitsDataModule().eval_tensors("test")
     assert torch.equal(seen["x"], x) and torch.equal(seen["y"], y)
     assert torch.equal(seen["index"], torch.arange(360))

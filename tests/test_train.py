@@ -54,7 +54,7 @@ def test_metrics_json_and_checkpoint(trained, objective, keys):
     record = load_classifier(metrics["best_checkpoint"]).record
     assert record["objective"]["name"] == objective and record["data"] == "digits"
     assert record["model"]["arch"] == "small_cnn" and record["model"]["input_shape"] == [1, 8, 8]
-    assert record["threat"] == {"norm": "linf", "eps": 0.2, "step_size": 0.05}
+    assert record["threat"] == {"norm": "linf", "eps": 0.25, "step_size": 0.0625}
     assert record["sigma"] == (0.25 if objective == "gaussian_noise" else None)
 
 

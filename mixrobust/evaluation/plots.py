@@ -1,6 +1,7 @@
 """The paper's figures from result rows: accuracy vs alpha (Fig. 2) and the trade-off curve (Fig. 1).
 
-Matplotlib runs with the non-interactive Agg backend; figures are written atomically.
+Matplotlib runs with the non-interactive Agg backend; figures are written atomically. It is
+imported on the first plot, not with this module.
 """
 
 from __future__ import annotations
@@ -10,21 +11,34 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+from mixrobust.runtime.files import atomic_write
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+#: The narrowest clean-accuracy axis of the trade-off plot: a narrower one would blow up a few test
+#: images' worth of noise into a trade-off.
+MIN_CLEAN_SPAN = 0.05
+#: Points closer than these fractions of the x and y axis spans share one alpha label (labels are
+#: wider than they are tall).
+LABEL_MERGE = (0.12, 0.04)
 
-from mixrobust.runtime.files import atomic_write  # noqa: E402
 
 STYLES = {"clean": ("C0", "o"), "std": ("C1", "s"), "rob": ("C2", "^"), "mix": ("C3", "D"),
           "autoattack": ("C4", "v"), "worst": ("k", "x")}
 
 
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return atomic_write(path, lambda f: f.write(buffer.getvalue()), mode="wb")
 
 
@@ -48,53 +62,108 @@ def _title(rows: list[dict]) -> str:
     return f"{r['norm']} eps={r['eps']:.4g}" + (f", PGD-{steps}" if steps else "") + f", n={r['n']}"
 
 
+def _zoomed(values: list[float], span: float) -> tuple[float, float]:
+    """Axis limits around `values` at least `span` wide, padded by 10%, inside [0, 1] plus the padding."""
+    low, high = min(values), max(values)
+    if high - low < span:
+        middle = (high + low) / 2
+        low = max(0.0, min(middle - span / 2, 1.0 - span))
+        high = low + span
+    pad = 0.1 * (high - low)
+    return low - pad, high + pad
+
+
 def plot_accuracy_vs_alpha(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Clean and attacked accuracy of h^alpha vs alpha, one panel per mixing option; g's and h's
-    clean and own-PGD accuracies as dashed lines (the paper's Figure 2)."""
+    """Accuracy of h^alpha vs alpha, per mixing option: clean accuracy in a zoomed upper panel (g's and
+    h's as dashed lines: the cost the mixture avoids is often a few points), attacked accuracies below
+    on [0, 1] with g's and h's own-PGD accuracies as dashed lines (the paper's Figure 2)."""
     options = _options(rows)
     cols = min(3, len(options))
     nrows = math.ceil(len(options) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), squeeze=False)
+    plt = _pyplot()
+    fig, axes = plt.subplots(2 * nrows, cols, figsize=(5.2 * cols, 4.6 * nrows), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 2.3] * nrows, "hspace": 0.08}, sharex="col")
     base = _base(rows)
-    attacks = [a for a in STYLES if any(r["attack"] == a for r in rows if r["model"] == "mix")]
-    for ax, option in zip(axes.flat, options):
+    attacks = [a for a in STYLES if a != "clean" and any(r["attack"] == a for r in rows if r["model"] == "mix")]
+    for i, option in enumerate(options):
+        top, ax = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        alphas, clean = _series(rows, option, "clean")
+        top.plot(alphas, clean, color=STYLES["clean"][0], marker=STYLES["clean"][1], ms=4, lw=1.2, label="clean")
+        for model, ls in (("g", "--"), ("h", ":")):
+            if (model, "clean") in base:
+                top.axhline(base[(model, "clean")], color="C0", ls=ls, lw=0.9, alpha=0.7, label=f"{model} clean")
+        top.set(ylabel="clean", ylim=_zoomed(clean + [base[(m, "clean")] for m in "gh" if (m, "clean") in base],
+                                              MIN_CLEAN_SPAN), title=f"{option[0]} / {option[1]}")
+        top.grid(alpha=0.3)
+        top.legend(fontsize=7, loc="lower left")
         for attack in attacks:
             color, marker = STYLES[attack]
             xs, ys = _series(rows, option, attack)
             ax.plot(xs, ys, color=color, marker=marker, ms=4, lw=1.2 if attack != "worst" else 0.8,
-                    ls="-" if attack != "worst" else ":", label=attack.upper() if attack != "clean" else "clean")
-        for (model, attack), style in ((("g", "clean"), ("C0", "--")), (("h", "clean"), ("C0", ":")),
-                                       (("g", "std"), ("C1", "--")), (("h", "rob"), ("C2", "--"))):
+                    ls="-" if attack != "worst" else ":", label=attack.upper())
+        for model, attack, color in (("g", "std", "C1"), ("h", "rob", "C2")):
             if (model, attack) in base:
-                label = f"{model} {'clean' if attack == 'clean' else 'PGD'}"
-                ax.axhline(base[(model, attack)], color=style[0], ls=style[1], lw=0.9, alpha=0.7, label=label)
-        ax.set(xlabel="alpha", ylabel="accuracy", ylim=(-0.02, 1.02), xlim=(-0.02, 1.02),
-               title=f"{option[0]} / {option[1]}")
+                ax.axhline(base[(model, attack)], color=color, ls="--", lw=0.9, alpha=0.7, label=f"{model} PGD")
+        ax.set(xlabel="alpha", ylabel="attacked accuracy", ylim=(-0.02, 1.02), xlim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(options):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left")
+    for i in range(len(options), nrows * cols):
+        axes[2 * (i // cols), i % cols].axis("off")
+        axes[2 * (i // cols) + 1, i % cols].axis("off")
     fig.suptitle(f"Accuracy of the mixture vs alpha ({_title(rows)})", fontsize=10)
     return _save(fig, path)
 
 
+def merged_labels(points: list[tuple[float, float, float]], x_span: float, y_span: float) -> list[tuple[str, float, float]]:
+    """One label per group of (alpha, x, y) points that would overlap: (text, x, y) at the group's first
+    point, the text listing its alphas (``0, 0.1, 0.2``; more than three as ``0 ... 0.4 (5)``)."""
+    groups: list[list[tuple[float, float, float]]] = []
+    for point in points:
+        for group in groups:
+            if (abs(point[1] - group[0][1]) <= LABEL_MERGE[0] * x_span
+                    and abs(point[2] - group[0][2]) <= LABEL_MERGE[1] * y_span):
+                group.append(point)
+                break
+        else:
+            groups.append([point])
+    out = []
+    for group in groups:
+        alphas = sorted(p[0] for p in group)
+        text = (", ".join(f"{a:.3g}" for a in alphas) if len(alphas) <= 3
+                else f"{alphas[0]:.3g} ... {alphas[-1]:.3g} ({len(alphas)})")
+        out.append((text, group[0][1], group[0][2]))
+    return out
+
+
 def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "worst") -> Path:
     """Attacked (`attacked`, default the per-example worst case) vs clean accuracy, one curve per
-    (r_option, mix_space) traced by alpha (each point labelled with its alpha), with g and h as
-    points (the paper's Figure 1)."""
+    (r_option, mix_space) traced by alpha (its points labelled with their alphas, overlapping labels
+    merged), with g and h as points (the paper's Figure 1). The clean axis spans at least
+    `MIN_CLEAN_SPAN`."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for i, option in enumerate(_options(rows)):
+    curves = []
+    for option in _options(rows):
         alphas, clean = _series(rows, option, "clean")
-        _, robust = _series(rows, option, attacked)
-        ax.plot(clean, robust, marker="o", ms=3, color=f"C{i}", label=f"{option[0]} / {option[1]}")
-        for alpha, cx, cy in zip(alphas, clean, robust):
-            ax.annotate(f"{alpha:.2g}", (cx, cy), textcoords="offset points", xytext=(3, 3), fontsize=6,
-                        color=f"C{i}")
+        curves.append((option, list(zip(alphas, clean, _series(rows, option, attacked)[1]))))
     base = _base(rows)
-    for model, marker in (("g", "*"), ("h", "P")):
-        if (model, "clean") in base and (model, attacked) in base:
-            ax.scatter([base[(model, "clean")]], [base[(model, attacked)]], marker=marker, s=90,
-                       color="k", zorder=3, label=model)
+    shown = [(m, base[(m, "clean")], base[(m, attacked)]) for m in ("g", "h")
+             if (m, "clean") in base and (m, attacked) in base]
+    xs = [p[1] for _, pts in curves for p in pts] + [p[1] for p in shown]
+    ys = [p[2] for _, pts in curves for p in pts] + [p[2] for p in shown]
+    x_span = max(max(xs) - min(xs), MIN_CLEAN_SPAN) if xs else 1.0
+    y_span = max(max(ys) - min(ys), 0.05) if ys else 1.0
+    for i, (option, points) in enumerate(curves):
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", ms=3, color=f"C{i}",
+                label=f"{option[0]} / {option[1]}")
+        for text, cx, cy in merged_labels(points, x_span, y_span):
+            ax.annotate(text, (cx, cy), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
+    for model, cx, cy in shown:
+        ax.scatter([cx], [cy], marker="*" if model == "g" else "P", s=90, color="k", zorder=3, label=model)
+    if xs and max(xs) - min(xs) < MIN_CLEAN_SPAN:
+        middle = (max(xs) + min(xs)) / 2
+        low = max(0.0, min(middle - MIN_CLEAN_SPAN / 2, 1.0 - MIN_CLEAN_SPAN))
+        ax.set_xlim(low - 0.05 * MIN_CLEAN_SPAN, low + 1.05 * MIN_CLEAN_SPAN)
     ax.set(xlabel="clean accuracy", ylabel=f"attacked accuracy ({attacked})",
            title=f"Trade-off as alpha varies ({_title(rows)})")
     ax.title.set_fontsize(9)
@@ -112,6 +181,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
     attacks = [a for a in STYLES if a in present and a != "clean"] + [a for a in present if a not in STYLES]
     attacks = attacks or ["clean"]
     alphas = sorted({r["alpha"] for r in rows if r["model"] == "mix"})
+    plt = _pyplot()
     fig, axes = plt.subplots(len(options), len(attacks), figsize=(4.2 * len(attacks), 3.4 * len(options)),
                              squeeze=False, layout="constrained")
     for i, option in enumerate(options):
