@@ -365,7 +365,7 @@ def test_standard_model_breaks_under_linf_03(digits):
 
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
 def test_agrees_with_torchattacks(digits, norm, eps):
-    import torchattacks  # a test dependency (pyproject's `test` extra)
+    import torchattacks  # a test dependency (the README's test command installs it with --no-deps)
 
     model, x, y, _, _ = digits
     step, steps = eps / 4, 10

@@ -6,7 +6,8 @@ the config key ``autoattack.implementation``:
 - ``autoattack``: the authors' code from GitHub, ``pip install git+https://github.com/fra31/auto-attack``;
 - ``pyautoattack``: the authors' code as packaged on PyPI (module ``pyautoattack``, its own
   keyword-only API), ``pip install pyautoattack``;
-- ``torchattacks``: torchattacks' port, ``pip install torchattacks``.
+- ``torchattacks``: torchattacks' port, ``pip install --no-deps torchattacks`` (its metadata pins
+  ``requests~=2.25.1``, which a plain install would downgrade; it does not use requests).
 
 ``auto`` takes the first of these that is installed, in that order. The adapter follows the attack
 contract ``attack(model, x, y) -> x_adv`` and says which code ran: `AutoAttack.provenance` is
@@ -42,7 +43,7 @@ AUTO_ORDER: tuple[str, ...] = tuple(name for name in IMPLEMENTATION_NAMES if nam
 INSTALLS = {
     "autoattack": ("pip install git+https://github.com/fra31/auto-attack", "the authors' code"),
     "pyautoattack": ("pip install pyautoattack", "the authors' code on PyPI"),
-    "torchattacks": ("pip install torchattacks", "torchattacks' port"),
+    "torchattacks": ("pip install --no-deps torchattacks", "torchattacks' port"),
 }
 INSTALL_HINT = ", ".join(f"{command} ({what}, module {module})" for module, (command, what) in INSTALLS.items())
 #: module -> the distribution whose metadata gives its version
