@@ -93,6 +93,15 @@ def test_bad_init_timeout_is_a_config_error(value):
         wandb_init_timeout({"init_timeout": value})
 
 
+@pytest.mark.parametrize("config_name", ["train", "evaluate"])
+def test_bad_init_timeout_is_refused_with_the_settings(make_cfg, config_name):
+    """Before any work: the settings of both entry points check it, not only the W&B start."""
+    from mixrobust.pipelines import inputs
+
+    with pytest.raises(ConfigError, match="logger.init_timeout must be a number of seconds > 0"):
+        inputs.logger(make_cfg(["logger=wandb", "logger.init_timeout=-1"], config_name=config_name))
+
+
 def test_init_timeout_values():
     assert wandb_init_timeout({}) is None and wandb_init_timeout({"init_timeout": None}) is None
     assert wandb_init_timeout({"init_timeout": 20}) == 20.0

@@ -171,3 +171,19 @@ def test_import_mixrobust_installs_nothing():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_lightning_lines_reach_the_console_once(monkeypatch):
+    """With Hydra's handlers on the root logger, Lightning's own console handler is dropped (its lines would
+    show twice); a file handler someone added stays; without root handlers nothing changes."""
+    from mixrobust.runtime.quiet import lightning_logs_once
+
+    root, lightning = logging.getLogger(), logging.getLogger("lightning")
+    console, kept = logging.StreamHandler(), logging.FileHandler("/dev/null", delay=True)
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(lightning, "handlers", [console, kept])
+    lightning_logs_once()
+    assert lightning.handlers == [console, kept]  # nothing else would print Lightning's lines
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler()])
+    lightning_logs_once()
+    assert lightning.handlers == [kept]

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.errors import DataNotFoundError, MixrobustError
 from mixrobust.runtime import progress
+from mixrobust.runtime.quiet import lightning_logs_once
 from mixrobust.runtime.placement import without_host_checks
 from mixrobust.pipelines.fields import bounded, convert, parse, value_at
 
@@ -104,4 +105,6 @@ def run(cfg: DictConfig):
     with errors(cfg):
         shown = progress_settings(cfg)
         progress.configure(shown.mode, shown.interval)
-        return module(task_of(cfg)).run(cfg)
+        task = module(task_of(cfg))
+        lightning_logs_once()
+        return task.run(cfg)

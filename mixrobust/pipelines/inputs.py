@@ -22,6 +22,7 @@ from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, value_at
 from mixrobust.runtime.hydra_job import current_job
+from mixrobust.runtime.loggers import is_wandb, wandb_init_timeout
 from mixrobust.runtime.placement import check_processes_launcher, resolve_device
 from mixrobust.threat import Norm, Threat
 from mixrobust.training.objectives import OBJECTIVES
@@ -168,8 +169,11 @@ def device(cfg: DictConfig) -> str:
 
 def logger(cfg: DictConfig):
     """The ``logger`` node, its target and arguments checked (it is built when the job starts)."""
-    check_arguments(cfg.get("logger"), "logger", ("save_dir",))
-    return cfg.get("logger")
+    node = cfg.get("logger")
+    check_arguments(node, "logger", ("save_dir",))
+    if is_wandb(node):
+        wandb_init_timeout(node)
+    return node
 
 
 def processes(cfg: DictConfig) -> int:

@@ -158,9 +158,8 @@ def settings(cfg: DictConfig) -> TrainSettings:
                                       "optimizer": opt_spec, "max_epochs": trainer.max_epochs})
     trainer_args = {k: v for k, v in check_arguments(cfg.trainer, "trainer", TRAINER_EXTRAS).items()
                     if k not in TRAINER_EXTRAS}
-    check_arguments(cfg.get("logger"), "logger", ("save_dir",))
     return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
-                         cfg.get("logger"), plain(cfg))
+                         inputs.logger(cfg), plain(cfg))
 
 
 @dataclass

@@ -20,7 +20,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-__all__ = ["LOG_LINES", "LOGGER_LEVELS", "WARNINGS", "NoiseFilter", "quiet_third_party"]
+__all__ = ["LOG_LINES", "LOGGER_LEVELS", "WARNINGS", "NoiseFilter", "lightning_logs_once", "quiet_third_party"]
 
 # Modules the filtered warnings are attributed to (``warnings.warn``'s stacklevel points into them).
 _LIGHTNING = r"(lightning|pytorch_lightning|lightning_fabric)(\.|$)"
@@ -107,3 +107,17 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if logger.level < level:  # never make a logger someone raised louder
             logger.setLevel(level)
+
+
+def lightning_logs_once() -> None:
+    """Lightning's top-level package gives the ``lightning`` logger a console handler of its own when it is
+    imported; imported after Hydra set up logging, its subpackages propagate to the root logger too, so
+    every Lightning line ("GPU available", "Restoring states ...") reached the console twice. When the root
+    logger has handlers (Hydra's console and the job's log file), drop that console handler: the lines then
+    show once, and the log file keeps them. Call it after Lightning is imported."""
+    if not logging.getLogger().handlers:
+        return
+    lightning = logging.getLogger("lightning")
+    for handler in list(lightning.handlers):
+        if type(handler) is logging.StreamHandler:  # its own console handler, not a user's file handler
+            lightning.removeHandler(handler)
