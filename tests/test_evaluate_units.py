@@ -281,3 +281,23 @@ def test_engine_rejects_mismatched_models(monkeypatch):
         run_sweep(cnn(0), five, x, y, alphas=[0.5], attack=attack)
     with pytest.raises(ConfigError, match=r"g takes inputs of shape \(1, 8, 8\) but h takes \(1, 16, 16\)"):
         run_sweep(cnn(0), big, x, y, alphas=[0.5], attack=attack)
+
+
+@pytest.mark.parametrize("skip, reuse, mix_total", [(False, True, 48), (False, False, 3 * 48), (True, True, None)])
+def test_progress_counts_exactly_what_is_attacked(fitted, caplog, skip, reuse, mix_total):
+    """Each attack stage's "started, N" is the number of images it then attacks ("done, N"): all 48 per
+    attacked alpha without skipping (alpha 0 and 1 reuse STD / ROB unless reuse=False), the clean-correct
+    ones with skipping."""
+    g, h = fitted
+    x, y = digits(48)
+    caplog.set_level(logging.INFO, logger="mixrobust.progress")
+    res = run_sweep(g, h, x, y, alphas=[0.0, 0.5, 1.0], attack=PGD("linf", eps=0.15, step_size=0.04, steps=2),
+                    batch_size=16, skip_misclassified=skip, reuse=reuse)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mixrobust.progress"]
+    started = dict(line.split(": started, ") for line in lines if ": started, " in line)
+    done = {line.split(": done, ")[0]: line.split(": done, ")[1].split(" in ")[0] for line in lines if ": done, " in line}
+    assert started == done and len(started) == 3, lines
+    mix = next(v for k, v in started.items() if k.startswith("MIX attacks (PGD-2 on the mixture"))
+    if mix_total is None:  # the clean-correct examples at alpha 0.5
+        mix_total = int(res.outcomes.mix["clean"][0, 1].sum())
+    assert mix == f"{mix_total} images"

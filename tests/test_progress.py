@@ -50,7 +50,15 @@ def test_line_has_count_rate_eta_and_detail():
     assert "ETA" not in stage.line() and "(100%)" in stage.line()
     unknown = progress.Stage("training", 0, "batches", clock=clock)
     unknown.done = 7
-    assert unknown.line().startswith("training: 7/0 batches, ")
+    assert unknown.line().startswith("training: 7 batches, ")
+
+
+def test_a_resumed_stage_counts_its_rate_from_where_it_started():
+    clock = Clock()
+    stage = progress.Stage("training", 100, "batches", clock=clock, done=60)  # 60 done before the resume
+    clock.now += 20.0
+    stage.done = 70  # 10 in 20 s: 0.5 batches/s, 30 left: 60 s
+    assert stage.line() == "training: 70/100 batches (70%), 0.5 batches/s, 20s elapsed, ETA 1m00s"
 
 
 def test_auto_is_a_bar_only_on_a_terminal(monkeypatch):
@@ -79,6 +87,29 @@ def test_log_mode_reports_while_a_step_is_running(log_mode, caplog):
     running = [line for line in lines if line.startswith("slow stage: 1/3 batches (33%)")]
     assert len(running) >= 3, lines
     assert all("ETA" in line for line in running)
+
+
+def test_bar_mode_routes_console_logs_above_the_bar(monkeypatch):
+    """While the bar is live, a console log handler writes through rich's redirected stdout (so a log line
+    prints above the bar instead of breaking it); afterwards it writes to its own stream again."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    handler = logging.StreamHandler(stream)
+    monkeypatch.setattr(sys, "stdout", stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    progress.configure("bar", 1.0)
+    try:
+        with progress.stage("bar stage", 4) as stage:
+            assert handler.stream is not stream and handler.stream is sys.stdout  # rich's proxy
+            stage.advance(4)
+        assert handler.stream is stream and sys.stdout is stream
+    finally:
+        root.removeHandler(handler)
+        progress.configure("auto", progress.DEFAULT_INTERVAL)
 
 
 def test_none_mode_logs_start_and_end_only(caplog):

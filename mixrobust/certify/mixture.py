@@ -75,7 +75,7 @@ def sample_votes(
     check_choice("mode", mode, get_args(Mode))
     total = x.shape[0] * (n + (n0 if mode == "sound" else 0))
     with progress.stage(f"noise samples (sigma {smoothed.sigma:g}, {x.shape[0]:,} images)", total, "samples") as shown:
-        smoothed.on_pass = shown.advance
+        before, smoothed.on_pass = smoothed.on_pass, shown.advance
         try:
             select = _np(smoothed.sample_counts(x, n0, keys)) if mode == "sound" else None
             sq = None
@@ -84,7 +84,7 @@ def sample_votes(
             else:
                 est = _np(smoothed.sample_counts(x, n, keys))
         finally:
-            smoothed.on_pass = None
+            smoothed.on_pass = before
     return Votes(select, est, int(n), smoothed.votes, sq)
 
 

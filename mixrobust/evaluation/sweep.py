@@ -29,7 +29,6 @@ would do themselves.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
@@ -50,7 +49,8 @@ from mixrobust.evaluation.preflight import run_preflight
 from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
 from mixrobust.runtime import progress
-from mixrobust.runtime.cache import DiskCache, code_digest, package_version, tensor_digest
+from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
+from mixrobust.runtime.files import package_version
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ class _Sweep:
         """
         model = self.g if target == "g" else self.h
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
-        stage = f"{'STD' if target == 'g' else 'ROB'} attack ({attack_label(attack)} on {target})"
+        name = f"{'STD' if target == 'g' else 'ROB'} attack ({attack_label(attack)} on {target})"
         if self.cache is None or not len(idx):
-            with progress.stage(stage, len(idx)) as shown:
+            with progress.stage(name, len(idx)) as shown:
                 x_adv, idx = self.run_attack(attack, model, keep, shown)
             return x_adv, idx, None
         key = self.cache.key("adversarial", target=target, attack=attack_settings(attack), **self.key_parts)
@@ -197,7 +197,7 @@ class _Sweep:
         have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
         missing = np.setdiff1d(idx, have)
         if len(missing):
-            with progress.stage(stage, len(missing)) as shown:
+            with progress.stage(name, len(missing)) as shown:
                 x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing), shown)
             gl, hl = self.base_logits(x_new)
             new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "g": gl.cpu(), "h": hl.cpu()}
@@ -233,18 +233,16 @@ class _Sweep:
         return (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy()
 
     def run_attack(self, attack: Attack, model: nn.Module, keep: np.ndarray | None,
-                   stage: progress.Stage | None = None) -> tuple[Tensor, np.ndarray]:
+                   shown: progress.Stage) -> tuple[Tensor, np.ndarray]:
         """Attack the examples where `keep` (N,) is True (all if None): (x_adv (n, ...), their indices (n,)),
-        advancing progress `stage` (default: a stage of its own) as batches finish."""
+        advancing progress stage `shown` as batches finish."""
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
         sel = torch.from_numpy(idx)
         x, y = self.x[sel], self.y[sel]
         if not len(idx):
             return x, idx
         try:
-            with (contextlib.nullcontext(stage) if stage is not None else
-                  progress.stage(f"{type(attack).__name__} on {self.name(model)}", len(idx))) as shown:
-                return attack_in_batches(attack, model, x, y, self.batch_size, on_batch=shown.advance), idx
+            return attack_in_batches(attack, model, x, y, self.batch_size, on_batch=shown.advance), idx
         except NonFiniteError as exc:
             raise NonFiniteError(f"{type(attack).__name__} on {self.name(model)}: {exc}") from None
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from mixrobust.errors import DataNotFoundError, MixrobustError
 from mixrobust.runtime import progress
 from mixrobust.runtime.quiet import lightning_logs_once
-from mixrobust.runtime.placement import without_host_checks
+from mixrobust.runtime.hydra_job import current_job
+from mixrobust.runtime.placement import available_cpus, effective_n_jobs, without_host_checks
 from mixrobust.pipelines.fields import bounded, convert, parse, value_at
 
 EvaluateTask = Literal["mix", "certify", "report"]
@@ -93,6 +94,13 @@ def errors(cfg: DictConfig) -> Iterator[None]:
         raise
 
 
+def parallel_job() -> bool:
+    """Whether this job runs beside others of its sweep (a joblib launcher with n_jobs > 1): their live bars
+    would overwrite each other on one terminal, so ``progress.mode=auto`` writes log lines."""
+    job = current_job()
+    return job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1
+
+
 def is_rank_zero() -> bool:
     """Whether this process is the global-zero one (under DDP only it prints the result)."""
     from lightning.pytorch.utilities import rank_zero_only
@@ -104,7 +112,7 @@ def run(cfg: DictConfig):
     """Run `cfg`'s task (see `TASKS`) and return its result; user errors as described in `errors`."""
     with errors(cfg):
         shown = progress_settings(cfg)
-        progress.configure(shown.mode, shown.interval)
+        progress.configure("log" if shown.mode == "auto" and parallel_job() else shown.mode, shown.interval)
         task = module(task_of(cfg))
         lightning_logs_once()
         return task.run(cfg)

@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 log = logging.getLogger("mixrobust.progress")
@@ -55,30 +55,36 @@ def resolve_mode(mode: str, stdout: Any = None, stderr: Any = None) -> str:
 
 
 class Stage:
-    """One stage's counters and its text; `advance` it as work finishes (thread-safe enough: the
-    timer only reads the counters)."""
+    """One stage's counters and its text; `advance` it as work finishes (the timer thread only reads them).
 
-    def __init__(self, name: str, total: int, unit: str, clock=time.monotonic):
+    `done` may start above 0 (a resumed training run): the rate and the ETA count only what this process
+    did. `detail` is a string or a function giving one, called only when a line or the bar is drawn (so a
+    detail that reads GPU tensors costs nothing per step)."""
+
+    def __init__(self, name: str, total: int, unit: str, clock=time.monotonic, done: int = 0):
         self.name, self.total, self.unit, self.clock = name, max(0, int(total)), unit, clock
-        self.done = 0
-        self.detail = ""
+        self.done = self.initial = int(done)
+        self.detail: str | Callable[[], str] = ""
         self.start = self.last_line = clock()
         self.bar_task: Any = None
 
+    def detail_text(self) -> str:
+        return self.detail() if callable(self.detail) else self.detail
+
     def line(self) -> str:
-        """``name: done/total unit (pct), rate unit/s, elapsed, ETA (detail)``."""
+        """``name: done/total unit (pct), rate unit/s, elapsed, ETA (detail)`` (``done unit`` without a total)."""
         elapsed = self.clock() - self.start
-        text = f"{self.name}: {self.done:,}/{self.total:,} {self.unit}"
-        if self.total:
-            text += f" ({100 * self.done / self.total:.0f}%)"
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        text = f"{self.name}: {self.done:,}" + (f"/{self.total:,} {self.unit} ({100 * self.done / self.total:.0f}%)"
+                                                 if self.total else f" {self.unit}")
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         text += f", {rate:.3g} {self.unit}/s, {duration(elapsed)} elapsed"
         if 0 < self.done < self.total and rate > 0:
             text += f", ETA {duration((self.total - self.done) / rate)}"
-        return text + (f" ({self.detail})" if self.detail else "")
+        detail = self.detail_text()
+        return text + (f" ({detail})" if detail else "")
 
-    def advance(self, n: int = 1, detail: str | None = None) -> None:
-        self.done = min(self.total, self.done + int(n)) if self.total else self.done + int(n)
+    def advance(self, n: int = 1, detail: str | Callable[[], str] | None = None) -> None:
+        self.done += int(n)
         if detail is not None:
             self.detail = detail
         _REPORTER.advanced(self)
@@ -89,28 +95,29 @@ class Reporter:
 
     def __init__(self) -> None:
         self.mode: str = "auto"
+        self.resolved = resolve_mode(self.mode)
         self.interval = DEFAULT_INTERVAL
         self.stages: list[Stage] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.wake = threading.Event()
         self.timer: threading.Thread | None = None
         self.bar: Any = None
+        self.rerouted: list[tuple[logging.StreamHandler, Any]] = []
 
     def configure(self, mode: str = "auto", interval: float = DEFAULT_INTERVAL) -> None:
         if not interval > 0:
             raise ValueError(f"the progress interval must be > 0 seconds, got {interval!r}")
-        self.mode, self.interval = mode, float(interval)
+        self.mode, self.resolved, self.interval = mode, resolve_mode(mode), float(interval)
         self.wake.set()
 
     # --- stages ---------------------------------------------------------------------------------
     def open(self, stage: Stage) -> None:
-        mode = resolve_mode(self.mode)
         log.info("%s: started, %s %s", stage.name, f"{stage.total:,}" if stage.total else "?", stage.unit)
         with self.lock:
             self.stages.append(stage)
-        if mode == "bar":
+        if self.resolved == "bar":
             self._bar_add(stage)
-        elif mode == "log":
+        elif self.resolved == "log":
             self._start_timer()
 
     def close(self, stage: Stage, failed: bool) -> None:
@@ -126,8 +133,8 @@ class Reporter:
     def advanced(self, stage: Stage) -> None:
         if stage.bar_task is not None:
             self.bar.update(stage.bar_task, completed=stage.done,
-                            description=f"{stage.name} {stage.detail}".strip())
-        elif resolve_mode(self.mode) == "log" and stage.clock() - stage.last_line >= self.interval:
+                            description=f"{stage.name} {stage.detail_text()}".strip())
+        elif self.resolved == "log" and stage.clock() - stage.last_line >= self.interval:
             self._emit(stage)
 
     def _emit(self, stage: Stage) -> None:
@@ -143,13 +150,16 @@ class Reporter:
             self.timer.start()
 
     def _tick(self) -> None:
+        """Sleep until the earliest stage is due (`interval` after its last line), write the due lines."""
         while True:
-            self.wake.wait(timeout=min(self.interval, 5.0))
+            with self.lock:
+                waits = [s.last_line + self.interval - s.clock() for s in self.stages if s.bar_task is None]
+            self.wake.wait(timeout=min([self.interval, *waits]) if waits else self.interval)
             self.wake.clear()
+            if self.resolved != "log":
+                continue
             with self.lock:
                 due = [s for s in self.stages if s.bar_task is None and s.clock() - s.last_line >= self.interval]
-            if resolve_mode(self.mode) != "log":
-                continue
             for stage in due:
                 self._emit(stage)
 
@@ -160,17 +170,32 @@ class Reporter:
 
         with self.lock:
             if self.bar is None:
+                streams = sys.stdout, sys.stderr
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn(stage.unit), TimeElapsedColumn(), TextColumn("ETA"),
+                                    TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                     TimeRemainingColumn())
                 self.bar.start()
-            stage.bar_task = self.bar.add_task(stage.name, total=stage.total or None)
+                self._reroute_console_logs(streams)
+            stage.bar_task = self.bar.add_task(stage.name, total=stage.total or None, completed=stage.done,
+                                               unit=stage.unit)
+
+    def _reroute_console_logs(self, streams: tuple[Any, Any]) -> None:
+        """Console log handlers (Hydra's) write through the bar's redirected stdout / stderr while it is live,
+        so log lines print above the bar instead of breaking it."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                for original, proxy in zip(streams, (sys.stdout, sys.stderr)):
+                    if handler.stream is original and proxy is not original:
+                        self.rerouted.append((handler, handler.setStream(proxy)))
 
     def _bar_remove(self, stage: Stage) -> None:
         with self.lock:
             self.bar.remove_task(stage.bar_task)
             stage.bar_task = None
             if not any(s.bar_task is not None for s in self.stages):
+                for handler, original in reversed(self.rerouted):
+                    handler.setStream(original)
+                self.rerouted.clear()
                 self.bar.stop()
                 self.bar = None
 
@@ -185,13 +210,19 @@ def configure(mode: ProgressMode | str = "auto", interval: float = DEFAULT_INTER
 
 def current_mode() -> str:
     """The configured mode with ``auto`` resolved for this process's streams: ``bar``, ``log`` or ``none``."""
-    return resolve_mode(_REPORTER.mode)
+    return _REPORTER.resolved
+
+
+def current_interval() -> float:
+    """Seconds between two log lines of a stage."""
+    return _REPORTER.interval
 
 
 @contextlib.contextmanager
-def stage(name: str, total: int, unit: str = "images") -> Iterator[Stage]:
-    """Open a progress stage of `total` `unit`; ``advance`` the yielded `Stage` as work finishes."""
-    current = Stage(name, total, unit)
+def stage(name: str, total: int, unit: str = "images", done: int = 0) -> Iterator[Stage]:
+    """Open a progress stage of `total` `unit` (`done` of them done already); ``advance`` the yielded `Stage`
+    as work finishes."""
+    current = Stage(name, total, unit, done=done)
     _REPORTER.open(current)
     failed = True
     try:

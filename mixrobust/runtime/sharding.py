@@ -14,10 +14,13 @@ works inside a Hydra multirun job, where re-running ``evaluate.py -m ...`` would
 sweep again, and from plain Python. `fn` (e.g. a ``functools.partial`` binding models and
 settings) and the tensors must be picklable; keep models in `fn` on the CPU, each process moves
 what it needs to its own device. A `MixrobustError` raised by `fn` in any process is raised here.
+Progress (`mixrobust.runtime.progress`): the first shard's process shows its stages as this process
+would (its log lines on stderr, tagged ``shard 1 of k``); the other processes stay quiet.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from mixrobust.errors import ConfigError, MixrobustError
+from mixrobust.runtime import progress
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -45,7 +49,22 @@ def check_processes(processes: int, device: torch.device, n: int) -> None:
         raise ConfigError(f"distributed.devices={processes} exceeds the {n} examples evaluated; lower it")
 
 
-def _worker(fabric, fn: Callable[..., Any], payload: bytes) -> bytes | None:
+def _show_progress(rank: int, world: int, mode: str, interval: float) -> None:
+    """A spawned process has none of the parent's log handlers (Hydra's): the first shard's gets one on stderr
+    and the parent's resolved progress mode; the others show none (they would repeat the first)."""
+    if rank != 0:
+        progress.configure("none", interval)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s][%(name)s][%(levelname)s] - shard 1 of {world}: %(message)s"))
+    logger = logging.getLogger(progress.log.name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    progress.configure(mode, interval)
+
+
+def _worker(fabric, fn: Callable[..., Any], payload: bytes, shown: tuple[str, float]) -> bytes | None:
+    _show_progress(fabric.global_rank, fabric.world_size, *shown)
     tensors = pickle.loads(payload)
     start, stop = shard_bounds(tensors[0].shape[0], fabric.world_size)[fabric.global_rank]
     try:
@@ -70,7 +89,8 @@ def map_shards(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], device: 
     fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn")
     # arguments and results cross the process boundary as pickled bytes made here (never read from
     # disk): Fabric would otherwise walk them as collections, which frozen dataclasses do not allow
-    parts = pickle.loads(fabric.launch(_worker, fn, pickle.dumps([t.cpu() for t in tensors])))
+    shown = (progress.current_mode(), progress.current_interval())
+    parts = pickle.loads(fabric.launch(_worker, fn, pickle.dumps([t.cpu() for t in tensors]), shown))
     for part in parts:
         if isinstance(part, MixrobustError):  # a user-facing error in one process is the job's error
             raise part

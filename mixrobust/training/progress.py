@@ -27,10 +27,10 @@ class LogProgress(Callback):
         self._stack = contextlib.ExitStack()
         self._stage: Stage | None = None
 
-    def _open(self, trainer: L.Trainer, name: str, total: int, unit: str) -> None:
+    def _open(self, trainer: L.Trainer, name: str, total: int, unit: str, done: int = 0) -> None:
         self._close()
         if trainer.is_global_zero:
-            self._stage = self._stack.enter_context(stage(name, total, unit))
+            self._stage = self._stack.enter_context(stage(name, total, unit, done))
 
     def _close(self, exc: BaseException | None = None) -> None:
         self._stage = None
@@ -50,15 +50,16 @@ class LogProgress(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         per_epoch = trainer.num_training_batches
         finite = isinstance(per_epoch, int) and trainer.max_epochs and trainer.max_epochs > 0
-        self._open(trainer, "training", per_epoch * trainer.max_epochs if finite else 0, "batches")
-        if self._stage is not None and finite:
-            self._stage.done = trainer.current_epoch * per_epoch  # a resumed run starts where it stopped
-            self._stage.detail = self._detail(trainer)
+        # a resumed run starts where it stopped
+        self._open(trainer, "training", per_epoch * trainer.max_epochs if finite else 0, "batches",
+                   trainer.current_epoch * per_epoch if finite else 0)
+        if self._stage is not None:
+            self._stage.detail = lambda: self._detail(trainer)  # read only when a line is written
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._stage is not None:
-            self._stage.advance(1, self._detail(trainer))
+            self._stage.advance(1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close()
