@@ -36,20 +36,11 @@ _LAZY = {
 __all__ = ["MixedClassifier", "__version__", "available_models", "create_model", "load_classifier"]
 
 
-def _version() -> str:
-    """The installed version ("0+unknown" from a source tree that is not installed), as
-    `mixrobust.runtime.cache.package_version` gives it, without importing torch."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mixrobust")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def __getattr__(name: str) -> Any:
     if name == "__version__":
-        value: Any = _version()
+        from mixrobust.runtime.files import package_version
+
+        value: Any = package_version()
     elif name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     else:

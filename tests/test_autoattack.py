@@ -60,7 +60,7 @@ def test_auto_prefers_the_authors_code(monkeypatch, present, chosen):
 def test_missing_implementation_is_one_clear_error(monkeypatch):
     installed_only(monkeypatch)
     commands = ("pip install git+https://github.com/fra31/auto-attack", "pip install pyautoattack",
-                "pip install torchattacks")
+                "pip install --no-deps torchattacks")
     with pytest.raises(ConfigError) as auto:
         find_implementation("auto")
     assert str(auto.value).startswith("attacks include autoattack but no implementation is installed "

@@ -19,6 +19,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Heavy third-party packages that mixrobust imports only where it uses them.
@@ -145,3 +147,15 @@ def test_model_registry_lists_the_same_names_and_builds_small_models_without_tor
     assert out["names"] == MODEL_NAMES
     assert out["shape"] == [2, 10] and out["spec"] == "small_cnn"
     assert out["loaded"] == []
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_help_needs_no_torch(script):
+    """``--help`` prints the config groups without importing torch (``-X importtime`` lists every import)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-X", "importtime", str(root / script), "--help"], capture_output=True,
+                         text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "== Config groups ==" in out.stdout or "Powered by Hydra" in out.stdout
+    imported = {line.rpartition("|")[2].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and "torch" not in imported and "lightning" not in imported

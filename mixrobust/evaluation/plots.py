@@ -161,9 +161,7 @@ def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "wo
     for model, cx, cy in shown:
         ax.scatter([cx], [cy], marker="*" if model == "g" else "P", s=90, color="k", zorder=3, label=model)
     if xs and max(xs) - min(xs) < MIN_CLEAN_SPAN:
-        middle = (max(xs) + min(xs)) / 2
-        low = max(0.0, min(middle - MIN_CLEAN_SPAN / 2, 1.0 - MIN_CLEAN_SPAN))
-        ax.set_xlim(low - 0.05 * MIN_CLEAN_SPAN, low + 1.05 * MIN_CLEAN_SPAN)
+        ax.set_xlim(*_zoomed(xs, MIN_CLEAN_SPAN))
     ax.set(xlabel="clean accuracy", ylabel=f"attacked accuracy ({attacked})",
            title=f"Trade-off as alpha varies ({_title(rows)})")
     ax.title.set_fontsize(9)

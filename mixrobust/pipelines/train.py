@@ -189,7 +189,7 @@ def _trainer(s: TrainSettings, trainer_args: dict, logger, checkpoint: ModelChec
     elif shown == "log":
         callbacks.append(LogProgress())  # a rich bar in a log file would draw only its last frame
     args["enable_progress_bar"] = shown == "bar"
-    args.setdefault("enable_model_summary", False)  # its table (with a FLOPs column of zeros) says no more than:
+    args.setdefault("enable_model_summary", False)  # run() logs the parameter count; the table adds a FLOPs column of 0
     plugins = list(args.pop("plugins", None) or []) + [SafeCheckpointIO()]  # atomic, never unpickles code
     return build(args, "trainer", callbacks=callbacks, logger=logger, plugins=plugins,
                  default_root_dir=str(s.keys.output_dir), inference_mode=False)

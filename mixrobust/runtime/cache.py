@@ -82,16 +82,6 @@ def code_digest() -> str:
 _code_digest: str | None = None
 
 
-def package_version() -> str:
-    """mixrobust's installed version ("0+unknown" when run from a source tree that is not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mixrobust")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def file_digest(path: str | os.PathLike) -> str:
     """Return the sha256 hex digest of a file's content.
 

@@ -3,7 +3,8 @@
 `prepare` applies the CPU thread policy (`mixrobust.runtime.threads`: it only works before torch
 starts its thread pool) and filters the third-party warnings and log lines that say nothing to our
 users (`mixrobust.runtime.quiet`). Neither happens on ``import mixrobust``: a library user keeps
-their own thread settings and every warning. Imports only the standard library.
+their own thread settings and every warning. Imports no torch (only the standard library and, through
+``mixrobust/__init__``, omegaconf).
 """
 
 from __future__ import annotations

@@ -85,3 +85,13 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def package_version() -> str:
+    """mixrobust's installed version ("0+unknown" when run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixrobust")
+    except PackageNotFoundError:
+        return "0+unknown"

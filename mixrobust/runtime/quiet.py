@@ -111,13 +111,14 @@ def quiet_third_party() -> None:
 
 def lightning_logs_once() -> None:
     """Lightning's top-level package gives the ``lightning`` logger a console handler of its own when it is
-    imported; imported after Hydra set up logging, its subpackages propagate to the root logger too, so
-    every Lightning line ("GPU available", "Restoring states ...") reached the console twice. When the root
-    logger has handlers (Hydra's console and the job's log file), drop that console handler: the lines then
-    show once, and the log file keeps them. Call it after Lightning is imported."""
+    imported (``lightning._console``); imported after Hydra set up logging, its subpackages propagate to the
+    root logger too, so every Lightning line ("GPU available", "Restoring states ...") reached the console
+    twice. When the root logger has handlers (Hydra's console and the job's log file), remove that one
+    handler: the lines then show once, and the log file keeps them. Imports Lightning (every task does)."""
     if not logging.getLogger().handlers:
         return
-    lightning = logging.getLogger("lightning")
-    for handler in list(lightning.handlers):
-        if type(handler) is logging.StreamHandler:  # its own console handler, not a user's file handler
-            lightning.removeHandler(handler)
+    import lightning
+
+    console = getattr(lightning, "_console", None)
+    if console is not None:
+        logging.getLogger("lightning").removeHandler(console)

@@ -3,17 +3,19 @@
 On a machine whose cores are shared (a laptop, a shared server, a CI runner, the jobs of a local
 sweep), torch's OpenMP threads spin while they wait for work, and two spinning processes slow each
 other down up to ten-fold. `apply_thread_policy`, called by ``train.py`` and ``evaluate.py`` before
-anything imports torch, sets two variables of the process environment unless the user set them:
+anything imports torch, sets in the process environment, unless the user set them:
 
 - ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning (on a dedicated
   machine ``ACTIVE`` is at most a few percent faster);
-- ``OMP_NUM_THREADS``: the cores this process may use (`usable_cores`: the CPU affinity mask and a
-  container's cgroup CPU quota), not the machine's core count, which a container may not own.
+- ``OMP_NUM_THREADS``, only where the process may use fewer cores than the machine has (`usable_cores`:
+  its CPU affinity mask, and the CPU quota of its cgroup, e.g. a container's ``--cpus``): torch would
+  otherwise start a thread per core of the whole machine. Elsewhere torch's own default (one thread
+  per physical core) and joblib's per-worker split stay as they are.
 
-Child processes inherit the environment, so Lightning's and Fabric's spawned workers, joblib's
-workers (the ``local_cpus`` launcher then lowers each job's torch threads to its share of the
-cores, see `mixrobust.runtime.placement`) and data-loader workers follow the same policy. Set
-either variable yourself to override it, e.g. ``OMP_NUM_THREADS=1`` to run several jobs side by side.
+Child processes inherit the environment: Lightning's and Fabric's spawned workers, joblib's
+workers (the ``local_cpus`` launcher then gives each job its share of the cores, see
+`mixrobust.runtime.placement`) and data-loader workers follow the same policy. Set either variable
+yourself to override it, e.g. ``OMP_NUM_THREADS=1`` to run several jobs side by side.
 
 This module imports nothing heavy: it must run before torch is imported to have any effect.
 """
@@ -26,26 +28,57 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-#: The cgroup files that cap this process's CPU time: v2 ``cpu.max`` ("<quota> <period>" or
-#: "max <period>"), v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (quota -1: no cap).
-CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
-CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+#: cgroup v2 (``cpu.max``: "<quota> <period>" or "max <period>") and v1 (``cpu.cfs_quota_us`` and
+#: ``cpu.cfs_period_us``; quota -1: no cap) CPU limits, below these mount points.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def _cgroup_cpus(v2: Path = CGROUP_V2, v1: tuple[Path, Path] = CGROUP_V1) -> int | None:
-    """Whole CPUs the cgroup quota allows (rounded up), or None when there is no quota or no cgroup."""
+def _quota(folder: Path) -> float | None:
+    """The CPUs a cgroup folder's own limit allows (fractional), or None without one."""
     try:
+        v2 = folder / "cpu.max"
         if v2.is_file():
             quota, _, period = v2.read_text().strip().partition(" ")
-            if quota == "max":
-                return None
-            return max(1, math.ceil(int(quota) / int(period or 100_000)))
+            return None if quota == "max" else int(quota) / int(period or 100_000)
+        v1 = folder / "cpu.cfs_quota_us", folder / "cpu.cfs_period_us"
         if v1[0].is_file() and v1[1].is_file():
             quota, period = int(v1[0].read_text()), int(v1[1].read_text())
-            return None if quota <= 0 or period <= 0 else max(1, math.ceil(quota / period))
+            return None if quota <= 0 or period <= 0 else quota / period
     except (OSError, ValueError):
         return None
     return None
+
+
+def _cgroup_folders(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> list[Path]:
+    """This process's cgroup folders with CPU limits, innermost first, up to the mount point: the v2 path
+    (``0::/a/b``) below `root`, the v1 ``cpu`` controller's below ``root/cpu``; just the mount points when
+    /proc does not say."""
+    candidates = []
+    try:
+        for line in proc.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                candidates.append((root, path))
+            elif "cpu" in controllers.split(","):
+                candidates.append((root / "cpu", path))
+    except (OSError, ValueError):
+        pass
+    folders = []
+    for base, path in candidates or [(root, "/"), (root / "cpu", "/")]:
+        folder = base / path.strip("/")
+        while True:
+            folders.append(folder)
+            if folder == base:
+                break
+            folder = folder.parent
+    return folders
+
+
+def _cgroup_cpus(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
+    """Whole CPUs the tightest cgroup quota on this process's path allows (rounded up), or None without one."""
+    quotas = [q for q in map(_quota, _cgroup_folders(root, proc)) if q is not None]
+    return max(1, math.ceil(min(quotas))) if quotas else None
 
 
 def usable_cores() -> int:
@@ -60,11 +93,14 @@ def usable_cores() -> int:
 
 
 def apply_thread_policy(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` in `environ` (default ``os.environ``) where unset
-    (module docstring); returns what it set. Has no effect on the threads of a torch imported already,
-    so call it first thing in an entry point."""
+    """Set ``OMP_WAIT_POLICY`` and, where the process may use fewer cores than the machine has,
+    ``OMP_NUM_THREADS`` in `environ` (default ``os.environ``) where unset (module docstring); returns what
+    it set. OpenMP reads the wait policy when torch is loaded, so call it first thing in an entry point;
+    if torch is imported already, only its thread count can still change (``torch.set_num_threads``)."""
     environ = os.environ if environ is None else environ
-    wanted = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(usable_cores())}
+    wanted = {"OMP_WAIT_POLICY": "PASSIVE"}
+    if (cores := usable_cores()) < (os.cpu_count() or cores):  # limited: torch would count the whole machine
+        wanted["OMP_NUM_THREADS"] = str(cores)
     applied = {k: v for k, v in wanted.items() if not environ.get(k)}
     environ.update(applied)
     if applied and environ is os.environ and "torch" in sys.modules:
