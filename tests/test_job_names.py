@@ -1,9 +1,10 @@
 """Multirun job folder names (``hydra.sweep.subdir``: ``${mr.job_dir:...}``): the job number, then its
 values on the launch's grid axes, filesystem-safe and capped; and the job folders' bookkeeping
-(`job_number`, order, `in_launch`) with these names and the plain numbers of earlier sweeps."""
+(`job_number`, order, `in_launch`, `launch_jobs`) with these names and the plain numbers of earlier sweeps."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from omegaconf import OmegaConf, open_dict
 
 from mixrobust.runtime import resolvers, resume
 from mixrobust.runtime.hydra_job import HydraJob
-from mixrobust.runtime.jobs import find_job_folders, in_launch, latest_grid, latest_launch, job_number
-from mixrobust.runtime.resolvers import MAX_OVERRIDES_CHARS, job_dir_name
+from mixrobust.runtime.jobs import (find_job_folders, in_launch, job_number, latest_grid, latest_launch,
+                                    launch_job_names, launch_jobs)
+from mixrobust.runtime.job_names import MAX_OVERRIDES_CHARS, job_dir_name
 from mixrobust.runtime.resume import write_marker
 from tests.conftest import CONF_DIR
 
@@ -212,3 +214,61 @@ def test_folders_sort_by_job_number_and_match_the_launch_by_it(tmp_path):
         "2_seed=1": False, "10_seed=0": False,  # beyond the latest launch's 2 jobs
         "custom": True, "old/3": False,  # other names match by overrides
     }
+
+
+def _finished_at(job: Path, seconds: int) -> None:
+    """Set when the job finished: its marker's mtime."""
+    os.utime(job / "done.json", ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_launch_job_names_are_the_resolvers_names(tmp_path, monkeypatch, as_job):
+    monkeypatch.chdir(tmp_path)
+    task = ["experiment=digits_sweep", "n=60"]
+    _write_multirun_yaml(tmp_path / "sweep", {"mix.alphas": "[0.0],[0.5]", "mix.r_options": "[one],[grad_g_i]"}, task)
+    names = launch_job_names(tmp_path / "sweep")
+    assert names == ["0_alphas=0.0,r_options=one", "1_alphas=0.0,r_options=grad_g_i",
+                     "2_alphas=0.5,r_options=one", "3_alphas=0.5,r_options=grad_g_i"]
+    job3 = ["mix.alphas=[0.5]", "mix.r_options=[grad_g_i]", *task]
+    assert as_job(_job_config(tmp_path, "evaluate", job3, 3)) == names[3]
+    # with override_dirname's exclude_keys and hydra.sweep.subdir recorded in multirun.yaml
+    multirun = yaml.safe_load((tmp_path / "sweep" / "multirun.yaml").read_text())
+    multirun["hydra"]["job"] = {"config": {"override_dirname": {"exclude_keys": ["mix.r_options"]}}}
+    multirun["hydra"]["sweep"] = {"dir": "sweep", "subdir": "${mr.job_dir:${hydra:job.num},${hydra:overrides.task}}"}
+    (tmp_path / "sweep" / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    names = launch_job_names(tmp_path / "sweep")
+    assert names[3] == "3_alphas=0.5" == as_job(_job_config(
+        tmp_path, "evaluate", [*job3, "hydra.job.config.override_dirname.exclude_keys=[mix.r_options]"], 3))
+    multirun["hydra"]["sweep"]["subdir"] = "${hydra.job.num}"  # folders named otherwise: no names known
+    (tmp_path / "sweep" / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    assert launch_job_names(tmp_path / "sweep") is None
+    assert launch_job_names(tmp_path / "nowhere") is None
+
+
+def test_of_a_job_s_finished_folders_the_one_with_its_current_name_counts(tmp_path, caplog):
+    _write_multirun_yaml(tmp_path, None, ["trainer.max_epochs=1", "seed=0,1"])
+    wanted = latest_launch(tmp_path)
+    old = _job(tmp_path, "1", ["trainer.max_epochs=1", "seed=1"])  # an earlier version's folder of job 1
+    new = _job(tmp_path, "1_seed=1", ["seed=1", "trainer.max_epochs=1"])  # the same launch re-run: the same job
+    other = _job(tmp_path, "0", ["trainer.max_epochs=1", "seed=0"])  # job 0 not re-run yet: its only folder
+    gone = _job(tmp_path, "2_seed=2", ["trainer.max_epochs=1", "seed=2"])  # not in the launch
+    _finished_at(new, 1_000)
+    _finished_at(old, 2_000)  # finished later, but the folder's name is not what the launch names job 1 now
+    folders, _ = find_job_folders(tmp_path, ("done.json",))
+    assert [f.name for f in folders] == ["0", "1", "1_seed=1", "2_seed=2"]
+    with caplog.at_level("WARNING"):
+        counted, stale = launch_jobs(folders, wanted, tmp_path, ("done.json",))
+    assert [f.name for f in counted] == ["0", "1_seed=1"] and [f.name for f in stale] == ["1", "2_seed=2"]
+    assert [f.path for f in counted] == [other, new] and stale[1].path == gone and stale[0].path == old
+    assert any("1_seed=1 counts (named as the launch names it now); left out as stale: 1" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("newest", ["1_b", "1_a"])
+def test_of_a_job_s_folders_named_otherwise_the_last_finished_counts(tmp_path, newest):
+    _write_multirun_yaml(tmp_path, None, ["seed=0,1"])
+    for i, name in enumerate(sorted({"1_a", "1_b"} - {newest}) + [newest]):
+        _finished_at(_job(tmp_path, name, ["seed=1"]), 1_000 * (i + 1))
+    folders, _ = find_job_folders(tmp_path, ("done.json",))
+    assert all(in_launch(f, latest_launch(tmp_path)) for f in folders)  # each alone would be job 1
+    counted, stale = launch_jobs(folders, latest_launch(tmp_path), tmp_path, ("done.json",))
+    assert [f.name for f in counted] == [newest] and [f.name for f in stale] == sorted({"1_a", "1_b"} - {newest})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,7 +25,14 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex digits: looks li
 
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
-    """No real W&B login or settings; WANDB_MODE (which Lightning sets for offline runs) restored after."""
+    """No real W&B login or settings; the process left as the test found it.
+
+    After the test: its run finished, W&B's process-wide state (the settings of its singleton, which a
+    later wandb.init would reuse) torn down, and the WANDB_* variables as they were before, absent ones
+    absent. Lightning sets WANDB_MODE=dryrun for offline runs, which monkeypatch.delenv does not undo
+    when the variable was absent at the start: a later online run in this process would run offline.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc
@@ -33,7 +41,13 @@ def wandb_env(tmp_path, monkeypatch):
     yield monkeypatch
     import wandb
 
-    wandb.finish()
+    try:
+        wandb.finish()
+        wandb.teardown()
+    finally:
+        for key in [k for k in os.environ if k.startswith("WANDB_") and k not in before]:
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def node(**keys):

@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import types
 from contextlib import contextmanager
@@ -335,6 +336,49 @@ def test_jobs_of_an_earlier_launch_are_left_out_and_missing_ones_listed(tmp_path
     assert [j["job"] for j in jobs["stale"]] == ["2", "3"]  # alpha 0.75 is not in the grid; 3 is not its job 1
     assert jobs["missing"] == [sorted(["mix.alphas=[0.9]", "threat.eps=0.3", "mix.mix_spaces=[prob,logit]"])]
     assert {r["job"] for r in read_csv(sweep / "report" / "combined.csv")} == {"0", "1"}
+
+
+def _seed_launch(sweep: Path) -> list[str]:
+    """A seed sweep's multirun.yaml (jobs 0 and 1: seed 0 and 1 at alpha 0.5); the overrides of job 1."""
+    _write_multirun_yaml(sweep, BASIC_SWEEPER, {"seed": "0,1"}, alpha_job(0.5)[0])
+    return [*alpha_job(0.5)[0], "seed=1"]
+
+
+def _finished_at(job: Path, seconds: int) -> None:
+    os.utime(job / "run.json", ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_an_earlier_version_s_folder_of_a_re_run_job_is_stale(tmp_path):
+    """A sweep folder made before job folders were named ``<num>_<grid values>``, re-run by the same launch:
+    ``1`` (old results, e.g. at another default eps) and ``1_seed=1`` hold the same job; the new name counts."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    job1 = _seed_launch(sweep)
+    old_rows = [{**r, "accuracy": r["accuracy"] / 2} for r in alpha_job(0.5)[1]]
+    make_job(sweep, "0", [*alpha_job(0.5)[0], "seed=0"], old_rows)  # job 0 not re-run yet: its only folder
+    _finished_at(make_job(sweep, "1_seed=1", job1, alpha_job(0.5)[1]), 1_000)
+    _finished_at(make_job(sweep, "1", job1[::-1], old_rows), 2_000)  # finished later: the name decides
+    report = make_report(sweep, plots=False)
+    assert [j.name for j in report.jobs] == ["0", "1_seed=1"]
+    info = json.loads(report.files["jobs.json"].read_text())
+    assert [j["job"] for j in info["completed"]] == ["0", "1_seed=1"]
+    assert info["stale"] == [{"job": "1", "overrides": job1[::-1]}] and info["missing"] == []
+    rows = read_csv(report.files["combined.csv"])
+    assert len(rows) == 2 * len(alpha_job(0.5)[1])  # no job's rows twice
+    assert [float(r["accuracy"]) for r in rows if r["job"] == "1_seed=1"] == [r["accuracy"] for r in alpha_job(0.5)[1]]
+
+
+def test_of_a_job_s_folders_with_other_names_the_last_finished_counts(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    job1 = _seed_launch(sweep)
+    make_job(sweep, "0_seed=0", [*alpha_job(0.5)[0], "seed=0"], alpha_job(0.5)[1])
+    _finished_at(make_job(sweep, "1_s=1", job1, alpha_job(0.5)[1]), 2_000)  # neither is named "1_seed=1"
+    _finished_at(make_job(sweep, "1_old", job1, [{**r, "accuracy": 0.0} for r in alpha_job(0.5)[1]]), 1_000)
+    info = json.loads(write_report(sweep, plots=False)["jobs.json"].read_text())
+    assert [j["job"] for j in info["completed"]] == ["0_seed=0", "1_s=1"]
+    assert info["stale"] == [{"job": "1_old", "overrides": job1}]
+    assert {r["job"] for r in read_csv(sweep / "report" / "combined.csv")} == {"0_seed=0", "1_s=1"}
 
 
 def test_certification_jobs_get_a_combined_csv_and_one_figure_each(tmp_path):

@@ -18,8 +18,9 @@ job numbers compared as numbers (``2_alphas=0.5,r_options=one``, or ``2`` from e
   finished or were resumed;
 - ``jobs.json``: the completed and incomplete jobs with their overrides, the stale ones (finished
   jobs of an earlier launch into the same folder whose overrides the latest launch, recorded by
-  Hydra in ``multirun.yaml``, no longer asks for: left out) and the missing ones (asked for, not
-  finished);
+  Hydra in ``multirun.yaml``, no longer asks for, and the extra folders of one job, e.g. ``1`` of
+  an earlier version next to its re-run ``1_seed=1``: one counts, `mixrobust.runtime.jobs.launch_jobs`;
+  left out) and the missing ones (asked for, not finished);
 - with plots, from the rows deduplicated across jobs (`dedupe_for_plots`; g's and h's rows
   repeat in every job of an alpha sweep): ``accuracy_vs_alpha.png`` and ``tradeoff.png`` (the
   paper's Figures 2 and 1). If the rows span several (norm, eps) threat settings, one pair per
@@ -48,7 +49,7 @@ from mixrobust.evaluation.outcomes import COLUMNS
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
 from mixrobust.evaluation.report import read_results_csv
 from mixrobust.runtime.files import csv_text, write_json, write_text
-from mixrobust.runtime.jobs import find_job_folders, in_launch, latest_launch, read_overrides
+from mixrobust.runtime.jobs import find_job_folders, latest_launch, launch_jobs, read_overrides
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +243,11 @@ def make_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                           "`python evaluate.py -m ...` run (its hydra.sweep.dir, e.g. multirun/evaluate/<date>)")
     jobs, incomplete = find_jobs(root)
     wanted, stale = latest_launch(root), []
-    if wanted is not None:  # jobs of an earlier launch with another grid are not part of this sweep
-        stale = [j for j in jobs if not in_launch(j, wanted)]
-        jobs = [j for j in jobs if in_launch(j, wanted)]
+    if wanted is not None:  # jobs of an earlier launch with another grid, or a job's extra folders, are left out
+        jobs, stale = launch_jobs(jobs, wanted, root, tuple(MARKERS))
         if stale:
-            log.warning("%d job folder(s) in %s are not part of the latest launch (multirun.yaml); left out: %s",
-                        len(stale), root, ", ".join(j.name for j in stale))
+            log.warning("%d job folder(s) in %s are not part of the latest launch (multirun.yaml) or another folder "
+                        "of their job counts; left out: %s", len(stale), root, ", ".join(j.name for j in stale))
     if not jobs:
         raise ConfigError(_no_jobs_message(root, incomplete))
     if incomplete:

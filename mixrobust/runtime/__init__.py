@@ -8,6 +8,7 @@
 - `placement`: which device and how many CPU threads a job gets (GPU leases in local sweeps);
 - `sharding`: a map over example shards in several processes;
 - `jobs`: the job folders of a multirun (finished, incomplete, asked for by the latest launch);
+- `job_names`: the folder name of a multirun job (its number and grid values);
 - `seeds`: seeds mixed from several values (training steps, augmentation epochs);
 - `resolvers`: the ``${mr.*}`` OmegaConf resolvers of the configs;
 - `threads`: the CPU thread policy the entry points apply before torch starts (`entry.prepare`);

@@ -9,21 +9,29 @@ integer parts, and the job number of a ``<num>_<overrides>`` folder, compared as
 ``2_alphas=0.5`` before ``10``).
 
 Job folders are named ``<num>_<overrides>`` (``hydra.sweep.subdir``, `mixrobust.runtime.resolvers.job_dir`),
-``<num>`` alone in sweeps of earlier versions: `job_number` reads the number back.
+``<num>`` alone in sweeps of earlier versions: `job_number` reads the number back. A sweep folder of an
+earlier version re-run by the same launch holds both (``1`` and ``1_seed=1``, the same job): `launch_jobs`
+counts one of them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.errors import ConfigError
+from mixrobust.runtime.job_names import job_dir_name, split_override
 from mixrobust.runtime.resume import read_marker
+
+log = logging.getLogger(__name__)
 
 #: Sweepers whose job expansion `latest_launch` reproduces (Hydra's basic one and its checked subclass).
 BASIC_SWEEPERS = ("BasicSweeper", "CheckedSweeper")
@@ -131,12 +139,6 @@ def latest_launch(sweep_dir: str | os.PathLike) -> list[frozenset[str]] | None:
     return None if launch is None else launch[2]
 
 
-def override_key(override) -> str:
-    """The key of a parsed Hydra override as the job folder names see it: ``mix.alphas``,
-    ``objective``, ``data@pkg`` (without ``+`` / ``++`` / ``~``)."""
-    return override.get_key_element().lstrip("+~")
-
-
 def latest_grid(sweep_dir: str | os.PathLike) -> tuple[set[str], list[frozenset[str]]] | None:
     """The axes of the latest launch's grid and its jobs' override sets (`latest_launch`), or None if unknown.
 
@@ -148,7 +150,28 @@ def latest_grid(sweep_dir: str | os.PathLike) -> tuple[set[str], list[frozenset[
     if launch is None:
         return None
     params, arguments, jobs = launch
-    return {override_key(o) for o in params} | {override_key(o) for o in arguments if o.is_sweep_override()}, jobs
+    keys = [split_override(o)[0] for o in params] + [split_override(o)[0] for o in arguments if o.is_sweep_override()]
+    return set(keys), jobs
+
+
+def launch_job_names(sweep_dir: str | os.PathLike) -> list[str] | None:
+    """The folder name each job of the latest launch into `sweep_dir` gets now, in job order (as
+    ``hydra.sweep.subdir`` = ``${mr.job_dir:...}`` names it, `mixrobust.runtime.resolvers.job_dir`: its number,
+    its values on the grid axes (`latest_grid`), without ``hydra.job.config.override_dirname.exclude_keys``);
+    None if the launch is unknown or its recorded ``hydra.sweep.subdir`` names job folders otherwise."""
+    grid = latest_grid(sweep_dir)
+    if grid is None:
+        return None
+    axes, jobs = grid
+    cfg = OmegaConf.load(Path(sweep_dir) / "multirun.yaml")
+    sweep = OmegaConf.select(cfg, "hydra.sweep", default=None)
+    subdir = OmegaConf.to_container(sweep, resolve=False).get("subdir") if isinstance(sweep, DictConfig) else None
+    if subdir is not None and "mr.job_dir:" not in str(subdir):
+        return None
+    exclude = OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys", default=None,
+                               throw_on_resolution_failure=False)
+    exclude = [str(k) for k in exclude or ()]
+    return [job_dir_name(num, sorted(job), axes, exclude) for num, job in enumerate(jobs)]
 
 
 def in_launch(job: JobFolder, wanted: list[frozenset[str]]) -> bool:
@@ -161,3 +184,53 @@ def in_launch(job: JobFolder, wanted: list[frozenset[str]]) -> bool:
     if num is not None:
         return num < len(wanted) and wanted[num] == overrides
     return overrides in wanted
+
+
+J = TypeVar("J")
+
+
+def _finished_at(path: Path, markers: Sequence[str]) -> int:
+    """When the folder's job finished: its newest marker file's mtime (ns), 0 without one."""
+    times = []
+    for marker in markers:
+        try:
+            times.append((path / marker).stat().st_mtime_ns)
+        except OSError:
+            pass
+    return max(times, default=0)
+
+
+def launch_jobs(jobs: Sequence[J], wanted: list[frozenset[str]], sweep_dir: str | os.PathLike,
+                markers: Sequence[str]) -> tuple[list[J], list[J]]:
+    """Finished `jobs` (`JobFolder`s, or anything with their ``path``, ``name`` and ``overrides``) split into
+    those that count for the latest launch into `sweep_dir` (`wanted`: `latest_launch`) and the stale ones,
+    both in the given order.
+
+    Stale are the jobs not `in_launch`, and the extra folders of one job: a sweep folder of an earlier
+    version keeps its finished ``1`` when the same launch, re-run, writes ``1_seed=1``; both hold job 1's
+    overrides, one counts: the folder named as the launch names that job now (`launch_job_names`) if it is
+    among them, else the one whose marker (the newest of `markers` in it) was written last.
+    """
+    launched = {id(j) for j in jobs if in_launch(j, wanted)}
+    by_number: dict[int, list[J]] = {}
+    for job in jobs:
+        num = job_number(job.name)
+        if num is not None and id(job) in launched:
+            by_number.setdefault(num, []).append(job)
+    names = None
+    for num, group in by_number.items():
+        if len(group) < 2:
+            continue
+        if names is None:
+            names = launch_job_names(sweep_dir) or []
+        named = [j for j in group if num < len(names) and j.name == names[num]]
+        if named:
+            keep = named[0]
+        else:  # the last finished; of folders that finished at once, the last in the order
+            keep = max(enumerate(group), key=lambda item: (_finished_at(Path(item[1].path), markers), item[0]))[1]
+        others = [j for j in group if j is not keep]
+        launched -= {id(j) for j in others}
+        log.warning("%d finished folders hold job %d of the latest launch: %s counts (%s); left out as stale: %s",
+                    len(group), num, keep.name, "named as the launch names it now" if named else "finished last",
+                    ", ".join(j.name for j in others))
+    return [j for j in jobs if id(j) in launched], [j for j in jobs if id(j) not in launched]

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mixrobust.runtime.job_names import job_dir_name
+
 log = logging.getLogger(__name__)
-
-#: The longest rendering of a job's overrides in its folder name; a longer one is cut and ends in a hash.
-MAX_OVERRIDES_CHARS = 80
-#: Keys left out of a job folder's name when the launch's grid is unknown (the sweep folder names the preset).
-UNNAMED_KEYS = ("experiment",)
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-
 
 def gpu_count() -> int:
     """Number of visible CUDA devices (`mixrobust.runtime.placement.visible_gpus`), at least 1 (``${mr.gpu_count:}``,
@@ -31,67 +24,6 @@ def gpu_count() -> int:
 def pgd_step(eps, steps) -> float:
     """PGD step size 2.5 * eps / steps (Madry et al.): the attack can cross the ball and back."""
     return 2.5 * float(eps) / int(steps)
-
-
-def _path_text(path: str) -> str:
-    """A path as its last two components joined by ``-``, without ``checkpoints`` folders and a
-    ``.ckpt`` suffix: ``outputs/a/h/checkpoints/best.ckpt`` -> ``h-best``."""
-    parts = [p for p in re.split(r"[/\\]+", path) if p not in ("", ".", "..", "checkpoints")]
-    if parts and parts[-1].endswith(".ckpt") and len(parts[-1]) > 5:
-        parts[-1] = parts[-1][:-5]
-    return "-".join(parts[-2:])
-
-
-def _value_text(value: str) -> str:
-    """An override's value without brackets, braces, quotes or spaces: list items joined by ``+``,
-    paths shortened (`_path_text`), any other character outside ``[A-Za-z0-9._+-]`` as ``_``."""
-    items = [v.strip().strip("'\"").strip() for v in re.split(r"[\[\]{}(),]", value)]
-    items = [_path_text(v) if re.search(r"[/\\]", v) else v for v in items if v]
-    return _UNSAFE.sub("_", "+".join(items))
-
-
-def _split(override: str) -> tuple[str, str | None]:
-    """An override string's key (without ``+`` / ``++`` / ``~``, as `mixrobust.runtime.jobs.override_key`)
-    and value (None for a deletion ``~key``)."""
-    key, eq, value = override.partition("=")
-    return key.strip().lstrip("+~"), (value if eq else None)
-
-
-def _short_keys(keys: Iterable[str]) -> dict[str, str]:
-    """Each key's last dotted (or ``/``) component, its whole path with ``.`` where that is ambiguous."""
-    keys = sorted(set(keys))
-    last = {k: re.split(r"[./]", k.partition("@")[0])[-1] for k in keys}
-    return {k: _UNSAFE.sub("_", last[k] if list(last.values()).count(last[k]) == 1 else k.replace("/", "."))
-            for k in keys}
-
-
-def job_dir_name(num: int | None, overrides: Sequence[str], named: Iterable[str] | None = None,
-                 exclude: Iterable[str] = ()) -> str:
-    """The folder name of job `num` of a multirun: ``<num>_<key>=<value>,...``, e.g. ``3_alphas=0.6,r_options=one``.
-
-    `overrides` are the job's task overrides (``hydra.overrides.task``); the name holds those whose key
-    is in `named` (the launch's grid axes), or, with `named` None, every one but `UNNAMED_KEYS`, and never
-    those in `exclude`. Keys are cut to their last component where that is unambiguous, values are
-    made filesystem-safe (`_value_text`: no ``/``, brackets, quotes or spaces), items are sorted by
-    (shortened) key and joined by ``,``. A rendering longer than `MAX_OVERRIDES_CHARS` is cut and ends
-    in ``-`` and 8 hex digits of a hash of the named overrides, so different overrides keep different
-    names. With no override to name, the name is the job number alone (as in sweeps of earlier versions).
-    """
-    num = "None" if num is None else int(num)  # None: resolved outside a multirun (``--cfg hydra --resolve``)
-    skip = set(exclude) | (set() if named is not None else set(UNNAMED_KEYS))
-    wanted = None if named is None else set(named)
-    picked = sorted((key, value, o) for o in overrides for key, value in [_split(str(o))]
-                    if key not in skip and (wanted is None or key in wanted))
-    if not picked:
-        return str(num)
-    short = _short_keys(key for key, _, _ in picked)
-    picked.sort(key=lambda item: (short[item[0]], item))
-    body = ",".join(f"~{short[key]}" if value is None else f"{short[key]}={_value_text(value)}"
-                    for key, value, _ in picked)
-    if len(body) > MAX_OVERRIDES_CHARS:
-        digest = hashlib.sha256("\n".join(o for _, _, o in picked).encode()).hexdigest()[:8]
-        body = body[:MAX_OVERRIDES_CHARS - 9].rstrip(",=+-_.") + "-" + digest
-    return f"{num}_{body}"
 
 
 def _launch_context(num: int, overrides: Sequence[str]) -> tuple[set[str] | None, tuple[str, ...]]:
