@@ -36,6 +36,22 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
     return cfg
 
 
+def multirun_job_config(tmp_path: Path, config_name: str, overrides: list[str], num: int) -> DictConfig:
+    """conf/<config_name>.yaml composed with its Hydra config as job `num` of a multirun whose sweep folder is
+    ``<tmp_path>/sweep`` (GlobalHydra cleared first: other tests leave it set)."""
+    from hydra.types import RunMode
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = num
+        cfg.hydra.sweep.dir = "sweep"  # relative: resolved against hydra.runtime.cwd
+        cfg.hydra.runtime.cwd = str(tmp_path)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     def factory(overrides=(), config_name="train", output_dir=None):

@@ -10,11 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from mixrobust.runtime import resolvers, resume
 from mixrobust.runtime.hydra_job import HydraJob
@@ -22,7 +19,7 @@ from mixrobust.runtime.jobs import (find_job_folders, in_launch, job_number, lat
                                     launch_job_names, launch_jobs)
 from mixrobust.runtime.job_names import MAX_OVERRIDES_CHARS, job_dir_name
 from mixrobust.runtime.resume import write_marker
-from tests.conftest import CONF_DIR
+from tests.conftest import CONF_DIR, multirun_job_config
 
 CHECKED_SWEEPER = "hydra_plugins.mixrobust_sweeper.checked_sweeper.CheckedSweeper"
 SAFE = re.compile(r"[0-9]+(_[A-Za-z0-9._+=,~-]+)?")
@@ -124,15 +121,7 @@ def test_grid_axes_include_command_line_sweeps_and_single_valued_params(tmp_path
 # --- the resolver, as Hydra resolves hydra.sweep.subdir in a job --------------------------------------
 
 def _job_config(tmp_path, config: str, overrides: list[str], num: int):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.mode = RunMode.MULTIRUN
-        cfg.hydra.job.num = num
-        cfg.hydra.sweep.dir = "sweep"  # relative: resolved against hydra.runtime.cwd
-        cfg.hydra.runtime.cwd = str(tmp_path)
-    return cfg
+    return multirun_job_config(tmp_path, config, overrides, num)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from mixrobust.errors import ConfigError
 from mixrobust.runtime import placement
 from mixrobust.runtime.hydra_job import HydraJob, current_job
 from mixrobust.runtime.placement import LEASE, Placement, gpu_for_job, lease_gpu, plan_placement
+from tests.conftest import multirun_job_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
@@ -190,16 +191,7 @@ def _compose_evaluate(overrides: list[str]):
 
 
 def _multirun_hydra_config(tmp_path, launcher: str, job_num: int, overrides: tuple[str, ...] = ()):
-    from hydra.types import RunMode
-    from omegaconf import open_dict
-
-    cfg = _compose_evaluate([f"hydra/launcher={launcher}", *overrides])
-    with open_dict(cfg):
-        cfg.hydra.mode = RunMode.MULTIRUN
-        cfg.hydra.job.num = job_num
-        cfg.hydra.sweep.dir = "sweep"  # relative: resolved against hydra.runtime.cwd
-        cfg.hydra.runtime.cwd = str(tmp_path)
-    return cfg
+    return multirun_job_config(tmp_path, "evaluate", [f"hydra/launcher={launcher}", *overrides], job_num)
 
 
 @pytest.fixture
