@@ -48,18 +48,19 @@ def sweep_group(sweep_dir: str | os.PathLike) -> str:
         return path.as_posix()
 
 
-def wandb_run_settings(node: Mapping, task: str, job: HydraJob) -> dict:
+def wandb_run_settings(node: Mapping, task: str, job: HydraJob, folder: str = "") -> dict:
     """W&B group, name, job type and tags for this job, where the logger config leaves them unset.
 
     In a multirun every job is its own run, grouped under the sweep (its folder, e.g.
-    ``multirun/paper_fig2``), named after its overrides; the task and the experiment are tags.
+    ``multirun/paper_fig2``), named as its job folder `folder` (its number and grid values, e.g.
+    ``6_alphas=0.5``; Hydra's override string where there is none); the task and the experiment are tags.
     """
     own = list(node.get("tags") or [])
     out = {"tags": own + [t for t in (task, job.experiment) if t and t not in own],
            "job_type": node.get("job_type") or task}
     if job.multirun:
         out["group"] = node.get("group") or sweep_group(job.sweep_dir)
-        out["name"] = node.get("name") or job.override_dirname or f"job{job.num}"
+        out["name"] = node.get("name") or folder or job.override_dirname or f"job{job.num}"
     return out
 
 
@@ -149,7 +150,7 @@ def build_logger(node: Mapping | None, output_dir: str | os.PathLike, task: str,
     if not is_wandb(node):
         return instantiate(node, save_dir=str(output_dir))
     job = current_job()
-    extra = {**wandb_run_settings(node, task, job), **overrides}
+    extra = {**wandb_run_settings(node, task, job, Path(output_dir).name), **overrides}
     node, save_dir = _plain(node), Path(output_dir)
     # plain dicts and lists for wandb.init: it ignores a `settings` that is not a dict or wandb.Settings (a DictConfig)
     node.setdefault("_convert_", "all")
