@@ -187,3 +187,17 @@ def test_training_to_a_log_file_shows_progress_at_a_steady_rate(tmp_path):
     for noise in ("LeafSpec", "does not have many workers", "Tip:", "Seed set to", "FLOPs"):
         assert noise not in text, noise
     assert text.count("GPU available: False") == 1
+
+
+def test_a_failing_detail_does_not_stop_the_lines(log_mode, caplog):
+    """A detail read by the timer thread while the work changes it may fail: that line goes without it."""
+    caplog.set_level(logging.INFO, logger="mixrobust.progress")
+
+    def broken():
+        raise KeyError("val/acc")
+
+    with progress.stage("flaky", 2) as stage:
+        stage.detail = broken
+        time.sleep(0.3)
+    running = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flaky: 0/2")]
+    assert len(running) >= 2 and not any("(" in line.split("images")[-1] for line in running)

@@ -69,7 +69,12 @@ class Stage:
         self.bar_task: Any = None
 
     def detail_text(self) -> str:
-        return self.detail() if callable(self.detail) else self.detail
+        if not callable(self.detail):
+            return self.detail
+        try:
+            return self.detail()
+        except Exception:  # noqa: BLE001 - read from the timer thread while the work changes it: skip it this time
+            return ""
 
     def line(self) -> str:
         """``name: done/total unit (pct), rate unit/s, elapsed, ETA (detail)`` (``done unit`` without a total)."""

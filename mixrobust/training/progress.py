@@ -42,7 +42,7 @@ class LogProgress(Callback):
 
     def _detail(self, trainer: L.Trainer) -> str:
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"] if trainer.max_epochs else []
-        metrics = trainer.callback_metrics
+        metrics = dict(trainer.callback_metrics)  # a copy: the timer thread reads it while training writes it
         parts += [f"{k} {float(metrics[k]):.4f}" for k in SHOWN_METRICS if k in metrics]
         return ", ".join(parts)
 
