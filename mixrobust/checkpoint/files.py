@@ -11,6 +11,7 @@ import os
 import re
 import stat
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -146,7 +147,9 @@ def _load(path: str | os.PathLike, size: int) -> object:
     torch's own message is summarized, never copied: it advises loading with pickled code enabled.
     """
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            # a corrupt file whose first byte looks like a pickle header: the error below says what is wrong
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
