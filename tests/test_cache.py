@@ -7,6 +7,7 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_truncated_entry_is_recomputed_and_repaired(tmp_path, caplog):
     [
         b"",
         b"\x01\x02\x03",
-        os.urandom(4096),
+        random.Random(0).randbytes(4096),  # seeded: the same bytes every run
         (10**9).to_bytes(8, "little") + b"{}",
         (2).to_bytes(8, "little") + b"{}",  # valid empty safetensors file, without our metadata
         (5).to_bytes(8, "little") + b"[1,2]",
