@@ -254,7 +254,7 @@ def run(cfg: DictConfig) -> CertifyResult:
     files = ["certify.csv", "certified_accuracy.csv"] + (["certified_accuracy.png"] if s.job.plots else []) + (
         ["baseline_certify.csv"] if s.baseline else [])
     if s.job.resume and (done := finished(out, MARKER, fp, files)):
-        return _logged(CertifyResult(done, {f: str(out / f) for f in files}, out, True))
+        return inputs.logged(CertifyResult(done, {f: str(out / f) for f in files}, out, True), log)
     clear_marker(out, MARKER)
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "certify") as logger:
         g = load_classifier(s.g.path, map_location=device)
@@ -276,14 +276,8 @@ def run(cfg: DictConfig) -> CertifyResult:
         _log(logger, summary, paths, s.config)
         write_marker(out, MARKER, summary, fp, list(paths))
         log.info("certification done (%.1f s sampling); results in %s", timings["sample"], out)
-    return _logged(CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base))
+    return inputs.logged(CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base), log)
 
-
-def _logged(result: CertifyResult) -> CertifyResult:
-    """`result`, its summary written to the job's log file; evaluate.py prints it on the console (once)."""
-    log_to_files(log, logging.INFO, "%s:\n%s", "finished before, skipped" if result.skipped else "summary",
-                 result.text())
-    return result
 
 
 def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.ndarray, index: np.ndarray, out: Path):

@@ -22,7 +22,7 @@ from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, value_at
 from mixrobust.runtime.hydra_job import current_job
-from mixrobust.runtime.loggers import is_wandb, wandb_init_timeout
+from mixrobust.runtime.loggers import is_wandb, log_to_files, wandb_init_timeout
 from mixrobust.runtime.placement import check_processes_launcher, resolve_device
 from mixrobust.threat import Norm, Threat
 from mixrobust.training.objectives import OBJECTIVES
@@ -165,6 +165,14 @@ def device(cfg: DictConfig) -> str:
     name = convert(value_at(cfg, "device", ""), str, "device")
     resolve_device(name)
     return name
+
+
+def logged(result, task_log: logging.Logger):
+    """`result` (a task's result with ``text()`` and ``skipped``), its text written by `task_log` to the job's
+    log file only: evaluate.py prints it on the console, once."""
+    log_to_files(task_log, logging.INFO, "%s:\n%s", "finished before, skipped" if result.skipped else "result",
+                 result.text())
+    return result
 
 
 def logger(cfg: DictConfig):

@@ -36,7 +36,7 @@ from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, parse, plain, require
 from mixrobust.runtime.cache import DiskCache
-from mixrobust.runtime.loggers import is_wandb_logger, job_logger, log_to_files
+from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
 from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
 from mixrobust.runtime.sharding import check_processes, map_shards
@@ -182,8 +182,8 @@ def run(cfg: DictConfig) -> MixResult:
     s = settings(cfg)
     out, fp, files = s.job.output_dir, s.fingerprint, _files(s)
     if s.job.resume and finished(out, MARKER, fp, files):
-        return _logged(MixResult(read_results_csv(out / "results.csv"), {f: str(out / f) for f in files}, out, 0.0,
-                                 True))
+        return inputs.logged(MixResult(read_results_csv(out / "results.csv"), {f: str(out / f) for f in files}, out,
+                                       0.0, True), log)
     clear_marker(out, MARKER)
     cache = DiskCache(s.cache_dir) if s.cache_dir is not None else None
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "mix") as logger:
@@ -199,15 +199,9 @@ def run(cfg: DictConfig) -> MixResult:
         _log(logger, result.rows(), paths, {**s.config, "implementations": result.outcomes.meta["implementations"]})
         write_marker(out, MARKER, _marker(s, result, len(y), device, seconds, cache), fp, list(paths))
         log.info("sweep done in %.1f s; results in %s", seconds, out)
-    return _logged(MixResult(result.rows(), {k: str(v) for k, v in paths.items()}, out, seconds, False,
-                             result.margins))
+    return inputs.logged(MixResult(result.rows(), {k: str(v) for k, v in paths.items()}, out, seconds, False,
+                                   result.margins), log)
 
-
-def _logged(result: MixResult) -> MixResult:
-    """`result`, its table written to the job's log file; evaluate.py prints it on the console (once)."""
-    log_to_files(log, logging.INFO, "%s:\n%s", "results (finished before, skipped)" if result.skipped else "results",
-                 result.text())
-    return result
 
 
 def _marker(s: MixSettings, result, n: int, device, seconds: float, cache: DiskCache | None) -> dict:

@@ -88,10 +88,8 @@ class Stage:
         detail = self.detail_text()
         return text + (f" ({detail})" if detail else "")
 
-    def advance(self, n: int = 1, detail: str | Callable[[], str] | None = None) -> None:
+    def advance(self, n: int = 1) -> None:
         self.done += int(n)
-        if detail is not None:
-            self.detail = detail
         _REPORTER.advanced(self)
 
 
