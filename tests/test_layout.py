@@ -17,10 +17,10 @@ LAYERS = (
     ("mixrobust.errors",),
     ("mixrobust.runtime",),
     ("mixrobust.threat", "mixrobust.models", "mixrobust.data", "mixrobust.attacks", "mixrobust.mixing",
-     "mixrobust.checkpoint", "mixrobust.training", "mixrobust.certify", "mixrobust.evaluation"),
+     "mixrobust.checkpoint", "mixrobust.training", "mixrobust.certify", "mixrobust.evaluation", "mixrobust.study"),
     ("mixrobust.pipelines",),
 )
-TASKS = ("train", "mix", "certify", "report")
+TASKS = ("train", "mix", "certify", "report", "study")
 
 
 def module_name(path: Path) -> str:

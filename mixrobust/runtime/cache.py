@@ -63,17 +63,25 @@ _file_digests: dict[tuple[str, int, int], str] = {}
 _file_digests_lock = threading.Lock()
 
 
+#: Sources that produce no number: a study's orchestration (its stages' configs are fingerprinted themselves) and
+#: its report, which only reads results files. Editing them keeps a finished study's stages finished.
+NOT_IN_CODE_DIGEST = ("study/", "pipelines/study.py")
+
+
 def code_digest() -> str:
     """sha256 of the mixrobust package's Python sources (paths and contents), computed once per process.
 
     Part of every cache key and run fingerprint: any change to the code that produced a result
     (an attack, a model, the mixing) makes cached tensors and finished runs of the old code misses.
+    `NOT_IN_CODE_DIGEST` lists the sources left out.
     """
     global _code_digest
     if _code_digest is None:
         root = Path(__file__).resolve().parents[1]
         h = hashlib.sha256()
         for path in sorted(root.rglob("*.py")):
+            if path.relative_to(root).as_posix().startswith(NOT_IN_CODE_DIGEST):
+                continue
             h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
         _code_digest = h.hexdigest()
     return _code_digest

@@ -1,0 +1,224 @@
+"""The study task: a data set from nothing to report.md, resumable, checked before any work."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from mixrobust import pipelines
+from mixrobust.errors import ConfigError
+from mixrobust.study.claims import CLAIMS
+from tests.conftest import compose_config, real_data_root
+from tests.test_loggers import wandb_env  # noqa: F401  (a fixture)
+
+VERDICTS = {"holds", "does not hold", "inconclusive"}
+
+#: study_digits with tiny settings: every stage runs, on few images and short schedules
+TINY_DIGITS = {
+    "train": {"common": ["data=digits", "trainer.max_epochs=2", "val_attack_steps=2", "test_attack_steps=2"],
+              "g": ["objective=standard"], "h": ["objective=pgd_at", "objective.steps=2"],
+              "rs": ["objective=gaussian_noise"]},
+    "evaluate": ["data=digits", "split=test", "n=48", "attack.steps=3"],
+    "fig2": ["mix.alphas=[0.0,0.4,0.6,1.0]"],
+    "autoattack": ["n=16"],
+    "fig1": ["mix.alphas=null", "mix.gammas=[0.5,2.0]", "mix.r_options=[one,grad_g_i]", "mix.mix_spaces=[prob,logit]",
+             "attack.steps=2"],
+    "fig3": ["n=24", "certify.n=100", "certify.n0=20", "certify.batch_size=2000", "certify.report_radii=[0.0,0.1,0.2]",
+             "certify.alphas=[0.5,0.8,1.0]"],
+}
+
+
+def study_config(tmp_path, preset: str = "study_digits", study: dict | None = None, overrides=()):
+    cfg = compose_config("evaluate", [f"experiment={preset}", "progress.mode=none", *overrides], tmp_path / "logs")
+    with open_dict(cfg):
+        cfg.study.dir = str(tmp_path / "study")
+        for key, value in (study or {}).items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    cfg.study[key][sub] = v
+            else:
+                cfg.study[key] = value
+    return cfg
+
+
+def stage_times(folder) -> dict:
+    return json.loads((folder / "stages.json").read_text())
+
+
+@pytest.mark.slow
+def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, one_thread):
+    cfg = study_config(tmp_path, study=TINY_DIGITS)
+    first = pipelines.run(cfg)
+    folder = tmp_path / "study"
+    names = ["train/g", "train/h", "train/rs_sigma0.5", "train/rs_sigma0.25", "fig2", "autoattack", "fig1",
+             "fig3_plugin", "fig3_sound"]
+    assert list(first.stages) == names
+    assert all(s["status"] == "ran" and s["seconds"] > 0 for s in first.stages.values())
+
+    report = (folder / "report.md").read_text()
+    for section in ("## Claims", "## Stages", "## Base models", "## Figure 2", "## AutoAttack on the mixture",
+                    "## Table 1", "## Figure 1", "## Figure 3: certified accuracy (plug-in radii)",
+                    "## Figure 3: certified accuracy (sound radii)", "## Settings"):
+        assert section in report
+    for figure in ("fig2/accuracy_vs_alpha.png", "fig1/tradeoff.png", "fig3_plugin/certified_accuracy.png"):
+        assert f"]({figure})" in report and (folder / figure).is_file()
+    page = (folder / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4 and "<table>" in page
+
+    claims = json.loads((folder / "claims.json").read_text())
+    keys = [c["key"] for c in claims]
+    assert keys == ["clean_moves", "mix_jump", "r_one_prob_best", "margin_asymmetry", "certified_small_radii_plugin",
+                    "certified_small_radii_sound", "attack_strength"]
+    assert set(c["key"].removesuffix("_plugin").removesuffix("_sound") for c in claims) == set(CLAIMS)
+    for claim in claims:  # every row rests on numbers (no stage is missing) and has a verdict and its reason
+        assert claim["verdict"] in VERDICTS and claim["reason"]
+        assert re.search(r"\d+\.\d%", claim["numbers"]), claim
+        assert "did not run" not in claim["reason"]
+    # the claims table the report prints, one row per claim
+    table = report.split("## Claims", 1)[1].split("##", 1)[0]
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(claims) + 1
+    # Figure 2's endpoints are the base models: the clean_moves claim must hold on any models
+    assert claims[0]["verdict"] == "holds"
+    times = stage_times(folder)
+
+    second = pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
+    assert second.skipped and all(s["status"] == "skipped" for s in second.stages.values())
+    assert stage_times(folder) == times  # what each stage took when it ran, kept
+    assert "finished before" in (folder / "report.md").read_text()
+    assert json.loads((folder / "claims.json").read_text()) == claims
+
+    # a damaged or removed result is redone, and only it
+    (folder / "fig2" / "run.json").unlink()
+    third = pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
+    assert [n for n, s in third.stages.items() if s["status"] == "ran"] == ["fig2"]
+
+
+def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_thread, monkeypatch):
+    from mixrobust.pipelines import study
+
+    tiny = {**TINY_DIGITS, "stages": ["train"]}
+    plan = study.settings(study_config(tmp_path, study=tiny))
+    g = plan.stages[0]
+    skipped, best = study.run_training(g)
+    assert not skipped and best.is_file()
+    assert study.run_training(g) == (True, best)
+    # killed after an epoch: the marker says unfinished and last.ckpt is there: the rerun resumes from it
+    marker = json.loads((g.output_dir / study.STAGE_MARKER).read_text())
+    (g.output_dir / study.STAGE_MARKER).write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
+    seen = {}
+    real = pipelines.module("train").run
+
+    def spy(cfg):
+        seen["ckpt_path"] = cfg.get("ckpt_path")
+        return real(cfg)
+
+    monkeypatch.setattr(pipelines.module("train"), "run", spy)
+    assert study.run_training(g)[0] is False
+    assert seen["ckpt_path"] == str(g.output_dir / "checkpoints" / "last.ckpt")
+    # another configuration in the same folder: trained from scratch, the old checkpoints removed first
+    other = study.settings(study_config(tmp_path, study={**tiny, "train": {**tiny["train"], "g": [
+        "objective=standard", "seed=3"]}}))
+    study.run_training(other.stages[0])
+    assert seen["ckpt_path"] is None
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"fig2": ["mix.alphas=[0.0,2.0]"]}, r"study stage fig2: mix\.alphas"),
+    ({"fig1": ["mix.no_such_key=1"]}, r"study stage fig1: the overrides .* do not compose"),
+    ({"train": {"h": ["objective=no_such_objective"]}}, r"study stage train/h: the overrides .* do not compose"),
+    ({"stages": ["fig2"]}, r"study stage fig2 reads .*train/g/checkpoints/best\.ckpt.*add train to study\.stages"),
+    ({"rs_sigma": 0.25}, r"study\.rs_sigma and study\.baseline_sigma are both 0\.25"),
+    ({"paper_alpha": 0.4}, r"study\.paper_alpha must be"),
+])
+def test_bad_study_settings_stop_before_any_work(tmp_path, study, message):
+    cfg = study_config(tmp_path, study={**TINY_DIGITS, **study})
+    with pytest.raises(ConfigError, match=message):
+        pipelines.run(cfg)
+    assert not (tmp_path / "study" / "train").exists()
+
+
+def test_a_missing_autoattack_implementation_stops_the_study_before_training(tmp_path, monkeypatch):
+    from mixrobust.attacks import autoattack
+
+    monkeypatch.setattr(autoattack, "_installed", lambda module: False)
+    with pytest.raises(ConfigError, match=r"^study stage autoattack: attacks include autoattack but no implementation "
+                                          r"is installed.*leave the stage out: 'study\.stages=\[train,fig2,fig1,fig3\]'"):
+        pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
+    assert not (tmp_path / "study" / "train").exists()
+
+
+def test_study_task_without_a_preset_names_one(tmp_path):
+    cfg = compose_config("evaluate", ["task=study"], tmp_path)
+    with pytest.raises(ConfigError, match="experiment=study_digits"):
+        pipelines.check(cfg)
+
+
+@pytest.mark.parametrize("preset", ["study_mnist", "study_cifar10_cpu", "study_cifar10"])
+def test_real_data_presets_compose_every_stage(tmp_path, preset, monkeypatch):
+    from mixrobust.pipelines import study
+
+    monkeypatch.setenv("MIXROBUST_DATA_ROOT", str(real_data_root()))
+    overrides = ["device=cpu"] if preset == "study_cifar10" else []
+    cfg = study_config(tmp_path, preset, overrides=overrides)
+    with open_dict(cfg):  # the GPU preset's training checks need a GPU; composing them does not
+        cfg.study.train.common = [o for o in cfg.study.train.common if not o.startswith("trainer")]
+    plan = study.settings(cfg)
+    assert [s.name for s in plan.stages] == ["train/g", "train/h", f"train/rs_sigma{cfg.study.rs_sigma:g}",
+                                             f"train/rs_sigma{cfg.study.baseline_sigma:g}", "fig2", "autoattack",
+                                             "fig1", "fig3_plugin", "fig3_sound"]
+    fig2 = plan.stages[4].cfg
+    assert fig2.threat.norm == "linf" and fig2.attack.steps == 20 and fig2.attack.loss == "ce"
+    assert not fig2.attack.random_start
+    autoattack = plan.stages[5].cfg
+    assert list(autoattack.mix.alphas) == [0.6, 1.0] and "autoattack" in autoattack.attacks
+    assert plan.stages[7].cfg.certify.mode == "plugin" and plan.stages[8].cfg.certify.mode == "sound"
+
+
+@pytest.mark.slow
+def test_gpu_preset_runs_its_first_steps_on_the_cpu(tmp_path, one_thread, monkeypatch):
+    """study_cifar10 (ResNet-18s, bf16, channels_last) with the GPU swapped for the CPU and tiny settings."""
+    monkeypatch.setenv("MIXROBUST_DATA_ROOT", str(real_data_root()))
+    cfg = study_config(tmp_path, "study_cifar10", overrides=["device=cpu"])
+    with open_dict(cfg):
+        cfg.study.stages = ["train", "fig2"]
+        cfg.study.train.common = [("trainer=cpu" if o == "trainer=gpu" else o) for o in cfg.study.train.common] + [
+            "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1", "data.batch_size=8", "data.eval_batch_size=8", "val_attack_steps=1",
+            "test_attack_steps=1", "objective.steps=1"]
+        cfg.study.train.g = ["objective=standard"]
+        cfg.study.evaluate = [*cfg.study.evaluate, "n=8", "batch_size=8", "attack.steps=1"]
+        cfg.study.fig2 = ["mix.alphas=[0.0,0.6,1.0]"]
+    result = pipelines.run(cfg)
+    assert list(result.stages) == ["train/g", "train/h", "fig2"]
+    fig2 = json.loads((tmp_path / "study" / "fig2" / "run.json").read_text())
+    assert fig2["n"] == 8 and fig2["g_record"]["model"]["arch"] == "resnet18"
+    report = (tmp_path / "study" / "report.md").read_text()
+    assert "## Beside the paper" in report and "95.3%" in report
+
+
+def test_with_a_wandb_logger_the_report_goes_to_one_offline_run(tmp_path, wandb_env):  # noqa: F811
+    from types import SimpleNamespace
+
+    from mixrobust.evaluation.plots import plot_accuracy_vs_alpha
+    from mixrobust.study import report
+    from mixrobust.study.claims import check_claims
+
+    root = tmp_path / "study"
+    rows = [{"model": "mix", "alpha": a, "r_option": "one", "mix_space": "prob", "norm": "linf", "eps": 0.3,
+             "attack": k, "implementation": "", "steps": 20, "accuracy": v, "n": 100}
+            for a in (0.0, 1.0) for k, v in (("clean", 0.9), ("mix", 0.1 + 0.4 * a), ("worst", 0.1 + 0.3 * a))]
+    plot_accuracy_vs_alpha(rows, root / "fig2" / "accuracy_vs_alpha.png")
+    logger = {"_target_": "lightning.pytorch.loggers.WandbLogger", "project": "mixrobust", "tags": [], "offline": True}
+    plan = SimpleNamespace(root=root, keys=SimpleNamespace(title="tiny study"),
+                           cfg=OmegaConf.create({"logger": logger}))
+    claims = check_claims(fig2_rows=rows)
+    report._to_wandb(plan, claims, "<p>the report</p>")
+    (run,) = (root / "wandb").glob("offline-run-*")
+    media = {p.relative_to(run / "files" / "media").parts[0] for p in (run / "files" / "media").rglob("*") if p.is_file()}
+    assert media == {"table", "html", "images"}
+    (table,) = (run / "files" / "media" / "table").rglob("*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:2] == ["key", "figure"] and [r[0] for r in logged["data"]] == [c.key for c in claims]
