@@ -80,8 +80,9 @@ def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, o
     # the claims table the report prints, one row per claim
     table = report.split("## Claims", 1)[1].split("##", 1)[0]
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(claims) + 1
-    # Figure 2's endpoints are the base models: the clean_moves claim must hold on any models
-    assert claims[0]["verdict"] == "holds"
+    # Figure 2's endpoints are the base models themselves
+    clean = dict(re.findall(r"(g|h|alpha=0|alpha=1) (\d+\.\d)%", claims[0]["numbers"]))
+    assert clean["alpha=0"] == clean["g"] and clean["alpha=1"] == clean["h"]
     times = stage_times(folder)
 
     second = pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
@@ -118,11 +119,20 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_
     monkeypatch.setattr(pipelines.module("train"), "run", spy)
     assert study.run_training(g)[0] is False
     assert seen["ckpt_path"] == str(g.output_dir / "checkpoints" / "last.ckpt")
-    # another configuration in the same folder: trained from scratch, the old checkpoints removed first
+    assert json.loads((g.output_dir / study.STAGE_MARKER).read_text())["finished"]
+    # another configuration in the same folder: trained from scratch, the old run moved aside (never deleted)
     other = study.settings(study_config(tmp_path, study={**tiny, "train": {**tiny["train"], "g": [
         "objective=standard", "seed=3"]}}))
-    study.run_training(other.stages[0])
-    assert seen["ckpt_path"] is None
+    assert study.run_training(other.stages[0])[0] is False and seen["ckpt_path"] is None
+    (aside,) = g.output_dir.parent.glob("g.replaced-*")
+    assert (aside / "checkpoints" / "best.ckpt").is_file()
+    # a best checkpoint edited after training: not trusted, trained anew
+    best.write_bytes(best.read_bytes()[:-1] + b"x")
+    assert study.run_training(other.stages[0])[0] is False
+    # settings that do not change the model (where the data lies, how batches are loaded) keep it
+    moved = study.settings(study_config(tmp_path, study={**tiny, "train": {**tiny["train"], "g": [
+        "objective=standard", "seed=3", "data.eval_batch_size=7"]}}, overrides=["data_root=elsewhere"]))
+    assert study.run_training(moved.stages[0])[0] is True
 
 
 @pytest.mark.parametrize("study, message", [
@@ -222,3 +232,24 @@ def test_with_a_wandb_logger_the_report_goes_to_one_offline_run(tmp_path, wandb_
     (table,) = (run / "files" / "media" / "table").rglob("*.table.json")
     logged = json.loads(table.read_text())
     assert logged["columns"][:2] == ["key", "figure"] and [r[0] for r in logged["data"]] == [c.key for c in claims]
+
+
+@pytest.mark.parametrize("override, ok", [("n=100", False), ("mix.alphas=[0.5]", False), ("+attack.steps=5", False),
+                                          ("study.dir=x", True), ("seed=3", True), ("logger=wandb", True),
+                                          ("progress.mode=log", True), ("hydra.run.dir=x", True),
+                                          ("experiment=study_mnist", True)])
+def test_command_line_values_that_no_stage_would_see_are_refused(override, ok):
+    from mixrobust.pipelines.study import _check_overrides
+
+    if ok:
+        _check_overrides([override])
+    else:
+        with pytest.raises(ConfigError, match=r"does not reach a study's stages.*'study\.evaluate=\[data=mnist,"):
+            _check_overrides([override])
+
+
+def test_paper_numbers_only_beside_the_papers_setting(tmp_path):
+    cfg = study_config(tmp_path, study={**TINY_DIGITS, "paper_setting": True})
+    with pytest.raises(ConfigError, match=r"study\.paper_setting=true .*train/g is not on CIFAR-10.*"
+                                          r"train/g trains small_cnn, not a ResNet-18.*study\.paper_setting=false"):
+        pipelines.run(cfg)

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +42,14 @@ from typing import Any, Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mixrobust.errors import ConfigError, MixrobustError
-from mixrobust.pipelines import module
-from mixrobust.pipelines.fields import bounded, parse, plain
+from mixrobust.errors import ConfigError, MixrobustError, StoppedError
+from mixrobust.pipelines import inputs, module
+from mixrobust.pipelines.fields import bounded, build, parse, plain
 from mixrobust.runtime import progress
-from mixrobust.runtime.files import sha256_file, write_json
+from mixrobust.runtime.cache import code_digest
+from mixrobust.runtime.files import read_json, sha256_file, write_json
+from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.loggers import is_wandb
-from mixrobust.runtime.resume import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ StageGroup = Literal["train", "fig2", "autoattack", "fig1", "fig3"]
 CertifyMode = Literal["plugin", "sound"]
 STAGE_MARKER = "stage.json"
 TIMES = "stages.json"
-#: keys of a training config that do not change the trained model
-_UNUSED_BY_TRAINING = ("output_dir", "ckpt_path", "progress", "debug", "logger")
+#: data settings that do not change the trained model (its batch size does)
+TRAINING_LOADER_KEYS = tuple(k for k in inputs.LOADER_KEYS if k != "batch_size") + ("root",)
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,25 @@ class Plan:
         evaluations = [s for s in get_args(StageGroup) if s != "train" and s in keys.stages]
         for group in evaluations:
             getattr(self, f"_{group}")()
+        if keys.paper_setting:
+            self._check_paper_setting()
+
+    def _check_paper_setting(self) -> None:
+        """``study.paper_setting`` puts the paper's numbers beside ours: only where the setting is the paper's."""
+        differs = []
+        for stage in self.stages:
+            cfg = stage.cfg
+            if "cifar10" not in str(OmegaConf.select(cfg, "data._target_", default="")).lower().replace("_", ""):
+                differs.append(f"{stage.name} is not on CIFAR-10")
+            if stage.task == "train" and stage.name in ("train/g", "train/h") and cfg.model.get("arch") != "resnet18":
+                differs.append(f"{stage.name} trains {cfg.model.get('arch')}, not a ResNet-18")
+            if stage.name == "fig2" and (cfg.threat.norm != "linf" or abs(float(cfg.threat.eps) - 8 / 255) > 1e-6
+                                         or cfg.attack.steps != 20):
+                differs.append(f"fig2 attacks with {cfg.attack.steps}-step PGD in {cfg.threat.norm} "
+                               f"{float(cfg.threat.eps):g}, not PGD-20 in l_inf 8/255")
+        if differs:
+            raise ConfigError("study.paper_setting=true puts the paper's numbers beside this study's, but "
+                              + "; ".join(differs) + "; set study.paper_setting=false")
 
     # --- composition ---------------------------------------------------------------------------
     def _passed(self) -> dict[str, Any]:
@@ -219,7 +239,7 @@ class Plan:
     # --- checks ----------------------------------------------------------------------------------
     def check_before_training(self) -> None:
         """The training stages' settings, and what the evaluation stages can check without checkpoints."""
-        from mixrobust.pipelines import certify, inputs, mix
+        from mixrobust.pipelines import certify, mix
 
         for stage in self.stages:
             with _named(stage):
@@ -230,6 +250,8 @@ class Plan:
                 inputs.device(stage.cfg)
                 if stage.task == "mix":
                     parse(mix.MixKeys, stage.cfg.mix, "mix")
+                    data = build(stage.cfg.data, "data")  # a missing data folder stops the study here
+                    mix.attack(stage.cfg, inputs.threat(stage.cfg, data.input_shape))
                     if "autoattack" in parse(mix.SweepKeys, stage.cfg, strict=False).attacks:
                         _autoattack_installed(stage)
                 else:
@@ -279,52 +301,52 @@ class _named:
 # --- running -------------------------------------------------------------------------------------
 
 def _training_fingerprint(cfg: DictConfig) -> str:
-    config = {k: v for k, v in plain(cfg).items() if k not in _UNUSED_BY_TRAINING}
-    return fingerprint(config)
+    """sha256 of what the trained model depends on: the config without the job's and the loaders' settings. The
+    code is not in it (a fix to a plot must not retrain every model): `run_training` warns when it changed."""
+    config = inputs.numbers_config(plain(cfg), ("ckpt_path",), {"data": TRAINING_LOADER_KEYS,
+                                                                 "trainer": ("enable_progress_bar", "log_every_n_steps")})
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def _set_aside(out: Path) -> Path:
+    """Move a stage folder that holds another run out of the way (nothing is deleted); returns where it went."""
+    moved = out.with_name(f"{out.name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    out.rename(moved)
+    log.warning("%s held a training run of another configuration (or a damaged one); moved to %s, training anew",
+                out, moved)
+    return moved
 
 
-def _trained(out: Path, fp: str) -> dict | None:
-    """The finished marker of a training stage of fingerprint `fp` whose best checkpoint is intact, else None."""
-    marker = _read(out / STAGE_MARKER)
-    if not marker or marker.get("fingerprint") != fp or not marker.get("finished"):
-        return None
-    best = Path(marker.get("best_checkpoint", ""))
-    if not best.is_file() or sha256_file(best) != marker.get("best_sha256"):
-        log.warning("%s: the best checkpoint %s is missing or changed; training again", out, best)
-        return None
-    return marker
-
-
-def run_training(stage: Stage) -> tuple[bool, Path]:
-    """Train unless a finished run of this config is there (skipped: True); resume a killed one from last.ckpt."""
+def run_training(stage: Stage, resume: bool = True) -> tuple[bool, Path]:
+    """Train unless this folder holds a finished run of this config with its best checkpoint intact (then skipped:
+    True); resume a killed run of this config from its last.ckpt; a folder holding anything else is set aside.
+    ``resume=False`` always trains anew."""
     out = stage.output_dir
     fp = _training_fingerprint(stage.cfg)
-    done = _trained(out, fp)
-    if done:
-        log.info("%s: trained before (%s), skipped", stage.name, done["best_checkpoint"])
-        return True, Path(done["best_checkpoint"])
-    marker = _read(out / STAGE_MARKER)
-    last = out / "checkpoints" / "last.ckpt"
-    cfg = stage.cfg
-    if marker and marker.get("fingerprint") == fp and last.is_file():
+    marker = (read_json(out / STAGE_MARKER) or {}) if resume else {}
+    same = marker.get("fingerprint") == fp
+    best = out / marker.get("best_checkpoint", "checkpoints/best.ckpt")
+    if same and marker.get("finished"):
+        if best.is_file() and sha256_file(best) == marker.get("best_sha256"):
+            if marker.get("code") != code_digest():
+                log.warning("%s was trained by another version of mixrobust's code; kept (move the folder away to "
+                            "train it anew)", out)
+            log.info("%s: trained before (%s), skipped", stage.name, best)
+            return True, best
+        log.warning("%s: its best checkpoint %s is missing or changed", out, best)
+    cfg, last = stage.cfg, out / "checkpoints" / "last.ckpt"
+    if same and not marker.get("finished") and last.is_file():
         log.info("%s: resuming the killed training from %s", stage.name, last)
         cfg = _set(copy.deepcopy(cfg), {"ckpt_path": str(last)})
-    elif (out / "checkpoints").exists() or (out / "metrics.json").exists():
-        log.warning("%s holds a training run of another configuration; training from scratch", out)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.json").unlink(missing_ok=True)
+    elif out.is_dir() and any(out.iterdir()):
+        _set_aside(out)
     write_json(out / STAGE_MARKER, {"fingerprint": fp, "finished": False})
     result = module("train").run(cfg)
-    write_json(out / STAGE_MARKER, {"fingerprint": fp, "finished": True, "best_checkpoint": str(result.best_checkpoint),
-                                    "best_sha256": sha256_file(result.best_checkpoint), "metrics": result.metrics})
-    return False, Path(result.best_checkpoint)
+    best = out / Path(result.best_checkpoint).resolve().relative_to(out.resolve())
+    write_json(out / STAGE_MARKER, {"fingerprint": fp, "finished": True, "code": code_digest(),
+                                    "best_checkpoint": best.relative_to(out).as_posix(),
+                                    "best_sha256": sha256_file(best), "metrics": result.metrics})
+    return False, best
 
 
 def _point_at(stages: list[Stage], name: str, checkpoint: Path) -> None:
@@ -354,58 +376,84 @@ class StudyResult:
         return head + "\n" + claims_table(self.claims)
 
 
+#: top-level keys of evaluate.py that a study passes to its stages; every other setting is in ``study.*``
+PASSED = ("study", "experiment", "task", "seed", "device", "data_root", "debug", "progress", "logger", "cache", "resume",
+          "hydra")
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    """A command-line value that no stage would see (``n=100``, ``mix.alphas=...``) is refused, naming where it goes."""
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key.split(".", 1)[0].split("@", 1)[0] not in PASSED:
+            raise ConfigError(f"{override} does not reach a study's stages: they take their settings from the study's "
+                              f"lists (and {', '.join(PASSED[3:-1])}); add it to one, e.g. "
+                              f"'study.evaluate=[data=mnist,{override}]' (every evaluation), study.fig2, study.fig1, "
+                              "study.autoattack, study.fig3 or study.train.common (python evaluate.py "
+                              "experiment=<study> --cfg job shows the lists)")
+
+
 def settings(cfg: DictConfig) -> Plan:
     """Compose and check every stage (see `Plan.check_before_training`); nothing runs."""
     if cfg.get("study") is None:
         raise ConfigError("task=study needs a study preset: python evaluate.py experiment=study_digits "
                           "(or study_mnist, study_cifar10_cpu, study_cifar10)")
+    _check_overrides(current_job().overrides)
     keys = parse(StudyKeys, cfg.study, "study")
     plan = Plan(cfg, keys)
     plan.check_before_training()
     return plan
 
 
+def _run_stage(plan: Plan, stage: Stage) -> bool:
+    """Run one stage (True: it was finished before and skipped); errors name the stage."""
+    try:
+        if stage.task != "train":
+            return module(stage.task).run(stage.cfg).skipped
+        skipped, best = run_training(stage, resume=bool(plan.cfg.get("resume", True)))
+        _point_at(plan.stages, stage.name, best)
+        return skipped
+    except MixrobustError as exc:
+        hint = "; rerun the same command to resume it" if isinstance(exc, StoppedError) else ""
+        raise type(exc)(f"study stage {stage.name}: {exc}{hint}") from exc
+
+
 def run(cfg: DictConfig) -> StudyResult:
-    """Run the missing stages in order, then write the report (module docstring)."""
+    """Run the missing stages in order, then write the report (module docstring); a failing stage still leaves the
+    report of what finished."""
     from mixrobust.study.report import write_report
 
     plan = settings(cfg)
     root = plan.root
     root.mkdir(parents=True, exist_ok=True)
-    times: dict[str, dict] = _read(root / TIMES) or {}
+    times: dict[str, dict] = read_json(root / TIMES) or {}
     status: dict[str, dict] = {}
     current = {"name": ""}
-
-    def record(stage: Stage, skipped: bool, seconds: float) -> None:
-        if skipped:
-            entry = times.get(stage.name) or {"seconds": None}
-            status[stage.name] = {**entry, "status": "skipped"}
-            return
-        times[stage.name] = {"seconds": seconds, "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
-        status[stage.name] = {**times[stage.name], "status": "ran"}
-        write_json(root / TIMES, times)
-
-    with progress.stage(plan.keys.title, total=len(plan.stages), unit="stages") as shown:
-        shown.detail = lambda: current["name"]
-        checked = False
-        for i, stage in enumerate(plan.stages, 1):
-            current["name"] = stage.name
-            if stage.task != "train" and not checked:
-                plan.check_evaluations()
-                checked = True
-            log.info("study stage %d/%d: %s (%s) in %s", i, len(plan.stages), stage.name, stage.task,
-                     stage.output_dir)
-            start = time.perf_counter()
-            try:
-                if stage.task == "train":
-                    skipped, best = run_training(stage)
-                    _point_at(plan.stages, stage.name, best)
+    try:
+        with progress.stage(plan.keys.title, total=len(plan.stages), unit="stages") as shown:
+            shown.detail = lambda: current["name"]
+            for i, stage in enumerate(plan.stages, 1):
+                current["name"] = stage.name
+                if stage.task != "train" and not any(s.task != "train" for s in plan.stages[:i - 1]):
+                    plan.check_evaluations()  # the checkpoints exist now: before the first evaluation
+                log.info("study stage %d/%d: %s (%s) in %s", i, len(plan.stages), stage.name, stage.task,
+                         stage.output_dir)
+                start = time.perf_counter()
+                if _run_stage(plan, stage):
+                    status[stage.name] = {**times.get(stage.name, {"seconds": None}), "status": "skipped"}
+                    shown.initial += 1  # the ETA counts only the stages that run
                 else:
-                    skipped = module(stage.task).run(stage.cfg).skipped
-            except MixrobustError as exc:
-                raise type(exc)(f"study stage {stage.name}: {exc}") from exc
-            record(stage, skipped, time.perf_counter() - start)
-            shown.advance()
+                    times[stage.name] = {"seconds": time.perf_counter() - start,
+                                         "finished_at": datetime.datetime.now().isoformat(timespec="seconds")}
+                    status[stage.name] = {**times[stage.name], "status": "ran"}
+                    write_json(root / TIMES, times)
+                shown.advance()
+    except BaseException:
+        try:
+            write_report(plan, status)
+        except Exception:  # noqa: BLE001 - the stage's own error is the one to raise
+            log.exception("the report of the finished stages failed")
+        raise
     claims, files = write_report(plan, status)
     return StudyResult(root, status, claims, {k: str(v) for k, v in files.items()},
                        all(s["status"] == "skipped" for s in status.values()))

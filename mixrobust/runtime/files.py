@@ -59,6 +59,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=float))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of `path`, or None when it is absent or unreadable (callers treat both as not written)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def csv_text(columns: Sequence[str], rows: Iterable[dict]) -> str:
     """CSV text of `rows` under a header of `columns`: None and NaN become empty cells, floats keep full
     precision (their repr, so inf stays inf and a re-read gives the same float)."""

@@ -141,8 +141,8 @@ def _closest(alphas: np.ndarray, alpha: float) -> float | None:
 # --- the claims -----------------------------------------------------------------------------------
 
 def _clean_moves(rows: list[dict], tol: float, paper_alpha: float) -> Claim:
-    """Holds if h_alpha's clean accuracy equals g's at alpha 0 and h's at 1 within `tol` and never rises by more
-    than `tol` from one alpha to the next (smaller rises are noise)."""
+    """Holds if h_alpha's clean accuracy equals g's at alpha 0 and h's at 1 within `tol` and stays between them
+    (within `tol`: a mixture may be a little more accurate than both, as an ensemble is) along alpha."""
     g, h = _base(rows, "g", "clean"), _base(rows, "h", "clean")
     alphas, clean = _curve(rows, "clean")
     at0, at1, near = _at(alphas, clean, 0.0), _at(alphas, clean, 1.0), _closest(alphas, paper_alpha)
@@ -154,12 +154,12 @@ def _clean_moves(rows: list[dict], tol: float, paper_alpha: float) -> Claim:
     ends = (("0", at0, g, "g"), ("1", at1, h, "h"))
     failed = [f"alpha={a} differs from {m} by {_pts(abs(v - b))} points{rule}" for a, v, b, m in ends
               if abs(v - b) > tol]
-    rise = np.diff(clean)
-    if rise.size and rise.max() > tol:
-        i = int(rise.argmax())
-        failed.append(f"clean accuracy rises by {_pts(rise[i])} points from alpha={alphas[i]:g} to "
-                      f"{alphas[i + 1]:g}{rule}")
-    return _judge("clean_moves", numbers, failed, True, "ends match g and h, and no step along alpha rises" + rule, "")
+    outside = np.maximum(clean - max(g, h), min(g, h) - clean)
+    if outside.size and outside.max() > tol:
+        i = int(outside.argmax())
+        failed.append(f"at alpha={alphas[i]:g} clean accuracy {pct(clean[i])} leaves the range between g's and h's "
+                      f"by {_pts(outside[i])} points{rule}")
+    return _judge("clean_moves", numbers, failed, True, "ends match g and h, and it stays between them" + rule, "")
 
 
 def _mix_jump(rows: list[dict], paper_alpha: float) -> Claim:
@@ -204,8 +204,8 @@ def _envelope(rows: list[dict], option: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _r_one_prob_best(rows: list[dict], tol: float) -> Claim:
     """advantage = mean over LEVELS clean levels, within the overlap of the two curves' clean ranges, of
-    one/prob's attacked accuracy minus the other option's (`_envelope`). Holds if no advantage is below -tol and
-    one is above tol; does not hold if one is below -tol."""
+    one/prob's attacked accuracy minus the other option's (`_envelope`). Holds if every advantage is above tol;
+    does not hold if one is below -tol; a tie with some option is inconclusive."""
     curves = {o: _envelope(rows, o) for o in dict.fromkeys(_label(r) for r in rows if r["model"] == "mix")}
     curves = {o: c for o, c in curves.items() if c[0].size}
     if REFERENCE not in curves or len(curves) < 2:
@@ -225,9 +225,9 @@ def _r_one_prob_best(rows: list[dict], tol: float) -> Claim:
     if narrow and not failed:
         return _claim("r_one_prob_best", UNSURE, f"the clean range shared with {', '.join(narrow)} is narrower than "
                                                  f"{_pts(MIN_OVERLAP)} points", numbers)
-    return _judge("r_one_prob_best", numbers, failed, max(adv.values()) > tol,
-                  f"no option beats {REFERENCE} {rule} and it beats at least one", f"{REFERENCE} ties every option "
-                  f"within {_pts(tol)} points")
+    ties = [o for o, a in adv.items() if a <= tol]
+    return _judge("r_one_prob_best", numbers, failed, not ties, f"{REFERENCE} beats every option {rule}",
+                  f"{REFERENCE} ties {', '.join(ties)} within {_pts(tol)} points")
 
 
 def _margin_asymmetry(margins: dict) -> Claim:
@@ -334,16 +334,19 @@ def check_claims(fig2_rows: list[dict] | None = None, fig1_rows: list[dict] | No
     return [replace(c, paper=PAPER_TEXT.get(c.key, "")) for c in claims] if paper_setting else claims
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table ("|" in a cell escaped)."""
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
 
 
 def claims_table(claims: list[Claim]) -> str:
-    """A GitHub markdown table: claim | numbers | paper | verdict (bold) | reason; no paper column when it is empty."""
+    """claim | numbers | paper | verdict (bold) | reason; no paper column when it is empty."""
     paper = any(c.paper for c in claims)
     head = ["claim", "numbers", *(["paper"] if paper else []), "verdict", "reason"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in claims:
-        cells = [f"{c.figure}: {c.statement}", c.numbers, *([c.paper] if paper else []), f"**{c.verdict}**", c.reason]
-        lines.append("| " + " | ".join(_cell(x) for x in cells) + " |")
-    return "\n".join(lines)
+    return md_table(head, [[f"{c.figure}: {c.statement}", c.numbers, *([c.paper] if paper else []),
+                            f"**{c.verdict}**", c.reason] for c in claims])

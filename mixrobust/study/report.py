@@ -14,7 +14,6 @@ import base64
 import dataclasses
 import datetime
 import html
-import json
 import logging
 import math
 import re
@@ -24,11 +23,12 @@ from typing import Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.evaluation import read_results_csv
-from mixrobust.runtime.files import package_version, write_json, write_text
+from mixrobust.runtime.files import package_version, read_json, write_json, write_text
 from mixrobust.runtime.loggers import is_wandb, job_logger
 from mixrobust.runtime.progress import duration
-from mixrobust.study.claims import PAPER, Claim, check_claims, claims_table, pct
+from mixrobust.study.claims import PAPER, Claim, check_claims, claims_table, md_table, pct
 
+log = logging.getLogger(__name__)
 
 
 class Plan(Protocol):
@@ -41,32 +41,12 @@ class Plan(Protocol):
     stages: list
 
 
-log = logging.getLogger(__name__)
-
 ATTACK_NAMES = {"clean": "clean", "std": "STD", "rob": "ROB", "mix": "MIX", "autoattack": "AutoAttack",
                 "worst": "worst case"}
 
 
-def _cell(value) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _read_json(path: Path) -> dict | list | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _rows(folder: Path) -> list[dict] | None:
-    return read_results_csv(folder / "results.csv") if (folder / "results.csv").is_file() else None
+def _rows(path: Path) -> list[dict] | None:
+    return read_results_csv(path) if path.is_file() else None
 
 
 def _alpha(value) -> str:
@@ -77,7 +57,10 @@ def attack_label(rows: list[dict], attack: str) -> str:
     """The column's name with what ran: ``MIX (PGD-20)``, ``AutoAttack (torchattacks 3.5.1)``."""
     row = next((r for r in rows if r["attack"] == attack), None)
     name = ATTACK_NAMES.get(attack, attack)
-    if row is None or attack in ("clean", "worst"):
+    if attack == "worst":
+        ran = [ATTACK_NAMES.get(a, a) for a in dict.fromkeys(r["attack"] for r in rows) if a not in ("clean", "worst")]
+        return f"{name} (of {', '.join(ran)})" if ran else name
+    if row is None or attack == "clean":
         return name
     what = row.get("implementation") or ""
     if attack in ("std", "rob", "mix") and row.get("steps"):
@@ -111,7 +94,7 @@ def margins_table(margins: dict, paper: bool) -> str:
         if paper:
             body.append([f"{model}, paper", *(f"{v:.3f}" for v in PAPER["table1"][model])])
     attack = {m: (margins.get(m) or {}).get("attack", "") for m in ("g", "h")}
-    headers = ["model", "clean, correct", "clean, incorrect", f"attacked, correct", "attacked, incorrect"]
+    headers = ["model", "clean, correct", "clean, incorrect", "attacked, correct", "attacked, incorrect"]
     note = (f"Mean (median) probability gap top-1 minus top-2; attacked = each model's own PGD "
             f"(g: {ATTACK_NAMES.get(attack['g'], attack['g'])}, h: {ATTACK_NAMES.get(attack['h'], attack['h'])}) "
             "on the images it classifies correctly when clean, split into survived / broken.")
@@ -147,7 +130,7 @@ def base_models_table(plan: Plan) -> str:
     for stage in plan.stages:
         if stage.task != "train":
             continue
-        metrics = _read_json(stage.output_dir / "metrics.json") or {}
+        metrics = read_json(stage.output_dir / "metrics.json") or {}
         cfg = stage.cfg
         objective = OmegaConf.select(cfg, "objective._target_", default="").rpartition(".")[2]
         if "sigma" in cfg.objective:
@@ -175,7 +158,7 @@ def paper_table(fig2: list[dict] | None, alpha: float) -> str:
     p = PAPER["fig2"]
     body = [["g clean", pct(acc("g", "clean")), pct(p["g_clean"])],
             ["h clean", pct(acc("h", "clean")), pct(p["h_clean"])],
-            ["h PGD-20 (ROB)", pct(acc("h", "rob")), pct(p["h_pgd"])],
+            [f"h, {attack_label(fig2, 'rob')}", pct(acc("h", "rob")), pct(p["h_pgd"])],
             [f"mixture clean, alpha {_alpha(closest)}", pct(acc("mix", "clean", closest)), pct(p["mix_clean"])],
             [f"mixture MIX, alpha {_alpha(closest)}", pct(acc("mix", "mix", closest)), pct(p["mix_mix"])]]
     return md_table(["quantity", "ours", "paper"], body)
@@ -220,14 +203,19 @@ def _figure(plan: Plan, stage: str, name: str, caption: str) -> str:
 
 def gather(plan: Plan) -> dict:
     """Every stage's results files that exist (None for a stage that has not run)."""
-    root = plan.root
+    root, names = plan.root, {s.name for s in plan.stages}  # a folder of a stage left out of this study is stale
+
+    def stage(name: str, read, file: str):
+        return read(root / name / file) if name in names else None
+
     fig3 = {}
     for mode in ("plugin", "sound"):
-        summary = _read_json(root / f"fig3_{mode}" / "certify_summary.json")
+        summary = stage(f"fig3_{mode}", read_json, "certify_summary.json")
         if summary and "certified_accuracy" in summary:
             fig3[mode] = summary
-    return {"fig2": _rows(root / "fig2"), "fig1": _rows(root / "fig1"), "autoattack": _rows(root / "autoattack"),
-            "margins": _read_json(root / "fig2" / "margins.json"), "fig3": fig3 or None}
+    return {"fig2": stage("fig2", _rows, "results.csv"), "fig1": stage("fig1", _rows, "results.csv"),
+            "autoattack": stage("autoattack", _rows, "results.csv"), "margins": stage("fig2", read_json, "margins.json"),
+            "fig3": fig3 or None}
 
 
 def render(plan: Plan, status: dict[str, dict], data: dict, claims: list[Claim]) -> str:
