@@ -125,9 +125,9 @@ def test_mix_jump_without_alphas_below_half_is_inconclusive():
 
 # --- r_one_prob_best -----------------------------------------------------------------------------
 
-def fig1(curves: dict[str, list[tuple[float, float, float]]]) -> list[dict]:
-    """Figure 1 rows: per option, (alpha, clean, worst) points."""
-    return [row("mix", attack, acc, alpha, option) for option, points in curves.items()
+def fig1(curves: dict[str, list[tuple[float, float, float]]], n: int = 10_000) -> list[dict]:
+    """Figure 1 rows: per option, (alpha, clean, worst) points, on `n` images (many: differences are not noise)."""
+    return [row("mix", attack, acc, alpha, option, n=n) for option, points in curves.items()
             for alpha, clean, worst in points for attack, acc in (("clean", clean), ("worst", worst))]
 
 
@@ -139,7 +139,7 @@ WORSE = [(0.0, 0.95, 0.0), (0.5, 0.90, 0.20), (1.0, 0.80, 0.45)]
 def test_r_one_prob_best_holds():
     claim = by_key(check_claims(fig1_rows=fig1({"one/prob": BETTER, "one/logit": WORSE})))["r_one_prob_best"]
     assert claim.verdict == "holds"
-    assert "one/logit +4.5 pts (clean 80.0%-95.0%)" in claim.numbers
+    assert "one/logit +4.5 pts +/- 1." in claim.numbers and "(clean 80.0%-95.0%)" in claim.numbers
 
 
 def test_r_one_prob_best_tying_one_option_is_inconclusive():
@@ -161,6 +161,23 @@ def test_r_one_prob_best_without_overlap_is_inconclusive():
     other = [(0.0, 0.99, 0.0), (1.0, 0.96, 0.10)]  # clean 96-99% vs one/prob's 80-95%
     claim = by_key(check_claims(fig1_rows=fig1({"one/prob": BETTER, "one/logit": other})))["r_one_prob_best"]
     assert claim.verdict == "inconclusive" and "narrower than 1.0 points" in claim.reason
+
+
+def test_r_one_prob_best_with_equally_clean_curves_compares_their_best_attacked_accuracy():
+    flat_best = [(0.0, 0.990, 0.0), (0.5, 0.992, 0.40), (0.8, 0.988, 0.70)]  # clean 98.8-99.2%: within 1 point
+    flat_worse = [(0.0, 0.990, 0.0), (0.5, 0.991, 0.10), (0.8, 0.989, 0.50)]
+    claim = by_key(check_claims(fig1_rows=fig1({"one/prob": flat_best, "one/logit": flat_worse})))["r_one_prob_best"]
+    assert claim.verdict == "holds"
+    assert "one/logit +20.0 pts +/- 1.4 (best attacked accuracy; all clean 98.8%-99.2%" in claim.numbers
+    reverse = by_key(check_claims(fig1_rows=fig1({"one/prob": flat_worse, "one/logit": flat_best})))
+    assert reverse["r_one_prob_best"].verdict == "does not hold"
+
+
+def test_r_one_prob_best_on_few_images_needs_more_than_noise():
+    """4.5 points on 100 images is within two standard errors (about 12 points here): a tie, not a verdict."""
+    claim = by_key(check_claims(fig1_rows=fig1({"one/prob": BETTER, "one/logit": WORSE}, n=100)))["r_one_prob_best"]
+    assert claim.verdict == "inconclusive" and "two standard errors" in claim.reason
+    assert "one/prob minus (n=100): one/logit +4.5 pts +/- 12." in claim.numbers
 
 
 def test_r_one_prob_best_alone_is_inconclusive():
@@ -224,14 +241,15 @@ RADII = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
 def summary(mix: dict, base: dict | None, alpha: float | None = 0.7, clean: float = 0.80, base_clean: float = 0.80,
-            sigma: float = 0.5, radii=RADII, reason: str | None = None) -> dict:
-    """A certify_summary.json with Theorem 5 accuracies `mix` and the baseline's `base` (radius -> accuracy)."""
+            sigma: float = 0.5, radii=RADII, reason: str | None = None, n: int = 10_000) -> dict:
+    """A certify_summary.json with Theorem 5 accuracies `mix` and the baseline's `base` (radius -> accuracy) on `n`
+    images (many: a 5-point difference is not noise)."""
     name = repr(float(alpha)) if alpha is not None else "0.5"
     table = {"mix": {name: {**{f"cert/rs_acc@{r:g}": a for r, a in mix.items()},
                             **{f"cert/lipschitz_acc@{r:g}": 0.0 for r in mix}}}}
     if base is not None:
         table["baseline"] = {f"cert/baseline_acc@{r:g}": a for r, a in base.items()}
-    return {"sigma": sigma, "baseline_sigma": 0.25 if base is not None else None, "n_examples": 500,
+    return {"sigma": sigma, "baseline_sigma": 0.25 if base is not None else None, "n_examples": n,
             "clean_accuracy": {"g": 0.95, "h": 0.70, "mix": {name: clean},
                                "baseline": base_clean if base is not None else None},
             "alpha_selection": {"alpha": alpha, "target": base_clean, "method": "at_least", "reason": reason},
@@ -259,6 +277,12 @@ def test_certified_small_radii_holds_one_row_per_mode():
 def test_certified_small_radii_below_baseline_does_not_hold():
     [claim] = certified({"sound": summary({**MIX_CERT, 0.25: 0.50}, BASE_CERT)})
     assert claim.verdict == "does not hold" and "5.0 points at r=0.25" in claim.reason
+
+
+def test_certified_small_radii_on_few_images_is_a_tie():
+    """5 points on 200 images is within two standard errors (9 to 10 points here): neither holds nor fails."""
+    [claim] = certified({"sound": summary({**MIX_CERT, 0.25: 0.50}, BASE_CERT, n=200)})
+    assert claim.verdict == "inconclusive" and "two standard errors at n=200" in claim.reason
 
 
 def test_certified_small_radii_falls_back_to_the_smallest_radius():

@@ -48,7 +48,6 @@ def stage_times(folder) -> dict:
     return json.loads((folder / "stages.json").read_text())
 
 
-@pytest.mark.slow
 def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, one_thread):
     cfg = study_config(tmp_path, study=TINY_DIGITS)
     first = pipelines.run(cfg)
@@ -75,7 +74,7 @@ def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, o
     assert set(c["key"].removesuffix("_plugin").removesuffix("_sound") for c in claims) == set(CLAIMS)
     for claim in claims:  # every row rests on numbers (no stage is missing) and has a verdict and its reason
         assert claim["verdict"] in VERDICTS and claim["reason"]
-        assert re.search(r"\d+\.\d%", claim["numbers"]), claim
+        assert re.search(r"\d\.\d", claim["numbers"]), claim
         assert "did not run" not in claim["reason"]
     # the claims table the report prints, one row per claim
     table = report.split("## Claims", 1)[1].split("##", 1)[0]
@@ -108,7 +107,8 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_
     assert study.run_training(g) == (True, best)
     # killed after an epoch: the marker says unfinished and last.ckpt is there: the rerun resumes from it
     marker = json.loads((g.output_dir / study.STAGE_MARKER).read_text())
-    (g.output_dir / study.STAGE_MARKER).write_text(json.dumps({"fingerprint": marker["fingerprint"], "finished": False}))
+    unfinished = {"fingerprint": marker["fingerprint"], "finished": False}
+    (g.output_dir / study.STAGE_MARKER).write_text(json.dumps(unfinished))
     seen = {}
     real = pipelines.module("train").run
 
@@ -154,8 +154,9 @@ def test_a_missing_autoattack_implementation_stops_the_study_before_training(tmp
     from mixrobust.attacks import autoattack
 
     monkeypatch.setattr(autoattack, "_installed", lambda module: False)
-    with pytest.raises(ConfigError, match=r"^study stage autoattack: attacks include autoattack but no implementation "
-                                          r"is installed.*leave the stage out: 'study\.stages=\[train,fig2,fig1,fig3\]'"):
+    with pytest.raises(ConfigError, match=r"^study stage autoattack: attacks include autoattack but no "
+                                          r"implementation is installed.*leave the stage out: "
+                                          r"'study\.stages=\[train,fig2,fig1,fig3\]'"):
         pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
     assert not (tmp_path / "study" / "train").exists()
 
@@ -197,14 +198,14 @@ def test_gpu_preset_runs_its_first_steps_on_the_cpu(tmp_path, one_thread, monkey
         cfg.study.train.common = [("trainer=cpu" if o == "trainer=gpu" else o) for o in cfg.study.train.common] + [
             "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=1", "data.batch_size=8", "data.eval_batch_size=8", "val_attack_steps=1",
-            "test_attack_steps=1", "objective.steps=1"]
-        cfg.study.train.g = ["objective=standard"]
-        cfg.study.evaluate = [*cfg.study.evaluate, "n=8", "batch_size=8", "attack.steps=1"]
+            "test_attack_steps=1", "trainer.log_every_n_steps=1"]
+        cfg.study.train.h = [*cfg.study.train.h, "objective.steps=1"]
+        cfg.study.evaluate = [*cfg.study.evaluate, "n=4", "batch_size=4"]  # the paper's PGD-20 (paper_setting)
         cfg.study.fig2 = ["mix.alphas=[0.0,0.6,1.0]"]
     result = pipelines.run(cfg)
     assert list(result.stages) == ["train/g", "train/h", "fig2"]
     fig2 = json.loads((tmp_path / "study" / "fig2" / "run.json").read_text())
-    assert fig2["n"] == 8 and fig2["g_record"]["model"]["arch"] == "resnet18"
+    assert fig2["n"] == 4 and fig2["g_record"]["model"]["arch"] == "resnet18"
     report = (tmp_path / "study" / "report.md").read_text()
     assert "## Beside the paper" in report and "95.3%" in report
 
@@ -227,7 +228,8 @@ def test_with_a_wandb_logger_the_report_goes_to_one_offline_run(tmp_path, wandb_
     claims = check_claims(fig2_rows=rows)
     report._to_wandb(plan, claims, "<p>the report</p>")
     (run,) = (root / "wandb").glob("offline-run-*")
-    media = {p.relative_to(run / "files" / "media").parts[0] for p in (run / "files" / "media").rglob("*") if p.is_file()}
+    media = {p.relative_to(run / "files" / "media").parts[0]
+             for p in (run / "files" / "media").rglob("*") if p.is_file()}
     assert media == {"table", "html", "images"}
     (table,) = (run / "files" / "media" / "table").rglob("*.table.json")
     logged = json.loads(table.read_text())
@@ -244,7 +246,7 @@ def test_command_line_values_that_no_stage_would_see_are_refused(override, ok):
     if ok:
         _check_overrides([override])
     else:
-        with pytest.raises(ConfigError, match=r"does not reach a study's stages.*'study\.evaluate=\[data=mnist,"):
+        with pytest.raises(ConfigError, match=r"does not reach a study's stages.*'study\.evaluate=\[\"data=mnist\",\""):
             _check_overrides([override])
 
 

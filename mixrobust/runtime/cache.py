@@ -65,7 +65,7 @@ _file_digests_lock = threading.Lock()
 
 #: Sources that produce no number: a study's orchestration (its stages' configs are fingerprinted themselves) and
 #: its report, which only reads results files. Editing them keeps a finished study's stages finished.
-NOT_IN_CODE_DIGEST = ("study/", "pipelines/study.py")
+NOT_IN_CODE_DIGEST = ("study/", "pipelines/study.py", "pipelines/study_plan.py")
 
 
 def code_digest() -> str:

@@ -202,32 +202,50 @@ def _envelope(rows: list[dict], option: str) -> tuple[np.ndarray, np.ndarray]:
     return xs, np.maximum.accumulate(best[::-1])[::-1]
 
 
+def noise(a: float, b: float, n: int) -> float:
+    """Two standard errors of the difference of two accuracies `a` and `b` measured on `n` images each: a difference
+    below it is not evidence (conservative for the same images, where the two outcomes are correlated)."""
+    return 2 * math.sqrt(max(a * (1 - a) + b * (1 - b), 0.0) / n) if n else math.inf
+
+
 def _r_one_prob_best(rows: list[dict], tol: float) -> Claim:
     """advantage = mean over LEVELS clean levels, within the overlap of the two curves' clean ranges, of
-    one/prob's attacked accuracy minus the other option's (`_envelope`). Holds if every advantage is above tol;
-    does not hold if one is below -tol; a tie with some option is inconclusive."""
+    one/prob's attacked accuracy minus the other option's (`_envelope`); where both curves' clean accuracies all
+    lie within tol (an easy data set), the difference of their best attacked accuracies. Each option's margin is
+    the larger of tol and the `noise` of the two attacked accuracies. Holds if every advantage is above its margin;
+    does not hold if one is below minus its margin; a tie with some option is inconclusive."""
+    n = min((int(r["n"]) for r in rows if r["model"] == "mix" and r.get("n")), default=0)
     curves = {o: _envelope(rows, o) for o in dict.fromkeys(_label(r) for r in rows if r["model"] == "mix")}
     curves = {o: c for o, c in curves.items() if c[0].size}
     if REFERENCE not in curves or len(curves) < 2:
         return _claim("r_one_prob_best", UNSURE, f"no {REFERENCE} curve or no other option to compare it with")
-    (xr, yr), adv, narrow, parts = curves.pop(REFERENCE), {}, [], []
+    (xr, yr), adv, margin, narrow, parts = curves.pop(REFERENCE), {}, {}, [], []
     for option, (x, y) in curves.items():
         lo, hi = max(xr[0], x[0]), min(xr[-1], x[-1])
-        if hi - lo < MIN_OVERLAP:
+        if max(xr[-1], x[-1]) - min(xr[0], x[0]) <= tol:  # every point equally clean: compare the best trade-offs
+            ours, theirs = float(yr.max()), float(y.max())
+            how = (f"best attacked accuracy; all clean {pct(min(xr[0], x[0]))}-{pct(max(xr[-1], x[-1]))}, equal "
+                   f"within {_pts(tol)} points")
+        elif hi - lo < MIN_OVERLAP:
             narrow.append(option)
             parts.append(f"{option}: clean ranges overlap by {_pts(max(hi - lo, 0.0))} points")
             continue
-        levels = np.linspace(lo, hi, LEVELS)
-        adv[option] = float(np.mean(np.interp(levels, xr, yr) - np.interp(levels, x, y)))
-        parts.append(f"{option} {100 * adv[option]:+.1f} pts (clean {pct(lo)}-{pct(hi)})")
-    numbers, rule = f"{REFERENCE} minus: " + "; ".join(parts), f"by more than {_pts(tol)} points on average"
-    failed = [f"{o} beats {REFERENCE} {rule}" for o, a in adv.items() if a < -tol]
+        else:
+            levels = np.linspace(lo, hi, LEVELS)
+            ours, theirs = float(np.mean(np.interp(levels, xr, yr))), float(np.mean(np.interp(levels, x, y)))
+            how = f"clean {pct(lo)}-{pct(hi)}"
+        adv[option], margin[option] = ours - theirs, max(tol, noise(ours, theirs, n))
+        parts.append(f"{option} {100 * adv[option]:+.1f} pts +/- {_pts(margin[option])} ({how})")
+    numbers = f"{REFERENCE} minus (n={n}): " + "; ".join(parts)
+    failed = [f"{o} beats {REFERENCE} by {_pts(-a)} points, more than {_pts(margin[o])}" for o, a in adv.items()
+              if a < -margin[o]]
     if narrow and not failed:
         return _claim("r_one_prob_best", UNSURE, f"the clean range shared with {', '.join(narrow)} is narrower than "
                                                  f"{_pts(MIN_OVERLAP)} points", numbers)
-    ties = [o for o, a in adv.items() if a <= tol]
+    ties = [o for o, a in adv.items() if a <= margin[o]]
+    rule = f"by more than max({_pts(tol)} points, two standard errors)"
     return _judge("r_one_prob_best", numbers, failed, not ties, f"{REFERENCE} beats every option {rule}",
-                  f"{REFERENCE} ties {', '.join(ties)} within {_pts(tol)} points")
+                  f"{REFERENCE} ties {', '.join(ties)} (within max({_pts(tol)} points, two standard errors))")
 
 
 def _margin_asymmetry(margins: dict) -> Claim:
@@ -258,15 +276,17 @@ def _margin_asymmetry(margins: dict) -> Claim:
 
 
 def _certified(mode: str, summary: dict, tol: float) -> Claim:
-    """Small radii: the positive report radii <= sigma / 2 (else the smallest positive one). Holds if at each the
-    mixture's Theorem-5 accuracy at the selected alpha is >= the baseline's - tol and above + tol at one; does not
-    hold if below by more than tol at one; needs the selected alpha's clean accuracy within 2 tol of the baseline's."""
+    """Small radii: the positive report radii <= sigma / 2 (else the smallest positive one). With margin = max(tol,
+    `noise`): holds if at each the mixture's Theorem-5 accuracy at the selected alpha is >= the baseline's - margin
+    and above it + margin at one; does not hold if below by more than the margin at one; needs the selected
+    alpha's clean accuracy within 2 tol of the baseline's."""
     kind, clean, table = "certified_small_radii", summary.get("clean_accuracy") or {}, summary["certified_accuracy"]
     sel, base, base_clean = summary.get("alpha_selection") or {}, table.get("baseline"), clean.get("baseline")
+    models = f"clean: g {pct(clean.get('g'))}, smoothed h {pct(clean.get('h'))}, baseline {pct(base_clean)}"
     if base is None or base_clean is None:
-        return _claim(kind, UNSURE, "no RS baseline was certified", mode=mode)
+        return _claim(kind, UNSURE, "no RS baseline was certified", models, mode)
     if (alpha := sel.get("alpha")) is None:
-        return _claim(kind, UNSURE, f"no alpha selected: {sel.get('reason')}", mode=mode)
+        return _claim(kind, UNSURE, f"no alpha selected: {sel.get('reason')}", models, mode)
     name, sigma = repr(float(alpha)), float(summary["sigma"])
     radii = sorted(float(r) for r in (summary.get("settings") or {}).get("report_radii", ()) if float(r) > 0)
     small = [r for r in radii if r <= sigma / 2 + _SAME] or radii[:1]
@@ -279,11 +299,14 @@ def _certified(mode: str, summary: dict, tol: float) -> Claim:
                                     f"{_pts(2 * tol)} points apart", numbers, mode)
     if not pairs or any(m is None or b is None for _, m, b in pairs):
         return _claim(kind, UNSURE, "no certified accuracy at a positive report radius", numbers, mode)
+    n = int(summary.get("n_examples") or 0)
     diff = np.array([m - b for _, m, b in pairs])
-    rule = f"radii <= sigma/2 = {sigma / 2:g}, tolerance {_pts(tol)} points"
-    failed = [f"below the baseline by {_pts(-d)} points at r={r:g} ({rule})" for r, d in zip(small, diff) if d < -tol]
-    return _judge(kind, numbers, failed, diff.max() > tol, f"never below the baseline and above it at some radius "
-                  f"({rule})", f"ties the baseline at every small radius ({rule})", mode)
+    margin = np.array([max(tol, noise(m, b, n)) for _, m, b in pairs])
+    rule = f"radii <= sigma/2 = {sigma / 2:g}, margin max({_pts(tol)} points, two standard errors at n={n})"
+    failed = [f"below the baseline by {_pts(-d)} points at r={r:g} ({rule})" for r, d, t in zip(small, diff, margin)
+              if d < -t]
+    return _judge(kind, numbers, failed, bool((diff > margin).any()), f"never below the baseline and above it at "
+                  f"some radius ({rule})", f"ties the baseline at every small radius ({rule})", mode)
 
 
 def _attack_strength(rows: list[dict], tol: float) -> Claim:

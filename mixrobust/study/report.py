@@ -214,7 +214,8 @@ def gather(plan: Plan) -> dict:
         if summary and "certified_accuracy" in summary:
             fig3[mode] = summary
     return {"fig2": stage("fig2", _rows, "results.csv"), "fig1": stage("fig1", _rows, "results.csv"),
-            "autoattack": stage("autoattack", _rows, "results.csv"), "margins": stage("fig2", read_json, "margins.json"),
+            "autoattack": stage("autoattack", _rows, "results.csv"),
+            "margins": stage("fig2", read_json, "margins.json"),
             "fig3": fig3 or None}
 
 
@@ -233,7 +234,8 @@ def render(plan: Plan, status: dict[str, dict], data: dict, claims: list[Claim])
         out += ["## Beside the paper", paper_table(data["fig2"], keys.paper_alpha)]
     out += ["## Stages", _stage_times(plan, status)]
     if any(s.task == "train" for s in plan.stages):
-        out += ["## Base models", base_models_table(plan)]
+        out += ["## Base models", "Each model's own test after training (its `metrics.json`): on the test split, or "
+                "the part of it `trainer.limit_test_batches` keeps (see the settings).", base_models_table(plan)]
     sections = [
         ("fig2", "## Figure 2: accuracy against alpha", lambda: [
             _figure(plan, "fig2", "accuracy_vs_alpha.png", "Figure 2"), results_table(data["fig2"])], data["fig2"]),
@@ -288,7 +290,8 @@ def _to_wandb(plan: Plan, claims: list[Claim], page: str) -> None:
     """The claims table, the report page and the figures to one W&B run in the study's group."""
     node = OmegaConf.to_container(plan.cfg.logger, resolve=True)
     group = node.get("group") or f"study {plan.keys.title}"
-    with job_logger(node, plan.root, "study", group=group, name=f"report {plan.keys.title}", job_type="report") as logger:
+    name = f"report {plan.keys.title}"
+    with job_logger(node, plan.root, "study", group=group, name=name, job_type="report") as logger:
         import wandb
 
         fields = [f.name for f in dataclasses.fields(Claim)]
