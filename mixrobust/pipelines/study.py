@@ -71,7 +71,10 @@ def _training_fingerprint(cfg: DictConfig) -> str:
 
 def _set_aside(out: Path) -> Path:
     """Move a stage folder that holds another run out of the way (nothing is deleted); returns where it went."""
-    moved = out.with_name(f"{out.name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    stamp = f"{out.name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    moved, again = out.with_name(stamp), 1
+    while moved.exists():  # set aside twice within a second
+        moved, again = out.with_name(f"{stamp}-{again}"), again + 1
     out.rename(moved)
     log.warning("%s held a training run of another configuration (or a damaged one); moved to %s, training anew",
                 out, moved)
