@@ -141,6 +141,8 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_
     ({"train": {"h": ["objective=no_such_objective"]}}, r"study stage train/h: the overrides .* do not compose"),
     ({"stages": ["fig2"]}, r"study stage fig2 reads .*train/g/checkpoints/best\.ckpt.*add train to study\.stages"),
     ({"rs_sigma": 0.25}, r"study\.rs_sigma and study\.baseline_sigma are both 0\.25"),
+    ({"train": {**TINY_DIGITS["train"], "common": ["data=digits", "trainer.devices=2", "trainer.strategy=ddp"]}},
+     r"study stage train/g: trainer devices=2, strategy=ddp: a study trains each model in its own process"),
     ({"paper_alpha": 0.4}, r"study\.paper_alpha must be"),
 ])
 def test_bad_study_settings_stop_before_any_work(tmp_path, study, message):

@@ -211,7 +211,7 @@ class Plan:
         for stage in self.stages:
             with _named(stage):
                 if stage.task == "train":
-                    module("train").settings(stage.cfg)
+                    _one_process(module("train").settings(stage.cfg).trainer_args)
                     continue
                 inputs.examples(stage.cfg)
                 inputs.device(stage.cfg)
@@ -237,6 +237,18 @@ class Plan:
             if stage.task != "train":
                 with _named(stage):
                     module(stage.task).settings(stage.cfg)
+
+
+def _one_process(trainer_args: dict) -> None:
+    """A study trains in its own process: a Trainer that would start more (DDP re-runs the whole command in each
+    of them) is refused."""
+    devices, strategy = trainer_args.get("devices", 1), str(trainer_args.get("strategy", "auto"))
+    if str(devices) not in ("1", "[0]") or "ddp" in strategy:
+        raise ConfigError(f"trainer devices={devices}, strategy={strategy}: a study trains each model in its own "
+                          "process, on one device; use trainer=gpu (or cpu) in study.train.common, or train the "
+                          "models with python train.py trainer=ddp hydra.run.dir=<study.dir>/train/<g, h, "
+                          "rs_sigma...> and run the study without its train stage: "
+                          "'study.stages=[fig2,autoattack,fig1,fig3]'")
 
 
 def _autoattack_installed(stage: Stage) -> None:
