@@ -66,15 +66,21 @@ def write_results(output_dir: str | os.PathLike, result, plots: bool = True) -> 
     return paths
 
 
-def format_table(rows: list[dict]) -> str:
-    """A compact text table: one line per (model, alpha, option), one column per attack."""
+def pivot(rows: list[dict]) -> tuple[list[str], list[tuple[str, float | None, str | None, str | None, list]]]:
+    """Results rows as a table: the attacks in order of appearance, and one line per (model, alpha, r_option,
+    mix_space) with its accuracy under each attack (None where it did not run); alpha None for base models."""
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     keys = list(dict.fromkeys((r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"]) for r in rows))
     acc = {(r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows}
+    return attacks, [(*key, [acc.get((*key, a)) for a in attacks]) for key in keys]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A compact text table: one line per (model, alpha, option), one column per attack."""
+    attacks, lines_of = pivot(rows)
     lines = ["model alpha  option      " + " ".join(f"{a:>10}" for a in attacks)]
-    for model, alpha, r_option, mix_space in keys:
+    for model, alpha, r_option, mix_space, cells in lines_of:
         option = f"{r_option}/{mix_space}" if r_option else "-"
-        cells = [acc.get((model, alpha, r_option, mix_space, a)) for a in attacks]
         alpha_s = "-" if alpha is None else f"{alpha:.3g}"
         lines.append(f"{model:<5} {alpha_s:<6} {option:<11} " + " ".join(
             f"{c:>10.4f}" if c is not None else f"{'':>10}" for c in cells))

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.evaluation import read_results_csv
+from mixrobust.evaluation.report import pivot
 from mixrobust.runtime.files import package_version, read_json, write_json, write_text
 from mixrobust.runtime.loggers import is_wandb, job_logger
 from mixrobust.runtime.progress import duration
@@ -69,14 +70,12 @@ def attack_label(rows: list[dict], attack: str) -> str:
 
 
 def results_table(rows: list[dict], models: tuple[str, ...] = ("g", "h", "mix")) -> str:
-    """One line per (model, alpha, option), one column per attack (accuracy in %)."""
-    attacks = sorted(dict.fromkeys(r["attack"] for r in rows), key=lambda a: a == "worst")  # the worst case last
-    keys = list(dict.fromkeys((r["model"], _alpha(r["alpha"]), r["r_option"], r["mix_space"]) for r in rows
-                              if r["model"] in models))
-    acc = {(r["model"], _alpha(r["alpha"]), r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows}
-    body = [[model, alpha, f"{r}/{s}" if r else "-", *(pct(acc.get((model, alpha, r, s, a))) for a in attacks)]
-            for model, alpha, r, s in keys]
-    return md_table(["model", "alpha", "option", *(attack_label(rows, a) for a in attacks)], body)
+    """One line per (model, alpha, option), one column per attack (accuracy in %), the worst case last."""
+    attacks, lines = pivot(rows)
+    order = sorted(range(len(attacks)), key=lambda i: attacks[i] == "worst")
+    body = [[model, _alpha(alpha), f"{r}/{s}" if r else "-", *(pct(cells[i]) for i in order)]
+            for model, alpha, r, s, cells in lines if model in models]
+    return md_table(["model", "alpha", "option", *(attack_label(rows, attacks[i]) for i in order)], body)
 
 
 def margins_table(margins: dict, paper: bool) -> str:
