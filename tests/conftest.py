@@ -84,3 +84,41 @@ def one_thread():
 @pytest.fixture
 def data_root() -> Path:
     return real_data_root()
+
+
+class NetworkAccess(AssertionError):
+    """Raised by `no_network`: a test reached for the network."""
+
+
+def _local(address) -> bool:
+    host = address[0] if isinstance(address, tuple) else address
+    return isinstance(host, str) and (host in ("localhost", "::1", "") or host.startswith("127."))
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs offline: urllib, requests and sockets to other hosts fail it (local sockets, which W&B's
+    offline service uses, and Unix sockets stay allowed)."""
+    import socket
+    import urllib.request
+
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(*args, **kwargs):
+        raise NetworkAccess(f"network access attempted in an offline test: {args[:2]!r}")
+
+    def guarded(real):
+        def call(sock, address):
+            if sock.family == socket.AF_UNIX or _local(address):
+                return real(sock, address)
+            refuse(address)
+        return call
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(connect_ex))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    try:
+        import requests
+    except ImportError:
+        return
+    monkeypatch.setattr(requests.Session, "request", refuse)

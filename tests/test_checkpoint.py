@@ -305,8 +305,8 @@ def test_unbuildable_model_kwargs(tmp_path):
 
 def test_read_record_reads_each_file_once_and_rereads_a_rewritten_one(tmp_path, monkeypatch):
     loads = []
-    original = checkpoint_files._load
-    monkeypatch.setattr(checkpoint_files, "_load", lambda path, size: loads.append(path) or original(path, size))
+    original = checkpoint_files.load_file
+    monkeypatch.setattr(checkpoint_files, "load_file", lambda path, size: loads.append(path) or original(path, size))
     path = hand_ckpt(tmp_path / "m.ckpt")
     for _ in range(96):
         assert read_record(path)["data"] == "digits"

@@ -18,7 +18,7 @@ def row(model: str, attack: str, accuracy: float | None, alpha: float = NAN, opt
     r_option, mix_space = option.split("/") if model == "mix" else (None, None)
     out = {"model": model, "alpha": alpha, "r_option": r_option, "mix_space": mix_space, "norm": "inf",
            "eps": 8 / 255, "attack": attack, "implementation": "mixrobust", "steps": 0 if attack == "clean" else steps,
-           "accuracy": accuracy, "n": n}
+           "accuracy": accuracy, "n": n, "g_model": None, "h_model": None}
     assert tuple(out) == COLUMNS
     return out
 

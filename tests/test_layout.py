@@ -17,7 +17,8 @@ LAYERS = (
     ("mixrobust.errors",),
     ("mixrobust.runtime",),
     ("mixrobust.threat", "mixrobust.models", "mixrobust.data", "mixrobust.attacks", "mixrobust.mixing",
-     "mixrobust.checkpoint", "mixrobust.training", "mixrobust.certify", "mixrobust.evaluation", "mixrobust.study"),
+     "mixrobust.checkpoint", "mixrobust.training", "mixrobust.certify", "mixrobust.evaluation", "mixrobust.study",
+     "mixrobust.zoo"),
     ("mixrobust.pipelines",),
 )
 TASKS = ("train", "mix", "certify", "report", "study")

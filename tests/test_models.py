@@ -22,6 +22,8 @@ K = 7  # not 10, so a hard-wired class count shows up
 CIFAR_SHAPE = (3, 32, 32)
 # Keep torchvision models cheap: a 64x64 resize of 32x32 inputs (still exercises the resize layer).
 TEST_KWARGS = {name: {"resize": 64} for name in TORCHVISION_MODELS}
+# The zoo architecture (other libraries' networks, mixrobust.models.zoo): torchvision's ResNet-18 resized to 64x64.
+TEST_KWARGS["zoo"] = {"source": "torchvision:resnet18", "native_size": 64}
 
 
 @pytest.fixture(scope="module", autouse=True)

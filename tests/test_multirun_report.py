@@ -39,19 +39,20 @@ MIX_ATTACKS = ("clean", "std", "rob", "mix", "worst")
 BASE_ATTACKS = ("clean", "std", "rob", "worst")
 ALPHAS = (0.25, 0.5, 0.75)
 IMPL = {a: "mixrobust 0.1.0" for a in ("std", "rob", "mix", "worst")}  # the rows' implementation column
+MODELS = {"g_model": "g/best.ckpt sha256:0123456789ab", "h_model": "robustbench:cifar10/Linf/Standard sha256:ba9876543210"}
 
 
 def base_rows(eps: float = 0.3, shift: int = 0) -> list[dict]:
     return [{"model": m, "alpha": math.nan, "r_option": None, "mix_space": None, "norm": "linf", "eps": eps,
              "attack": a, "implementation": IMPL.get(a), "steps": 0 if a == "clean" else 10,
-             "accuracy": (90 - 20 * i - 7 * j + shift) / N, "n": N}
+             "accuracy": (90 - 20 * i - 7 * j + shift) / N, "n": N, **MODELS}
             for i, m in enumerate("gh") for j, a in enumerate(BASE_ATTACKS)]
 
 
 def mix_rows(alpha: float, eps: float = 0.3) -> list[dict]:
     return [{"model": "mix", "alpha": alpha, "r_option": r, "mix_space": s, "norm": "linf", "eps": eps,
              "attack": a, "implementation": IMPL.get(a), "steps": 0 if a == "clean" else 10,
-             "accuracy": (int(80 * alpha) + 3 * k - 5 * j - int(eps * 10)) / N, "n": N}
+             "accuracy": (int(80 * alpha) + 3 * k - 5 * j - int(eps * 10)) / N, "n": N, **MODELS}
             for k, (r, s) in enumerate(OPTIONS) for j, a in enumerate(MIX_ATTACKS)]
 
 

@@ -194,7 +194,7 @@ def test_data_whose_classes_differ_from_the_models_is_refused(hand_ckpts, tmp_pa
 
     cfg = compose_config("evaluate", [f"g_ckpt={hand_ckpts['five']}", f"h_ckpt={hand_ckpts['five']}", "data=digits",
                                       "logger=none"], tmp_path)
-    with pytest.raises(ConfigError, match=r"data=digits has 10 classes .* the models \(g_ckpt, \.\.\.\) take 5 classes"):
+    with pytest.raises(ConfigError, match=r"data=digits has 10 classes .* but g_ckpt takes 5 classes"):
         mix.settings(cfg)
 
 

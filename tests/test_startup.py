@@ -31,7 +31,7 @@ NEVER = ("wandb", "statsmodels", "sklearn")
 
 #: `available_models()` before the registry went lazy (the list the code registered then).
 MODEL_NAMES = ["convnext_tiny", "preact_resnet18", "resnet110", "resnet18", "resnet18_imagenet", "resnet20",
-               "resnet50", "small_cnn", "wrn_28_10", "wrn_34_10"]
+               "resnet50", "small_cnn", "wrn_28_10", "wrn_34_10", "zoo"]
 
 PRELUDE = """
 import json, sys

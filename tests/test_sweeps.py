@@ -8,6 +8,7 @@ checkpoints trained here; their numbers are compared with an uninterrupted seque
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -185,9 +186,16 @@ def test_cache_changes_no_number_and_serves_later_sweeps(ckpts, tmp_path, caplog
     plain = {a: run_sweep(g, h, x, y, alphas=[a], **kw) for a in (0.3, 0.6)}
     cache = DiskCache(tmp_path / "cache")
     first = run_sweep(g, h, x, y, alphas=[0.3], cache=cache, **kw)
-    assert (cache.hits, cache.misses) == (0, 3)  # clean logits, STD, ROB
+    assert (cache.hits, cache.misses) == (0, 4)  # clean logits of g and of h, STD, ROB
     second = run_sweep(g, h, x, y, alphas=[0.6], cache=cache, **kw)
-    assert cache.hits >= 3  # nothing but the MIX attack was recomputed
+    assert (cache.hits, cache.misses) == (4, 4)  # nothing but the MIX attack was recomputed
+    # entries are per model: with another h, g's clean logits and STD images are read back
+    other_h = copy.deepcopy(h)
+    with torch.no_grad():
+        next(other_h.parameters()).mul_(1.01)
+    with_other_h = run_sweep(g, other_h, x, y, alphas=[0.6], cache=cache, **kw)
+    assert (cache.hits, cache.misses) == (6, 6)
+    assert with_other_h.rows() == run_sweep(g, other_h, x, y, alphas=[0.6], **kw).rows()
     for cached, ref in ((first, plain[0.3]), (second, plain[0.6])):
         assert cached.rows() == ref.rows()
         for key, value in ref.outcomes.mix.items():

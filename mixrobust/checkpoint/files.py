@@ -35,8 +35,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     Returns the whole checkpoint dict; its ``"mixrobust"`` record has passed `validate_record` and
     its ``state_dict`` maps names to tensors. Anything else raises one `CheckpointError`.
     """
-    resolved, st = _stat(path)
-    ckpt = _load(path, st.st_size)
+    resolved, st = stat_file(path)
+    ckpt = load_file(path, st.st_size)
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"{path} is not a mixrobust checkpoint: it holds a {type(ckpt).__name__}, not a dict with "
@@ -59,7 +59,7 @@ def read_record(path: str | os.PathLike) -> dict:
     Memoized in-process by (resolved path, size, mtime_ns): validating many jobs that share a
     checkpoint reads the file once, and a rewritten file is read again.
     """
-    resolved, st = _stat(path)
+    resolved, st = stat_file(path)
     with _records_lock:
         record = _records.get((str(resolved), st.st_size, st.st_mtime_ns))
     if record is None:
@@ -90,7 +90,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path}: its model record cannot be rebuilt ({_first_line(exc)}); {_RECORD_FIX}"
         ) from None
     state = {k[len(_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
-    mismatch = _weights_mismatch(model.state_dict(), state)
+    mismatch = weights_mismatch(model.state_dict(), state)
     if mismatch:
         raise CheckpointError(
             f"checkpoint {path} does not match its own model record ({spec['arch']}, {spec['num_classes']} "
@@ -115,34 +115,35 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _stat(path: str | os.PathLike) -> tuple[Path, os.stat_result]:
-    """The resolved path and stat of a non-empty regular file, else a CheckpointError."""
+def stat_file(path: str | os.PathLike, what: str = "checkpoint",
+              fix: str = "pass the path that train.py printed last (its run directory's checkpoints/best.ckpt)"
+              ) -> tuple[Path, os.stat_result]:
+    """The resolved path and stat of a non-empty regular file, else one CheckpointError that calls the file
+    `what` and ends with `fix` when it does not exist."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint not found: {path}. Pass the path that train.py printed last "
-            "(its run directory's checkpoints/best.ckpt)."
-        ) from None
+        raise CheckpointError(f"{what} not found: {path}. {fix[:1].upper() + fix[1:]}.") from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); check its permissions") from None
+        raise CheckpointError(f"{what} {path} cannot be read ({reason}); check its permissions") from None
     if stat.S_ISDIR(st.st_mode):
         patterns = ("*.ckpt", "checkpoints/*.ckpt")
         found = sorted(p.relative_to(path).as_posix() for pattern in patterns for p in Path(path).glob(pattern))
         inside = f"it holds {', '.join(found[:4])}" if found else "it holds no .ckpt file"
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file ({inside}); pass the file itself")
+        raise CheckpointError(f"{what} {path} is a directory, not a file ({inside}); pass the file itself")
     if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"checkpoint {path} is not a regular file; pass the .ckpt file that train.py wrote")
+        raise CheckpointError(f"{what} {path} is not a regular file; pass the file itself")
     if st.st_size == 0:
         raise CheckpointError(
-            f"checkpoint {path} is empty (0 bytes): its save or copy was interrupted. Re-copy it, or retrain"
+            f"{what} {path} is empty (0 bytes): its save or copy was interrupted. Re-copy it, or retrain"
         )
     return Path(path).resolve(), st
 
 
-def _load(path: str | os.PathLike, size: int) -> object:
-    """``torch.load(weights_only=True)`` on the CPU; torch's errors become one short CheckpointError.
+def load_file(path: str | os.PathLike, size: int, what: str = "checkpoint") -> object:
+    """``torch.load(weights_only=True)`` on the CPU; torch's errors become one short CheckpointError calling
+    the file `what`.
 
     torch's own message is summarized, never copied: it advises loading with pickled code enabled.
     """
@@ -157,18 +158,19 @@ def _load(path: str | os.PathLike, size: int) -> object:
         unsafe = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if unsafe:
             message = (
-                f"checkpoint {path} holds pickled Python objects that are not plain data (the global "
+                f"{what} {path} holds pickled Python objects that are not plain data (the global "
                 f"{unsafe.group(1)!r}); mixrobust never unpickles code: re-save the weights with train.py "
                 "or as a plain state_dict of tensors"
             )
         elif isinstance(exc, PermissionError):  # other OSErrors (e.g. a failed seek) come from corrupt content
-            message = f"checkpoint {path} cannot be read (permission denied); check its permissions"
+            message = f"{what} {path} cannot be read (permission denied); check its permissions"
         else:
             message = (
-                f"checkpoint {path} is truncated or corrupt: its {size:,} bytes are not a complete file written "
+                f"{what} {path} is truncated or corrupt: its {size:,} bytes are not a complete file written "
                 f"by torch.save ({type(exc).__name__}). Re-copy it, or retrain with train.py"
             )
     raise CheckpointError(message) from None
+
 
 
 def _remember(resolved: Path, st: os.stat_result, record: dict) -> None:
@@ -195,7 +197,7 @@ def _check_state_dict(state: object, path: str | os.PathLike) -> None:
         )
 
 
-def _weights_mismatch(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+def weights_mismatch(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
     """A one-line summary of how `state` fails to fit a model whose state_dict is `wanted`; "" if it fits."""
     missing = [k for k in wanted if k not in state]
     unexpected = [k for k in state if k not in wanted]

@@ -45,7 +45,7 @@ from pathlib import Path
 from mixrobust.certify.report import CURVE_COLUMNS, plot_certified_accuracy
 from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
-from mixrobust.evaluation.outcomes import COLUMNS
+from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
 from mixrobust.evaluation.report import read_results_csv
 from mixrobust.runtime.files import csv_text, write_json, write_text
@@ -97,11 +97,11 @@ def _name(path: Path, root: Path) -> str:
 def _read_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         header = next(csv.reader(f), [])
-    missing = [c for c in COLUMNS if c not in header]
+    missing = [c for c in COLUMNS if c not in header and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ConfigError(f"{path} lacks the column(s) {', '.join(missing)}: it was not written by "
                           "evaluate.py task=mix of this version; rerun that job or move it out of the sweep")
-    return [{c: row[c] for c in COLUMNS} for row in read_results_csv(path)]
+    return [{c: row.get(c) for c in COLUMNS} for row in read_results_csv(path)]
 
 
 def find_jobs(sweep_dir: str | os.PathLike) -> tuple[list[Job], list[Path]]:

@@ -21,9 +21,12 @@ import numpy as np
 from mixrobust.runtime.files import atomic_write
 from mixrobust.evaluation.options import CLEAN, WORST, MixOption
 
-#: Columns of results.csv / results.json, in order.
+#: Columns of results.csv / results.json, in order. ``g_model`` / ``h_model``: which base models (checkpoint path or
+#: zoo source, and the weights' sha256 prefix), from ``meta["models"]``; empty where the sweep did not say.
 COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "implementation", "steps", "accuracy",
-           "n")
+           "n", "g_model", "h_model")
+#: Columns that results files of earlier versions lack (read as empty).
+OPTIONAL_COLUMNS = ("g_model", "h_model")
 BASE_MODELS = ("g", "h")
 BASE_IMAGES = (CLEAN, "std", "rob")  # g and h are judged on the clean, g-PGD and h-PGD images
 
@@ -87,6 +90,8 @@ def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None,
         "steps": _steps(outcomes, attack),
         "accuracy": acc,
         "n": outcomes.n,
+        "g_model": (outcomes.meta.get("models") or {}).get("g"),
+        "h_model": (outcomes.meta.get("models") or {}).get("h"),
     }
 
 

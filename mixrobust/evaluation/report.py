@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from mixrobust.runtime.files import csv_text, write_json, write_text
-from mixrobust.evaluation.outcomes import COLUMNS, save_outcomes
+from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS, save_outcomes
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_tradeoff
 
 FILES = ("results.csv", "results.json", "outcomes.npz", "margins.json", "accuracy_vs_alpha.png", "tradeoff.png")
@@ -29,8 +29,8 @@ def _plain(value):
 
 
 def rows_to_csv(rows: list[dict]) -> str:
-    """CSV text with a header of `COLUMNS` (`mixrobust.runtime.files.csv_text`)."""
-    return csv_text(COLUMNS, rows)
+    """CSV text with a header of `COLUMNS` (`mixrobust.runtime.files.csv_text`); `OPTIONAL_COLUMNS` may be absent."""
+    return csv_text(COLUMNS, [{**dict.fromkeys(OPTIONAL_COLUMNS), **r} for r in rows])
 
 
 def read_results_csv(path: str | os.PathLike) -> list[dict]:

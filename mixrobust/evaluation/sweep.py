@@ -30,6 +30,7 @@ would do themselves.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -103,9 +104,11 @@ def attack_settings(attack) -> dict:
 
 
 def module_digest(model: nn.Module) -> str:
-    """sha256 of a model's class name and state (parameter and buffer names and values): its cache identity."""
+    """sha256 of a model's class name, its ``spec`` (architecture, input shape, and for zoo models the resize its
+    state does not show) and its state (parameter and buffer names and values): its cache identity."""
     state = model.state_dict()
-    names = f"{type(model).__module__}.{type(model).__qualname__}:" + ",".join(state)
+    spec = json.dumps(getattr(model, "spec", None), sort_keys=True, default=str)
+    names = f"{type(model).__module__}.{type(model).__qualname__}:{spec}:" + ",".join(state)
     return tensor_digest(torch.frombuffer(bytearray(names.encode()), dtype=torch.uint8), *state.values())
 
 
@@ -136,9 +139,10 @@ class _Sweep:
         self.alphas, self.options, self.batch_size = alphas, options, batch_size
         self.device = model_device(g, x.device)
         self.cache = cache if cache is not None and cache.enabled else None
-        if self.cache is not None:  # what every entry of this sweep is keyed by
-            self.key_parts = {"g": module_digest(g), "h": module_digest(h), "data": tensor_digest(x, y.long()),
-                              "device": self.device.type, "batch_size": batch_size, "code": code_digest()}
+        if self.cache is not None:  # entries are keyed by one model each, so a sweep over h reuses g's, and these
+            self.digests = {"g": module_digest(g), "h": module_digest(h)}
+            self.key_parts = {"data": tensor_digest(x, y.long()), "device": self.device.type, "batch_size": batch_size,
+                              "code": code_digest()}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
@@ -172,18 +176,22 @@ class _Sweep:
         """g's and h's outputs on the clean images, from the cache when it holds them."""
         if self.cache is None:
             return self.base_logits(self.x)
-        key = self.cache.key("logits", **self.key_parts)
-        entry = self.cache.get_or_compute(key, lambda: dict(zip(("g", "h"), self.base_logits(self.x))))
-        return entry["g"].to(self.x.device), entry["h"].to(self.x.device)
+        out = []
+        for name, model in (("g", self.g), ("h", self.h)):
+            key = self.cache.key("logits", model=self.digests[name], **self.key_parts)
+            entry = self.cache.get_or_compute(key, lambda m=model: {"logits": self.outputs(m, self.x)})
+            out.append(entry["logits"].to(self.x.device))
+        return out[0], out[1]
 
     def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None):
         """PGD on base model `target` ("g" or "h") for the examples where `keep` is True (all if None).
 
         Returns (x_adv (n, ...), their indices (n,), (g's, h's outputs on x_adv) or None). With a
-        cache, the images and outputs of every example attacked so far under the same key (models,
-        data, attack, batch size, device) are read back, only the missing examples are attacked,
-        and the entry is extended; an example's images do not depend on which others are attacked
-        with it (no random start; with one, every example is attacked at once).
+        cache, the images and the target's outputs of every example attacked so far under the same key
+        (the target model alone, data, attack, batch size, device) are read back, only the missing
+        examples are attacked, and the entry is extended; the other model's outputs are computed (one
+        pass). An example's images do not depend on which others are attacked with it (no random start;
+        with one, every example is attacked at once).
         """
         model = self.g if target == "g" else self.h
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
@@ -192,15 +200,15 @@ class _Sweep:
             with progress.stage(name, len(idx)) as shown:
                 x_adv, idx = self.run_attack(attack, model, keep, shown)
             return x_adv, idx, None
-        key = self.cache.key("adversarial", target=target, attack=attack_settings(attack), **self.key_parts)
+        key = self.cache.key("adversarial", model=self.digests[target], attack=attack_settings(attack),
+                             **self.key_parts)
         entry = self.cache.load(key)
         have = entry["index"].numpy() if entry is not None else np.zeros(0, np.int64)
         missing = np.setdiff1d(idx, have)
         if len(missing):
             with progress.stage(name, len(missing)) as shown:
                 x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing), shown)
-            gl, hl = self.base_logits(x_new)
-            new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "g": gl.cpu(), "h": hl.cpu()}
+            new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "logits": self.outputs(model, x_new).cpu()}
             if entry is not None:
                 order = np.argsort(np.concatenate([have, missing]), kind="stable")
                 new = {k: torch.cat([entry[k], new[k]])[torch.from_numpy(order)] for k in new}
@@ -210,8 +218,9 @@ class _Sweep:
                 log.warning("could not write the cache entry %s (%s); continuing without it", self.cache.path(key), e)
             entry = new
         pos = torch.from_numpy(np.searchsorted(entry["index"].numpy(), idx))
-        dev = self.x.device
-        return entry["x_adv"][pos].to(dev), idx, (entry["g"][pos].to(dev), entry["h"][pos].to(dev))
+        x_adv, own = entry["x_adv"][pos].to(self.x.device), entry["logits"][pos].to(self.x.device)
+        other = self.outputs(self.h if target == "g" else self.g, x_adv)
+        return x_adv, idx, (own, other) if target == "g" else (other, own)
 
     def judge(self, x: Tensor, y: Tensor, logits: tuple[Tensor, Tensor] | None = None) -> _Judged:
         """Every model on image set `x` (n, C, H, W) with labels `y` (n,) (`logits`: g's and h's outputs, if known)."""

@@ -9,6 +9,7 @@ from mixrobust.models import imagenet  # noqa: F401  (registers convnext_tiny, r
 from mixrobust.models import resnet  # noqa: F401  (registers resnet18, preact_resnet18, resnet20, resnet110)
 from mixrobust.models import small  # noqa: F401  (registers small_cnn)
 from mixrobust.models import wrn  # noqa: F401  (registers wrn_28_10, wrn_34_10)
+from mixrobust.models import zoo  # noqa: F401  (registers zoo: RobustBench, timm and torchvision networks)
 from mixrobust.models.registry import (
     ImageClassifier,
     Normalize,

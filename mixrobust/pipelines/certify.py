@@ -39,7 +39,6 @@ from mixrobust.certify.radii import AlphaMethod
 from mixrobust.certify.report import curve_rows, radius_grid, select_alpha, write_certify_results
 from mixrobust.certify.smoothing import Votes
 from mixrobust.certify.sound import BoundSplit, SoftBound
-from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse, plain, require
@@ -109,8 +108,9 @@ class CertifySettings(inputs.EvaluationJob):
         compilation, which change no vote), the checkpoints' contents, the code, the data set and the sigmas."""
         config = inputs.numbers_config(self.config, ("mix", "attack", "attacks", "autoattack", "threat", "batch_size"),
                                        {"certify": ("batch_size", "workers", "compile")})
-        files = [self.g.path, self.h.path] + ([self.baseline.path] if self.baseline else [])
-        return fingerprint(config, files, data=self.data.name, sigma=self.sigma, baseline_sigma=self.baseline_sigma)
+        models = [self.g, self.h] + ([self.baseline] if self.baseline else [])
+        return fingerprint(config, [m.path for m in models], data=self.data.name, sigma=self.sigma,
+                           baseline_sigma=self.baseline_sigma, models=[m.identity for m in models])
 
 
 def smoothing_sigma(model: inputs.ModelFile, override: float | None, key: str) -> float:
@@ -121,9 +121,9 @@ def smoothing_sigma(model: inputs.ModelFile, override: float | None, key: str) -
     """
     recorded = model.record.get("sigma")
     if model.objective != "gaussian_noise":
-        log.warning("%s was trained with objective %r, not gaussian_noise: Theorems 4 and 5 certify its Gaussian-"
-                    "smoothed version, which a model not trained on noise usually gets wrong or abstains on",
-                    model.key, model.objective)
+        how = f"objective {model.objective!r}" if model.source is None else f"no recorded noise ({model.source['spec']})"
+        log.warning("%s was trained with %s, not gaussian_noise: Theorems 4 and 5 certify its Gaussian-smoothed "
+                    "version, which a model not trained on noise usually gets wrong or abstains on", model.key, how)
     if override is None:
         if recorded is None:
             raise ConfigError(f"{model.key}'s checkpoint records no noise level sigma; set {key}=... (e.g. 0.25)")
@@ -151,18 +151,18 @@ def settings(cfg: DictConfig) -> CertifySettings:
     c = parse(CertifyKeys, cfg.certify, "certify")
     require(cfg, "g_ckpt", "h_ckpt")
     g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
-    inputs.check_pair(g, h)
-    baseline = inputs.model_file(cfg.certify, "certify.baseline_ckpt") if c.baseline_ckpt is not None else None
-    if baseline is not None:
-        inputs.check_pair(g, baseline)
+    baseline = inputs.model_file(cfg, "certify.baseline_ckpt") if c.baseline_ckpt is not None else None
+    inputs.check_models(g, h, *([baseline] if baseline else []))
     sigma = smoothing_sigma(h, c.sigma, "certify.sigma")
     _check_lipschitz(c, sigma)
     baseline_sigma = smoothing_sigma(baseline, c.baseline_sigma, "certify.baseline_sigma") if baseline else None
     files = [g, h] + ([baseline] if baseline else [])
     cfg = inputs.with_data(cfg, files)
+    data = inputs.datamodule(cfg, files)
+    g, h, *rest = inputs.fit_models(files, data, cfg)
     return CertifySettings(
-        g=g, h=h, baseline=baseline, sigma=sigma, baseline_sigma=baseline_sigma,
-        data=inputs.datamodule(cfg, files), examples=inputs.examples(cfg), c=c, job=job, device=inputs.device(cfg),
+        g=g, h=h, baseline=rest[0] if rest else None, sigma=sigma, baseline_sigma=baseline_sigma,
+        data=data, examples=inputs.examples(cfg), c=c, job=job, device=inputs.device(cfg),
         processes=inputs.processes(cfg), logger=inputs.logger(cfg),
         config=plain(cfg))
 
@@ -257,9 +257,9 @@ def run(cfg: DictConfig) -> CertifyResult:
         return inputs.logged(CertifyResult(done, {f: str(out / f) for f in files}, out, True), log)
     clear_marker(out, MARKER)
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "certify") as logger:
-        g = load_classifier(s.g.path, map_location=device)
+        g = s.g.load(device)
         where = device if s.processes == 1 else torch.device("cpu")  # several processes: each moves its copy
-        smoothed = [(f, load_classifier(f.path, map_location=where)) for f in (s.h, s.baseline) if f is not None]
+        smoothed = [(f, f.load(where)) for f in (s.h, s.baseline) if f is not None]
         x, y, index = s.examples.select(s.data)
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",

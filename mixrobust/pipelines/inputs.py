@@ -7,6 +7,7 @@ is enough to check class counts, input shapes, the data set and the threat model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -16,11 +17,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mixrobust.checkpoint import read_record
+from mixrobust import zoo
+from mixrobust.checkpoint import load_classifier, read_record
 from mixrobust.data import subset_indices
 from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, value_at
+from mixrobust.runtime.cache import file_digest
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.loggers import is_wandb, log_to_files, wandb_init_timeout
 from mixrobust.runtime.placement import check_processes_launcher, resolve_device
@@ -35,15 +38,26 @@ ROBUST_OBJECTIVES = tuple(name for name, objective in OBJECTIVES.items() if obje
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A checkpoint named by config key `key`: its path and its (validated) record."""
+    """The model named by config key `key`: a mixrobust checkpoint or a zoo source (`mixrobust.zoo`), its
+    weights file `path` and its record (a checkpoint's, or the zoo's description with a ``source`` entry)."""
 
     key: str
     path: Path
     record: dict
 
     @property
+    def source(self) -> dict | None:
+        """The zoo record's ``source`` entry (kind, name, file, sha256, library, ...); None for a checkpoint."""
+        return self.record.get("source")
+
+    @property
     def objective(self) -> str | None:
         return (self.record.get("objective") or {}).get("name")
+
+    @property
+    def robust(self) -> bool:
+        """Adversarially trained: by a robust objective, or a RobustBench entry of an l_p threat model."""
+        return self.objective in ROBUST_OBJECTIVES or (self.source is not None and self.record.get("threat") is not None)
 
     @property
     def num_classes(self) -> int:
@@ -53,15 +67,80 @@ class ModelFile:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(v) for v in self.record["model"]["input_shape"])
 
+    @property
+    def identity(self) -> dict:
+        """What the model's outputs depend on, without where its file lies: fingerprints, results rows, W&B."""
+        model = self.record["model"]
+        out = {"arch": model["arch"], "num_classes": model["num_classes"], "input_shape": model["input_shape"],
+               "kwargs": model.get("kwargs") or {}}
+        if self.source is None:
+            return {"source": "checkpoint", "sha256": file_digest(self.path), **out}
+        keep = ("kind", "name", "sha256", "library", "resized")
+        return {"source": self.source["kind"], **{k: self.source.get(k) for k in keep}, **out}
 
-def model_file(node: Any, key: str, name: str | None = None) -> ModelFile:
-    """The checkpoint at config key `key` (``name`` inside `node`, default the last part of `key`)."""
-    path = convert(value_at(node, name or key.split(".")[-1], key.rpartition(".")[0]), Path, key)
+    @property
+    def label(self) -> str:
+        """A short name for results rows: the source (or checkpoint path) and the weights' sha256 prefix."""
+        name = f"{self.source['kind']}:{self.source['name']}" if self.source else str(self.path)
+        return f"{name} sha256:{self.identity['sha256'][:12]}"
+
+    def load(self, map_location: str | torch.device = "cpu"):
+        """The frozen classifier (images in [0,1] -> logits) on `map_location`."""
+        if self.source is not None:
+            return zoo.load(self.record, map_location)
+        return load_classifier(self.path, map_location=map_location)
+
+
+def zoo_settings(cfg: DictConfig) -> zoo.ZooSettings:
+    """``zoo.*`` (a config without the node gets the defaults: $MIXROBUST_ZOO_DIR, no download, no resize)."""
+    node = cfg.get("zoo") if isinstance(cfg, DictConfig) else None
+    return parse(zoo.ZooSettings, node, "zoo") if node is not None else zoo.ZooSettings()
+
+
+def model_file(cfg: DictConfig, key: str) -> ModelFile:
+    """The model at dotted config key `key` of `cfg`: a checkpoint path or a zoo source (``<kind>:<name>``).
+
+    A zoo source is described now (its file read, never its pickled code; its weights checked against its
+    network); an ``arch:`` source takes the class count, shape and normalization of ``cfg.data``."""
+    prefix, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, prefix) if prefix else cfg
+    value = value_at(node, name, prefix)
     try:
-        record = read_record(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{key}: {exc}") from None
-    return ModelFile(key, path, record)
+        source = zoo.parse(value)
+        if source is None:
+            path = convert(value, Path, key)
+            return ModelFile(key, path, read_record(path))
+        data = None
+        if source.kind == "arch" and cfg.get("data") is not None:
+            data = build(cfg.data, "data")
+        record = zoo.describe(source, zoo_settings(cfg), data)
+    except (CheckpointError, ConfigError) as exc:
+        raise type(exc)(f"{key}: {exc}") from None
+    return ModelFile(key, Path(record["source"]["file"]), record)
+
+
+def fit_models(files: list[ModelFile], data, cfg: DictConfig) -> list[ModelFile]:
+    """`files` with each zoo record fitted to the evaluated `data` (`mixrobust.zoo.fit`: image shape, resize,
+    data set, ImageNet class order), then checked pairwise (class count and input shape)."""
+    settings = zoo_settings(cfg)
+    fitted = [dataclasses.replace(f, record=zoo.fit(f.record, data, settings, f.key)) if f.source else f for f in files]
+    for f in fitted:
+        if f.source:
+            log.info("%s: %s", f.key, zoo.summary(f.record))
+    for other in fitted[1:]:
+        check_pair(fitted[0], other)
+    return fitted
+
+
+def check_models(first: ModelFile, *others: ModelFile) -> None:
+    """Models to mix or compare, before the data set is resolved: the same class count and, between checkpoints,
+    the same input shape (a zoo model's shape is checked once fitted to the data: it may be resized inside)."""
+    for b in others:
+        if first.num_classes != b.num_classes:
+            raise ConfigError(f"{first.key} has {first.num_classes} classes but {b.key} has {b.num_classes}; "
+                              "mix classifiers of the same label set")
+        if first.source is None and b.source is None:
+            check_pair(first, b)
 
 
 def check_pair(a: ModelFile, b: ModelFile) -> None:
@@ -76,16 +155,18 @@ def check_pair(a: ModelFile, b: ModelFile) -> None:
 
 def warn_if_swapped(g: ModelFile, h: ModelFile) -> None:
     """g is the accurate model, h the robust one: warn when the records say the opposite."""
-    if g.objective in ROBUST_OBJECTIVES and h.objective == "standard":
+    if g.robust and h.objective == "standard":
         log.warning("g_ckpt was trained with %s and h_ckpt with standard training: h^alpha puts weight alpha on h, "
                     "the robust model of the paper; swap g_ckpt and h_ckpt unless this is what you meant",
-                    g.objective)
+                    g.objective or "adversarial training (its zoo's threat model)")
 
 
 #: Keys of every evaluation config that change no reported number (device: only in float rounding,
 #: and a local multi-GPU sweep hands a resumed job another GPU); left out of the resume fingerprint.
 JOB_KEYS = ("output_dir", "resume", "logger", "plots", "cache", "distributed", "device", "debug", "task", "report",
             "data_root", "preflight", "skip_misclassified", "progress")
+#: Settings of the zoo node that only say where weights are found (their contents count, by sha256).
+ZOO_KEYS = ("dir", "download")
 #: Settings of the data node that only say how images are loaded.
 LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers", "batch_size", "eval_batch_size", "download",
                "in_memory")
@@ -95,7 +176,7 @@ def numbers_config(config: dict, drop: tuple[str, ...], nested: dict[str, tuple[
     """The part of a plain config a task's numbers depend on, for its resume fingerprint: without `JOB_KEYS`,
     the task's own `drop` keys, the data loader's settings and the `nested` keys of sub-nodes. Anything
     not left out counts, so a setting added later is fingerprinted until it is listed here."""
-    nested = {"data": LOADER_KEYS, **(nested or {})}
+    nested = {"data": LOADER_KEYS, "zoo": ZOO_KEYS, **(nested or {})}
     out = {k: v for k, v in config.items() if k not in JOB_KEYS + drop}
     for node, keys in nested.items():
         if isinstance(out.get(node), dict):
@@ -238,14 +319,15 @@ def datamodule(cfg: DictConfig, files: list[ModelFile]):
     the same shape is allowed (e.g. a model trained on a superset), with a warning.
     """
     module = build(cfg.data, "data")
-    model = files[0]
-    if (module.num_classes, tuple(module.input_shape)) != (model.num_classes, model.input_shape):
-        raise ConfigError(f"data={module.name} has {module.num_classes} classes and {tuple(module.input_shape)} "
-                          f"images but the models ({model.key}, ...) take {model.num_classes} classes and "
-                          f"{model.input_shape} images; pass the data set they were trained on (data=...)")
+    for model in files:  # a zoo model's image shape is checked by fit_models (it may be resized inside)
+        if module.num_classes != model.num_classes or (
+                model.source is None and tuple(module.input_shape) != model.input_shape):
+            raise ConfigError(f"data={module.name} has {module.num_classes} classes and {tuple(module.input_shape)} "
+                              f"images but {model.key} takes {model.num_classes} classes and {model.input_shape} "
+                              "images; pass the data set it was trained on (data=...)")
     for f in files:
         trained = f.record.get("data")
-        if trained is not None and trained != module.name:
+        if trained is not None and trained != module.name and f.source is None:
             log.warning("%s was trained on %r but is evaluated on %r (data=...)", f.key, trained, module.name)
     return module
 

@@ -27,7 +27,6 @@ from omegaconf import DictConfig
 
 from mixrobust.attacks import PGD, AutoAttack
 from mixrobust.attacks.autoattack import IMPLEMENTATIONS
-from mixrobust.checkpoint import load_classifier
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import AttackName, MixOption, format_table, mix_options, read_results_csv, run_sweep, write_results
 from mixrobust.evaluation.report import FILES
@@ -104,7 +103,7 @@ class MixSettings(inputs.EvaluationJob):
         the code, the data set and threat as resolved, and the AutoAttack implementation that runs."""
         unused = ("certify",) + (() if self.autoattack else ("autoattack",))
         return fingerprint(inputs.numbers_config(self.config, unused), [self.g.path, self.h.path],
-                           data=self.data.name, threat=self.threat.as_dict(),
+                           data=self.data.name, threat=self.threat.as_dict(), models=[self.g.identity, self.h.identity],
                            autoattack=self.autoattack.provenance if self.autoattack else None)
 
 
@@ -127,10 +126,11 @@ def settings(cfg: DictConfig) -> MixSettings:
     mix, examples = parse(MixKeys, cfg.mix, "mix"), inputs.examples(cfg)
     require(cfg, "g_ckpt", "h_ckpt")
     g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
-    inputs.check_pair(g, h)
+    inputs.check_models(g, h)
     inputs.warn_if_swapped(g, h)
     cfg = inputs.with_data(cfg, [g, h])
     data = inputs.datamodule(cfg, [g, h])
+    g, h = inputs.fit_models([g, h], data, cfg)
     threat = inputs.threat(cfg, g.input_shape)
     inputs.warn_threat_mismatch(h, threat)
     pgd = attack(cfg, threat)
@@ -170,7 +170,7 @@ def _files(s: MixSettings) -> list[str]:
 
 def _sweep(s: MixSettings, device, cache: DiskCache | None):
     """The sweep engine with every setting bound: ``fn(x, y, index, device=...)`` (one process's shard)."""
-    g, h = (load_classifier(f.path, map_location=device if s.processes == 1 else "cpu") for f in (s.g, s.h))
+    g, h = (f.load(device if s.processes == 1 else "cpu") for f in (s.g, s.h))
     return functools.partial(
         run_sweep, g, h, alphas=s.alphas, attack=s.attack, options=s.options, attacks=[a.value for a in s.sweep.attacks],
         autoattack=s.autoattack, batch_size=s.job.batch_size, skip_misclassified=s.sweep.skip_misclassified,
@@ -195,8 +195,10 @@ def run(cfg: DictConfig) -> MixResult:
         start = time.perf_counter()
         result = merge_results(map_shards(sweep, [x, y, index], device, s.processes))
         seconds = time.perf_counter() - start
+        result.outcomes.meta["models"] = {"g": s.g.label, "h": s.h.label}
         paths = write_results(out, result, plots=s.job.plots)
-        _log(logger, result.rows(), paths, {**s.config, "implementations": result.outcomes.meta["implementations"]})
+        _log(logger, result.rows(), paths, {**s.config, "implementations": result.outcomes.meta["implementations"],
+                                            "models": {"g": s.g.identity, "h": s.h.identity}})
         write_marker(out, MARKER, _marker(s, result, len(y), device, seconds, cache), fp, list(paths))
         log.info("sweep done in %.1f s; results in %s", seconds, out)
     return inputs.logged(MixResult(result.rows(), {k: str(v) for k, v in paths.items()}, out, seconds, False,

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from mixrobust import zoo
 from mixrobust.checkpoint import check_resume, optimizer_spec
 from mixrobust.errors import ConfigError, MixrobustError, StoppedError
 from mixrobust.pipelines import inputs
@@ -51,6 +52,7 @@ class TrainKeys:
     seed: int = bounded(0, ge=0)
     output_dir: Path = Path(".")
     ckpt_path: Path | None = None
+    init_from: str | None = None
     val_attack_steps: int = bounded(10, ge=1)
     test_attack_steps: int = bounded(20, ge=1)
     optimized_metric: str = "test/acc"
@@ -107,6 +109,24 @@ def _model(cfg: DictConfig, data, seed: int):
             raise ConfigError(f"model is invalid: {str(exc).splitlines()[0]}") from None
 
 
+def _initial_model(cfg: DictConfig, data):
+    """The model to fine-tune (``init_from``): a checkpoint's or zoo source's classifier with its weights, fitted to
+    `data` (class count, image shape, resize), trainable again (base models load frozen)."""
+    f, = inputs.fit_models([inputs.model_file(cfg, "init_from")], data, cfg)
+    if f.num_classes != data.num_classes:
+        raise ConfigError(f"init_from={cfg.init_from} has {f.num_classes} classes but data={data.name} has "
+                          f"{data.num_classes}; to fine-tune on other labels, build the architecture with a new head "
+                          "(e.g. model=resnet50 model.pretrained=<ImageNet weights file>)")
+    if f.source is None and f.input_shape != tuple(data.input_shape):
+        raise ConfigError(f"init_from={cfg.init_from} takes {f.input_shape} images but data={data.name} has "
+                          f"{tuple(data.input_shape)}")
+    model = f.load("cpu").train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    log.info("fine-tuning from %s", zoo.summary(f.record) if f.source else f.path)
+    return model
+
+
 def _optimizer(cfg: DictConfig, model):
     """The optimizer and scheduler factories, checked by building them once on the model's parameters."""
     optimizer = build(cfg.optimizer, "optimizer")
@@ -151,7 +171,7 @@ def settings(cfg: DictConfig) -> TrainSettings:
     objective = build(cfg.objective, "objective")
     for key in ("val_attack_steps", "test_attack_steps") if objective.robust else ():  # val/ and test/robust_acc
         inputs.warn_unreachable(getattr(keys, key), threat.step_size, threat.eps, False, key)
-    model = _model(cfg, data, keys.seed)
+    model = _initial_model(cfg, data) if keys.init_from is not None else _model(cfg, data, keys.seed)
     optimizer, scheduler, opt_spec = _optimizer(cfg, model)
     if keys.ckpt_path is not None:
         _check_resume(keys, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
@@ -211,7 +231,9 @@ def run(cfg: DictConfig) -> TrainResult:
     L.seed_everything(s.keys.seed, workers=True)
     module = build_module(s)
     params = list(module.model.parameters())
-    log.info("model: %s, %s parameters (%s trainable)", s.config["model"].get("arch", type(s.model).__name__),
+    arch = (s.config["model"].get("arch", type(s.model).__name__) if s.keys.init_from is None
+            else f"{s.model.spec['arch']} from {s.keys.init_from}")
+    log.info("model: %s, %s parameters (%s trainable)", arch,
              f"{sum(p.numel() for p in params):,}",
              f"{sum(p.numel() for p in params if p.requires_grad):,}")
     with placed_trainer(s.trainer_args) as trainer_args, job_logger(s.logger, out, "train") as logger:
