@@ -1,6 +1,7 @@
 """mixrobust: train, mix, attack and certify classifiers for the accuracy-robustness trade-off.
 
-Public API: `load_classifier` (rebuild a trained base model from its checkpoint),
+Public API: `load_classifier` (rebuild a trained base model from its checkpoint), `load_model` (a
+checkpoint or a zoo source: ``robustbench:...``, ``timm:...``, ``torchvision:...``, ``arch:...``),
 `MixedClassifier` (eq. 3/4 of Bai, Anderson and Sojoudi, L4DC 2024), `create_model`.
 
 Importing the package is cheap: it registers the ``${mr.*}`` OmegaConf resolvers of the configs
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # what static tools see; at run time `__getattr__` imports th
     from mixrobust.checkpoint import load_classifier
     from mixrobust.mixing import MixedClassifier
     from mixrobust.models import available_models, create_model
+    from mixrobust.zoo import load_model
 
     __version__: str
 
@@ -31,9 +33,10 @@ _LAZY = {
     "available_models": "mixrobust.models",
     "create_model": "mixrobust.models",
     "load_classifier": "mixrobust.checkpoint",
+    "load_model": "mixrobust.zoo",
 }
 
-__all__ = ["MixedClassifier", "__version__", "available_models", "create_model", "load_classifier"]
+__all__ = ["MixedClassifier", "__version__", "available_models", "create_model", "load_classifier", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -111,6 +111,19 @@ def test_robustbench_entry_equals_its_zoo_constructor(tmp_path, name, wrap):
         record["threat"] is None and record["objective"] == {"name": "standard"}
 
 
+def test_load_model_from_python_takes_a_source_or_a_checkpoint(tmp_path):
+    import mixrobust
+
+    net = robustbench_net("cifar10/Linf/Wong2020Fast")
+    save(net.state_dict(), tmp_path / "w.pt")
+    model = mixrobust.load_model(f"robustbench:cifar10/Linf/Wong2020Fast@{tmp_path / 'w.pt'}")
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(model(x), net(x))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        mixrobust.load_model(tmp_path / "best.ckpt")
+
+
 def test_timm_model_equals_timm_with_its_pretrained_cfg_normalization(tmp_path):
     import timm
 
@@ -466,3 +479,17 @@ def test_fine_tuned_robustbench_model_checkpoint_rebuilds_without_its_file(tmp_p
     x = images(3)
     with torch.no_grad():
         assert torch.isfinite(model(x)).all() and model(x).shape == (3, 10)
+
+
+@pytest.mark.real_data
+def test_certify_takes_zoo_sources_and_asks_for_their_noise_level(tmp_path, zoo_dir):
+    """certify.baseline_ckpt and h take zoo sources; a zoo model records no sigma, so certify.sigma is asked for."""
+    from mixrobust.pipelines import certify
+
+    models = ["task=certify", "g_ckpt=robustbench:cifar10/Linf/Sehwag2021Proxy_R18",
+              "h_ckpt=robustbench:cifar10/Linf/Wong2020Fast",
+              "certify.baseline_ckpt=robustbench:cifar10/Linf/Andriushchenko2020Understanding"]
+    with pytest.raises(ConfigError, match="h_ckpt's checkpoint records no noise level sigma; set certify.sigma="):
+        certify.settings(mix_cfg(tmp_path, zoo_dir, *models))
+    s = certify.settings(mix_cfg(tmp_path, zoo_dir, *models, "certify.sigma=0.25", "certify.baseline_sigma=0.25"))
+    assert s.baseline.source["name"] == "cifar10/Linf/Andriushchenko2020Understanding" and s.data.name == "cifar10"

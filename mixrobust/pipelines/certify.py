@@ -273,7 +273,7 @@ def run(cfg: DictConfig) -> CertifyResult:
         timings = {"sample": time.perf_counter() - start}
         summary, paths, cert, base = _certify(s, sampled, g_log_probs, y.numpy(), index.numpy(), out)
         summary.update(device=str(device), timings=timings, fingerprint=fp)
-        _log(logger, summary, paths, s.config)
+        _log(logger, summary, paths, {**s.config, "models": summary["models"]})
         write_marker(out, MARKER, summary, fp, list(paths))
         log.info("certification done (%.1f s sampling); results in %s", timings["sample"], out)
     return inputs.logged(CertifyResult(summary, {k: str(v) for k, v in paths.items()}, out, False, cert, base), log)
@@ -309,6 +309,7 @@ def _certify(s: CertifySettings, sampled, g_log_probs: np.ndarray, labels: np.nd
         selection["certified_accuracy"] = table["mix"][repr(float(selection["alpha"]))]
     summary = {
         "g_ckpt": str(s.g.path), "h_ckpt": str(s.h.path), "baseline_ckpt": str(s.baseline.path) if s.baseline else None,
+        "models": {name: f.identity for name, f in (("g", s.g), ("h", s.h), ("baseline", s.baseline)) if f is not None},
         "data": s.data.name, "split": s.examples.split, "n_examples": len(labels), "seed": s.examples.seed,
         "sigma": s.sigma, "baseline_sigma": s.baseline_sigma, "processes": s.processes,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()

@@ -14,10 +14,11 @@ from mixrobust.zoo.sources import (
     download,
     fit,
     load,
+    load_model,
     locate,
     parse,
     summary,
 )
 
 __all__ = ["KINDS", "Source", "ZooSettings", "candidates", "default_dir", "describe", "download", "fit", "load",
-           "locate", "parse", "summary"]
+           "load_model", "locate", "parse", "summary"]

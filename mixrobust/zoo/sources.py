@@ -387,6 +387,23 @@ def load(record: dict, map_location: str | torch.device = "cpu") -> ImageClassif
     return freeze(model.to(map_location))
 
 
+def load_model(spec: str | os.PathLike, data=None, map_location: str | torch.device = "cpu",
+               **settings) -> ImageClassifier:
+    """The frozen classifier that `spec` names, from Python: a zoo source (``robustbench:cifar10/Linf/Standard``,
+    ``timm:...``, ``torchvision:...``, ``arch:...``, each with an optional ``@<file>``) or a checkpoint path.
+
+    `settings` are `ZooSettings`' (``dir``, ``download``, ``resize``); with a data module `data` the model is
+    fitted to its images (`fit`; ``arch:`` sources need it)."""
+    from mixrobust.checkpoint import load_classifier
+
+    source = parse(spec)
+    if source is None:
+        return load_classifier(spec, map_location=map_location)
+    zoo = ZooSettings(**settings)
+    record = describe(source, zoo, data)
+    return load(fit(record, data, zoo, str(source)) if data is not None else record, map_location)
+
+
 # ------------------------------------------------------------------------------------------------- download
 
 
