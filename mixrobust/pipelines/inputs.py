@@ -105,6 +105,7 @@ def model_file(cfg: DictConfig, key: str) -> ModelFile:
     prefix, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, prefix) if prefix else cfg
     value = value_at(node, name, prefix)
+    settings = zoo_settings(cfg)  # checked whatever the source: a bad zoo.* value is named as itself
     try:
         source = zoo.parse(value)
         if source is None:
@@ -113,7 +114,7 @@ def model_file(cfg: DictConfig, key: str) -> ModelFile:
         data = None
         if source.kind == "arch" and cfg.get("data") is not None:
             data = build(cfg.data, "data")
-        record = zoo.describe(source, zoo_settings(cfg), data)
+        record = zoo.describe(source, settings, data)
     except (CheckpointError, ConfigError) as exc:
         raise type(exc)(f"{key}: {exc}") from None
     return ModelFile(key, Path(record["source"]["file"]), record)

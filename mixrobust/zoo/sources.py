@@ -334,7 +334,7 @@ def fit(record: dict, data, zoo: ZooSettings, key: str) -> dict:
     native, shape = tuple(model["input_shape"]), tuple(int(s) for s in data.input_shape)
     trained = record.get("data")
     if trained in ("cifar10", "cifar100") and data.name != trained:
-        raise ConfigError(f"{key}={source['spec']} was trained on {trained} but data={data.name}; evaluate it on "
+        raise ConfigError(f"{key}={source['spec']} was trained on {trained} but data={data.name}; pass "
                           f"data={trained}")
     if model["num_classes"] == 1000 and trained == "imagenet":
         _check_imagenet_order(data, key, source["spec"])
