@@ -20,7 +20,7 @@ import torch
 
 import mixrobust
 from mixrobust import load_classifier
-from mixrobust.attacks import PGD, attack_in_batches
+from mixrobust.attacks import PGD, AdaptiveMixAttack, attack_in_batches
 from mixrobust.data import DigitsDataModule
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.evaluation import aggregate, load_outcomes, predict_correct, read_results_csv, rows_to_csv
@@ -34,6 +34,7 @@ TRAIN_FAST = ["trainer.enable_progress_bar=false", "logger=none"]
 # recipe), and every PGD here (train.py's test attack included) has 5 steps, to keep this file fast
 THREAT = ["threat.eps=0.1", "threat.step_size=0.05"]
 STEPS = 5
+ADAPTIVE_STEPS = 20  # the adaptive attack's (apgd) steps per search
 ALPHAS = "mix.alphas=[0.0,0.5,1.0]"
 
 
@@ -53,7 +54,7 @@ def ckpts(tmp_path_factory):
 
 def eval_cfg(ckpts, out: Path, *overrides: str):
     return compose_config("evaluate", [f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}", "logger=none",
-                                       f"attack.steps={STEPS}", *overrides], out)
+                                       f"attack.steps={STEPS}", f"adaptive.steps={ADAPTIVE_STEPS}", *overrides], out)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_outputs_exist_and_parse(evaluated):
     assert result.files == {name: str(out / name) for name in FILES}
     rows = result.rows
     csv_rows, json_rows = read_results_csv(out / "results.csv"), json.loads((out / "results.json").read_text())
-    assert len(csv_rows) == len(json_rows) == len(rows) == 2 * 4 + 3 * 5  # g, h: 4 rows; 3 alphas x 5
+    assert len(csv_rows) == len(json_rows) == len(rows) == 2 * 5 + 3 * 6  # g, h, and 3 alphas: clean, std, rob, (mix,) apgd, worst
     for c, j, r in zip(csv_rows, json_rows, rows):
         assert c["accuracy"] == j["accuracy"] == r["accuracy"] and c["attack"] == j["attack"] == r["attack"]
         assert (j["alpha"] is None) == (r["model"] != "mix")
@@ -83,7 +84,7 @@ def test_outputs_exist_and_parse(evaluated):
     assert run["data"] == "digits" and run["split"] == "test" and run["n"] == 360
     assert run["threat"] == {"norm": "linf", "eps": 0.1, "step_size": 0.05}
     ours = f"mixrobust {mixrobust.__version__}"
-    assert run["implementations"] == {"std": ours, "rob": ours, "mix": ours}  # which code ran each attack
+    assert run["implementations"] == {"std": ours, "rob": ours, "mix": ours, "apgd": ours}  # which code ran each attack
     assert {r["implementation"] for r in csv_rows if r["attack"] != "clean"} == {ours}
     # the resume marker vouches for every results file by its sha256
     assert run["checksums"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in FILES}
@@ -116,6 +117,16 @@ def test_mix_at_alpha_one_is_h_pgd_accuracy(evaluated, ckpts):
     assert got[("mix", 1.0, "mix")] == got[("h", None, "rob")] == pytest.approx(direct, abs=1e-12)
     assert direct == pytest.approx(ckpts["h"][1]["test/robust_acc"], abs=1e-6)
     assert got[("mix", 0.0, "mix")] == got[("g", None, "std")]
+
+
+def test_adaptive_attack_on_h_alone_is_h_row_and_alpha_one(evaluated, ckpts):
+    """The apgd column of h's row is the default adaptive attack run directly on h, and the mixture's at alpha 1."""
+    got = table(evaluated[0].rows)
+    h = load_classifier(ckpts["h"][0])
+    x, y = DigitsDataModule().eval_tensors("test")
+    direct = predict_correct(h, attack_in_batches(AdaptiveMixAttack("linf", eps=0.1, steps=ADAPTIVE_STEPS), h, x, y, 500), y, 500).mean()
+    assert got[("mix", 1.0, "apgd")] == got[("h", None, "apgd")] == pytest.approx(direct, abs=1e-12)
+    assert got[("h", None, "worst")] <= min(got[("h", None, "apgd")], got[("h", None, "rob")])
 
 
 def test_worst_case_is_below_every_attack(evaluated):
@@ -203,7 +214,7 @@ def no_attacks(monkeypatch):
         (["mix.r_options=[one,grad_gi]"], ConfigError,
          r"unknown mix.r_options\[1\] 'grad_gi'; valid values: one, grad_g_i"),
         (["mix.mix_spaces=[probs]"], ConfigError, r"unknown mix.mix_spaces\[0\] 'probs'; valid values: prob, logit"),
-        (["attacks=[std,cw]"], ConfigError, r"unknown attacks\[1\] 'cw'; valid values: std, rob, mix, autoattack"),
+        (["attacks=[std,cw]"], ConfigError, r"unknown attacks\[1\] 'cw'; valid values: std, rob, mix, apgd, autoattack"),
         (["mix.gammas=[1.0]"], ConfigError, "set exactly one of mix.alphas"),
         (["g_ckpt=/no/such/g.ckpt"], CheckpointError, "g_ckpt: checkpoint not found: /no/such/g.ckpt"),
         (["threat.eps=-1"], ConfigError, "threat.eps must be a number >= 0, got -1"),
@@ -301,7 +312,8 @@ def test_evaluate_script_with_wandb_offline(ckpts, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, str(root / "evaluate.py"), f"g_ckpt={ckpts['g'][0]}", f"h_ckpt={ckpts['h'][0]}",
-         f"hydra.run.dir={run_dir}", "logger=wandb", "n=24", "mix.alphas=[0.5]", "attack.steps=2", *THREAT],
+         f"hydra.run.dir={run_dir}", "logger=wandb", "n=24", "mix.alphas=[0.5]", "attack.steps=2", "adaptive.steps=2",
+         *THREAT],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

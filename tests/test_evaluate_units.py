@@ -109,7 +109,7 @@ def test_probability_gap_and_margin_summary_by_hand():
 
 def test_vocabularies():
     assert [a.value for a in parse_attacks(["std", "MIX", "std"])] == ["std", "mix"]
-    with pytest.raises(ConfigError, match="unknown attack 'cw'; valid values: std, rob, mix, autoattack"):
+    with pytest.raises(ConfigError, match="unknown attack 'cw'; valid values: std, rob, mix, apgd, autoattack"):
         parse_attacks(["std", "cw"])
     assert [o.label for o in mix_options(["one", "grad_g_i"], ["prob", "logit"])] == [
         "one/prob", "one/logit", "grad_g_i/prob", "grad_g_i/logit"]

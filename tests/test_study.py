@@ -21,7 +21,7 @@ TINY_DIGITS = {
     "train": {"common": ["data=digits", "trainer.max_epochs=2", "val_attack_steps=2", "test_attack_steps=2"],
               "g": ["objective=standard"], "h": ["objective=pgd_at", "objective.steps=2"],
               "rs": ["objective=gaussian_noise"]},
-    "evaluate": ["data=digits", "split=test", "n=48", "attack.steps=3"],
+    "evaluate": ["data=digits", "split=test", "n=48", "attack.steps=3", "adaptive.steps=3"],
     "fig2": ["mix.alphas=[0.0,0.4,0.6,1.0]"],
     "autoattack": ["n=16"],
     "fig1": ["mix.alphas=null", "mix.gammas=[0.5,2.0]", "mix.r_options=[one,grad_g_i]", "mix.mix_spaces=[prob,logit]",

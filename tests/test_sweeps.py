@@ -249,8 +249,8 @@ def test_shard_bounds_cover_every_example_once():
 @pytest.mark.slow
 def test_two_process_evaluation_and_certification_equal_one_process(ckpts, tmp_path):
     """DDP on two gloo processes, 61 examples (not divisible by 2): the same per-example results."""
-    common = [f"g_ckpt={ckpts['g']}", f"h_ckpt={ckpts['h']}", "logger=none", "n=61", "attack.steps=4", "device=cpu",
-              "mix.alphas=[0.0,0.5,0.8]", "mix.r_options=[one,grad_g_i]", "cache.enabled=false", *THREAT]
+    common = [f"g_ckpt={ckpts['g']}", f"h_ckpt={ckpts['h']}", "logger=none", "n=61", "attack.steps=4", "adaptive.steps=4",
+              "device=cpu", "mix.alphas=[0.0,0.5,0.8]", "mix.r_options=[one,grad_g_i]", "cache.enabled=false", *THREAT]
     out = {}
     for devices in (1, 2):
         cfg = compose_config("evaluate", [*common, f"distributed.devices={devices}"], tmp_path / f"mix{devices}")
@@ -281,7 +281,7 @@ def test_two_process_evaluation_and_certification_equal_one_process(ckpts, tmp_p
 
 def _sweep_cmd(ckpts, sweep_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "evaluate.py"), "-m", "experiment=digits_sweep", f"g_ckpt={ckpts['g']}",
-            f"h_ckpt={ckpts['h']}", "n=80", "attack.steps=4", *THREAT, "mix.alphas=[0.4],[0.7],[1.0]",
+            f"h_ckpt={ckpts['h']}", "n=80", "attack.steps=4", "adaptive.steps=4", *THREAT, "mix.alphas=[0.4],[0.7],[1.0]",
             "mix.r_options=[one]", "logger=none", f"hydra.sweep.dir={sweep_dir}", *extra]
 
 
@@ -310,7 +310,7 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     _run(_sweep_cmd(ckpts, full), env)
     combined = full / "report" / "combined.csv"
     lines = combined.read_text().splitlines()
-    assert lines[0].startswith("job,overrides,model,alpha") and len(lines) == 1 + 3 * (8 + 5)
+    assert lines[0].startswith("job,overrides,model,alpha") and len(lines) == 1 + 3 * (10 + 6)  # 3 jobs: g, h x 5; one alpha x 6
     assert (full / "report" / "accuracy_vs_alpha.png").is_file() and (full / "report" / "tradeoff.png").is_file()
     assert sorted(p.name for p in full.iterdir() if p.is_dir()) == [*JOBS, "report"]
     assert json.loads((full / JOBS[0] / "run.json").read_text())["cache"]["hits"] == 0

@@ -411,23 +411,23 @@ def test_robustbench_g_and_h_sweep_then_a_multirun_over_h_reuses_g_and_resumes(t
     env = {**os.environ, "PYTHONPATH": f"{guard}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "MIXROBUST_ZOO_DIR": str(zoo_dir), "MIXROBUST_CACHE_DIR": str(tmp_path / "cache"),
            "MIXROBUST_DATA_ROOT": str(real_data_root()), "OMP_NUM_THREADS": "2"}
-    common = ["g_ckpt=robustbench:cifar10/Linf/Sehwag2021Proxy_R18", "n=24", "attack.steps=5", "mix.alphas=[0,0.5,1]",
-              "progress.mode=none"]
+    common = ["g_ckpt=robustbench:cifar10/Linf/Sehwag2021Proxy_R18", "n=24", "attack.steps=5", "adaptive.steps=3",
+              "mix.alphas=[0,0.5,1]", "progress.mode=none"]
     run = tmp_path / "single"
     evaluate(tmp_path, env, *common, "h_ckpt=robustbench:cifar10/Linf/Wong2020Fast", f"hydra.run.dir={run}")
     rows = json.loads((run / "results.json").read_text())
     assert {r["h_model"].split(" ")[0] for r in rows} == {"robustbench:cifar10/Linf/Wong2020Fast"}
     assert {r["g_model"].split(" ")[0] for r in rows} == {"robustbench:cifar10/Linf/Sehwag2021Proxy_R18"}
     marker = json.loads((run / "run.json").read_text())
-    assert marker["h_record"]["source"]["kind"] == "robustbench" and marker["cache"]["misses"] == 4
+    assert marker["h_record"]["source"]["kind"] == "robustbench" and marker["cache"]["misses"] == 6
 
     sweep = tmp_path / "sweep"
     hs = "h_ckpt=robustbench:cifar10/Linf/Wong2020Fast,robustbench:cifar10/Linf/Andriushchenko2020Understanding"
     evaluate(tmp_path, env, "-m", *common, hs, f"hydra.sweep.dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if p.name[0].isdigit())
     caches = [json.loads((job / "run.json").read_text())["cache"] for job in jobs]
-    assert caches[0] == {"dir": str(tmp_path / "cache"), "hits": 4, "misses": 0}  # the single run's job again
-    assert caches[1]["hits"] == 2 and caches[1]["misses"] == 2  # g: clean outputs and STD images; h: new
+    assert caches[0] == {"dir": str(tmp_path / "cache"), "hits": 6, "misses": 0}  # the single run's job again
+    assert caches[1]["hits"] == 3 and caches[1]["misses"] == 3  # g: clean outputs, STD and APGD images; h: new
     again = evaluate(tmp_path, env, "-m", *common, hs, f"hydra.sweep.dir={sweep}")
     assert (again.stdout + again.stderr).count("already holds this run's results: skipped") == 2
 

@@ -16,6 +16,7 @@ hot loops and one host sync at the end.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 from collections.abc import Iterator
@@ -139,6 +140,15 @@ class PGD:
     gradients are float32; `autocast_dtype` ("bfloat16"/"float16") runs only the model's
     forward pass under ``torch.autocast`` on x's device type.
 
+    Early exit (``early_exit=True``): each example leaves the batch at the first visited point that the
+    model misclassifies, which is returned for it, and the batch is compacted at once. The attacked
+    model's accuracy is exactly the full search's without random start (an example is robust iff no
+    visited point fooled it, and each example's search is independent of the batch); with random
+    starts, later restarts draw for fewer examples, so it is statistically, not exactly, the same.
+    The point returned for a fooled example is its first fooling point, not the highest-loss one: use
+    it for the attacked model's accuracy, not as a transfer attack or a training example (the
+    default, off, is what training and the sweep's STD / ROB images use).
+
     Works when called under ``torch.no_grad()`` (the search re-enables gradients), but not
     inside ``torch.inference_mode()``, which cannot be undone: that raises a RuntimeError.
     With ``eps == 0``, or ``steps == 0`` without random start, returns a copy of x.
@@ -162,6 +172,7 @@ class PGD:
         restarts: int = 1,
         seed: int | None = 0,
         autocast_dtype: torch.dtype | str | None = None,
+        early_exit: bool = False,
     ):
         self.norm = Norm.parse(norm)
         self.eps = _number("eps", eps, low=0.0)
@@ -179,6 +190,9 @@ class PGD:
             )
         self.seed = None if seed is None else _number("seed", seed, low=0, integer=True)
         self.autocast_dtype = parse_autocast_dtype(autocast_dtype)
+        if not isinstance(early_exit, bool):
+            raise ConfigError(f"attack.early_exit must be true or false, got {early_exit!r}")
+        self.early_exit = early_exit
 
     @classmethod
     def from_threat(cls, threat: Threat, steps: int, **kwargs) -> "PGD":
@@ -191,8 +205,14 @@ class PGD:
             f"{type(self).__name__}(norm={self.norm.value!r}, eps={self.eps:g}, "
             f"step_size={self.step_size:g}, steps={self.steps}, loss={self.loss!r}, "
             f"random_start={self.random_start}, restarts={self.restarts}, seed={self.seed}, "
-            f"autocast_dtype={dtype!r})"
+            f"autocast_dtype={dtype!r}" + (", early_exit=True" if self.early_exit else "") + ")"
         )
+
+    def with_early_exit(self, early_exit: bool = True) -> "PGD":
+        """A copy of this attack with `early_exit` set (the sweep: on for MIX, off for the transfer images)."""
+        out = copy.copy(self)
+        out.early_exit = early_exit
+        return out
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
         """A fresh generator on `device` seeded with `seed`; None (global RNG) when `seed` is None."""
@@ -217,7 +237,8 @@ class PGD:
         if generator is None:
             generator = self.make_generator(x.device)
         with eval_mode(model), torch.enable_grad():
-            x_adv, nonfinite = self._search(model, x, y, generator)
+            search = self._search_early_exit if self.early_exit else self._search
+            x_adv, nonfinite = search(model, x, y, generator)
         raise_if_nonfinite(nonfinite, "the model", during=f" during the {type(self).__name__} search")
         return x_adv
 
@@ -252,6 +273,49 @@ class PGD:
                 loss, fooled = self._forward(model, x_adv, y, nonfinite)
                 _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
         return best, nonfinite
+
+    def _search_early_exit(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> tuple[Tensor, Tensor]:
+        """`_search` that drops each example from the batch at its first visited point that the model misclassifies
+        (kept as its adversarial example); the batch is compacted at once. The unfooled examples get the final
+        iterate (one search, as `_search` gives them) or the highest-loss final iterate of the restarts."""
+        linf = self.norm is Norm.LINF
+        out = x.clone()  # (N, C, H, W)
+        best_loss = torch.full(y.shape, -math.inf, device=x.device)  # unfooled examples, over restarts
+        nonfinite = torch.zeros(y.shape, dtype=torch.bool, device=x.device)
+        todo = torch.arange(y.shape[0], device=x.device)
+        for _ in range(self.restarts):
+            idx, xs, ys = todo, x[todo], y[todo]
+            lo = (xs - self.eps).clamp_(min=0.0) if linf else None
+            hi = (xs + self.eps).clamp_(max=1.0) if linf else None
+            x_adv = torch.empty_like(xs)
+            with torch.no_grad():
+                self._start(x_adv, xs, lo, hi, generator)
+            for step in range(self.steps + (self.restarts > 1)):  # several restarts: their final iterates judged
+                x_adv.requires_grad_(True)
+                flags = torch.zeros(ys.shape, dtype=torch.bool, device=x.device)
+                loss, fooled = self._forward(model, x_adv, ys, flags)
+                nonfinite[idx] |= flags
+                last = step == self.steps
+                grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
+                x_adv = x_adv.detach()
+                if bool(fooled.any()):  # one host sync per step: the price of dropping decided examples
+                    out[idx[fooled]] = x_adv[fooled]
+                    keep = ~fooled
+                    todo = todo[~torch.isin(todo, idx[fooled])]
+                    idx, xs, ys, x_adv, loss = idx[keep], xs[keep], ys[keep], x_adv[keep], loss[keep]
+                    grad = None if grad is None else grad[keep]
+                    lo, hi = (None, None) if not linf else (lo[keep], hi[keep])
+                    if idx.numel() == 0:
+                        break
+                if last:
+                    take = loss.detach() > best_loss[idx]
+                    out[idx[take]], best_loss[idx[take]] = x_adv[take], loss.detach()[take]
+                    break
+                with torch.no_grad():
+                    self._step(x_adv, grad, xs, lo, hi)
+            else:  # one search: the unfooled take the final iterate, as `_search` gives them
+                out[idx] = x_adv
+        return out, nonfinite
 
     def _forward(self, model: nn.Module, x_adv: Tensor, y: Tensor, nonfinite: Tensor) -> tuple[Tensor, Tensor]:
         """Per-example float32 loss (N,) and whether the model misclassifies (N,).

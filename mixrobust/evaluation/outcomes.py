@@ -29,6 +29,7 @@ COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "
 OPTIONAL_COLUMNS = ("g_model", "h_model")
 BASE_MODELS = ("g", "h")
 BASE_IMAGES = (CLEAN, "std", "rob")  # g and h are judged on the clean, g-PGD and h-PGD images
+BASE_OWN = ("apgd",)  # and, when it ran, on the adaptive attack's images of the model itself
 
 
 @dataclass
@@ -38,7 +39,8 @@ class Outcomes:
     - ``mix[name]``: (M, A, N) bool, the mixture correct on image set `name` (``clean`` and
       every attack in `attacks`);
     - ``base[model][name]``: (N,) bool, base model g or h correct on image set `name` in
-      `BASE_IMAGES` (``std`` = PGD on g, ``rob`` = PGD on h);
+      `BASE_IMAGES` (``std`` = PGD on g, ``rob`` = PGD on h) and, when the sweep ran it, ``apgd``
+      (the adaptive attack on that model alone);
     - `index`: (N,) positions of the examples in the evaluated split; `labels`: (N,).
     `steps` are the PGD steps of std / rob / mix (None where the attack has no step count).
     """
@@ -63,6 +65,8 @@ class Outcomes:
 def _steps(outcomes: Outcomes, attack: str) -> int | None:
     if attack == CLEAN:
         return 0
+    if attack == "apgd":
+        return outcomes.meta.get("apgd_steps")
     return None if attack == "autoattack" else outcomes.steps
 
 
@@ -73,9 +77,14 @@ def _implementation(outcomes: Outcomes, attacks) -> str | None:
     return " + ".join(names) or None
 
 
+def base_images(outcomes: Outcomes, model: str) -> tuple[str, ...]:
+    """The image sets base model `model` was judged on, in column order."""
+    return BASE_IMAGES + tuple(a for a in BASE_OWN if a in outcomes.base[model])
+
+
 def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None, attack: str, acc: float) -> dict:
     if attack == WORST:
-        attacks = BASE_IMAGES if model in BASE_MODELS else outcomes.attacks
+        attacks = base_images(outcomes, model) if model in BASE_MODELS else outcomes.attacks
     else:
         attacks = (attack,)
     return {
@@ -103,14 +112,14 @@ def aggregate(outcomes: Outcomes) -> list[dict]:
     """Result rows (dicts with `COLUMNS`) from per-example outcomes, by the module's counting rule.
 
     First the base models (``model`` g / h, alpha NaN, no mixing option; attacks clean, std,
-    rob, worst), then, per mixing option and alpha, the mixture (``model`` mix; clean, each
+    rob, apgd where it ran, worst), then, per mixing option and alpha, the mixture (``model`` mix; clean, each
     attack in ``outcomes.attacks``, worst).
     """
     rows = []
     for model in BASE_MODELS:
         res = outcomes.base[model]
         worst = res[CLEAN].copy()
-        for name in BASE_IMAGES:
+        for name in base_images(outcomes, model):
             correct = res[name] & res[CLEAN]
             worst &= correct
             rows.append(_row(outcomes, model, math.nan, None, name, _accuracy(correct)))

@@ -22,7 +22,29 @@ LABEL_MERGE = (0.12, 0.04)
 
 
 STYLES = {"clean": ("C0", "o"), "std": ("C1", "s"), "rob": ("C2", "^"), "mix": ("C3", "D"),
-          "autoattack": ("C4", "v"), "worst": ("k", "x")}
+          "apgd": ("C5", "P"), "autoattack": ("C4", "v"), "worst": ("k", "x")}
+
+
+#: How tables and plots name the attacks (the ``attack`` column's values).
+ATTACK_NAMES = {"clean": "clean", "std": "STD", "rob": "ROB", "mix": "MIX", "apgd": "APGD", "autoattack": "AutoAttack",
+                "worst": "worst case"}
+
+
+def attack_legend(rows: list[dict], attack: str) -> str:
+    """The name of an attack's column or curve with what ran, from the rows: ``MIX (PGD-20)``, ``APGD (100 steps)``, ``AutoAttack (pyautoattack 0.2.0)``, ``worst case (of STD, ROB, MIX, APGD)``."""
+    row = next((r for r in rows if r["attack"] == attack), None)
+    name = ATTACK_NAMES.get(attack, attack)
+    if attack == "worst":
+        ran = [ATTACK_NAMES.get(a, a) for a in dict.fromkeys(r["attack"] for r in rows) if a not in ("clean", "worst")]
+        return f"{name} (of {', '.join(ran)})" if ran else name
+    if row is None or attack == "clean":
+        return name
+    what = row.get("implementation") or ""
+    if attack in ("std", "rob", "mix") and row.get("steps"):
+        what = f"PGD-{row['steps']}"
+    elif attack == "apgd" and row.get("steps"):
+        what = f"{row['steps']} steps"
+    return f"{name} ({what})" if what else name
 
 
 def _pyplot():
@@ -100,7 +122,7 @@ def plot_accuracy_vs_alpha(rows: list[dict], path: str | os.PathLike) -> Path:
             color, marker = STYLES[attack]
             xs, ys = _series(rows, option, attack)
             ax.plot(xs, ys, color=color, marker=marker, ms=4, lw=1.2 if attack != "worst" else 0.8,
-                    ls="-" if attack != "worst" else ":", label=attack.upper())
+                    ls="-" if attack != "worst" else ":", label=attack_legend(rows, attack))
         for model, attack, color in (("g", "std", "C1"), ("h", "rob", "C2")):
             if (model, attack) in base:
                 ax.axhline(base[(model, attack)], color=color, ls="--", lw=0.9, alpha=0.7, label=f"{model} PGD")
@@ -162,7 +184,7 @@ def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "wo
         ax.scatter([cx], [cy], marker="*" if model == "g" else "P", s=90, color="k", zorder=3, label=model)
     if xs and max(xs) - min(xs) < MIN_CLEAN_SPAN:
         ax.set_xlim(*_zoomed(xs, MIN_CLEAN_SPAN))
-    ax.set(xlabel="clean accuracy", ylabel=f"attacked accuracy ({attacked})",
+    ax.set(xlabel="clean accuracy", ylabel=f"attacked accuracy ({attack_legend(rows, attacked)})",
            title=f"Trade-off as alpha varies ({_title(rows)})")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mixrobust.runtime.files import csv_text, write_json, write_text
 from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS, save_outcomes
-from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_tradeoff
+from mixrobust.evaluation.plots import attack_legend, plot_accuracy_vs_alpha, plot_tradeoff
 
 FILES = ("results.csv", "results.json", "outcomes.npz", "margins.json", "accuracy_vs_alpha.png", "tradeoff.png")
 
@@ -76,7 +76,8 @@ def pivot(rows: list[dict]) -> tuple[list[str], list[tuple[str, float | None, st
 
 
 def format_table(rows: list[dict]) -> str:
-    """A compact text table: one line per (model, alpha, option), one column per attack."""
+    """A compact text table: one line per (model, alpha, option), one column per attack, and a legend naming
+    each column's attack (its steps and implementation, from the rows)."""
     attacks, lines_of = pivot(rows)
     lines = ["model alpha  option      " + " ".join(f"{a:>10}" for a in attacks)]
     for model, alpha, r_option, mix_space, cells in lines_of:
@@ -84,4 +85,5 @@ def format_table(rows: list[dict]) -> str:
         alpha_s = "-" if alpha is None else f"{alpha:.3g}"
         lines.append(f"{model:<5} {alpha_s:<6} {option:<11} " + " ".join(
             f"{c:>10.4f}" if c is not None else f"{'':>10}" for c in cells))
-    return "\n".join(lines)
+    legend = [f"{a}: {attack_legend(rows, a)}" for a in attacks if a != "clean"]
+    return "\n".join(lines + (["columns: " + "; ".join(legend)] if legend else []))

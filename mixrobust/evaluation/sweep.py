@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mixrobust.attacks import PGD, Attack, attack_in_batches, eval_mode, model_device
+from mixrobust.attacks import PGD, AdaptiveMixAttack, Attack, attack_in_batches, eval_mode, model_device
 from mixrobust.attacks.pgd import nonfinite_rows, raise_if_nonfinite
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
@@ -80,13 +80,16 @@ def merge_results(parts: Sequence[SweepResult]) -> SweepResult:
     """One result from the results of disjoint example shards, in shard order (exactly as one run would give).
 
     Outcomes and gaps are concatenated along the example axis and the margins recomputed from them;
-    warnings are the first shard's (pre-flight runs on it), timings the slowest shard's per phase.
+    warnings are the first shard's (pre-flight runs on it) but the attack-strength ones, judged on all the
+    examples; timings the slowest shard's per phase.
     """
     parts = list(parts)
     outcomes = concat_outcomes([p.outcomes for p in parts])
     gaps = {k: np.concatenate([p.gaps[k] for p in parts], axis=-1) for k in parts[0].gaps}
     timings = {k: max(p.timings.get(k, 0.0) for p in parts) for k in parts[0].timings}
-    return SweepResult(outcomes, margins_from(outcomes, gaps), list(parts[0].warnings), timings, gaps)
+    shard = set(strength_warnings(parts[0].outcomes))  # judged again on all the examples
+    warnings = [w for w in parts[0].warnings if w not in shard] + strength_warnings(outcomes)
+    return SweepResult(outcomes, margins_from(outcomes, gaps), warnings, timings, gaps)
 
 
 def attack_label(attack) -> str:
@@ -134,7 +137,8 @@ class _Judged:
 class _Sweep:
     """One sweep's state: models, data and the mixtures (vector alpha to judge, scalar to attack)."""
 
-    def __init__(self, g, h, x, y, alphas, options, attack, batch_size, detach_r, cache: DiskCache | None = None):
+    def __init__(self, g, h, x, y, alphas, options, attack, batch_size, detach_r, cache: DiskCache | None = None,
+                 kernels: dict | None = None):
         self.g, self.h, self.x, self.y = g, h, x, y
         self.alphas, self.options, self.batch_size = alphas, options, batch_size
         self.device = model_device(g, x.device)
@@ -142,7 +146,7 @@ class _Sweep:
         if self.cache is not None:  # entries are keyed by one model each, so a sweep over h reuses g's, and these
             self.digests = {"g": module_digest(g), "h": module_digest(h)}
             self.key_parts = {"data": tensor_digest(x, y.long()), "device": self.device.type, "batch_size": batch_size,
-                              "code": code_digest()}
+                              "code": code_digest(), **({"kernels": kernels} if kernels else {})}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
         self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
         self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
@@ -183,8 +187,9 @@ class _Sweep:
             out.append(entry["logits"].to(self.x.device))
         return out[0], out[1]
 
-    def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None):
-        """PGD on base model `target` ("g" or "h") for the examples where `keep` is True (all if None).
+    def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None, column: str | None = None):
+        """`attack` on base model `target` ("g" or "h") for the examples where `keep` is True (all if None);
+        `column` names it in progress (default STD on g, ROB on h).
 
         Returns (x_adv (n, ...), their indices (n,), (g's, h's outputs on x_adv) or None). With a
         cache, the images and the target's outputs of every example attacked so far under the same key
@@ -195,7 +200,8 @@ class _Sweep:
         """
         model = self.g if target == "g" else self.h
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
-        name = f"{'STD' if target == 'g' else 'ROB'} attack ({attack_label(attack)} on {target})"
+        column = column or ("STD" if target == "g" else "ROB")
+        name = f"{column} attack ({getattr(attack, 'label', None) or attack_label(attack)} on {target})"
         if self.cache is None or not len(idx):
             with progress.stage(name, len(idx)) as shown:
                 x_adv, idx = self.run_attack(attack, model, keep, shown)
@@ -267,17 +273,69 @@ class _Sweep:
         return out
 
 
-def implementations(attack, autoattack=None) -> dict[str, str]:
-    """Which code runs each attack: ``mixrobust <version>`` for our PGD (std, rob, mix); AutoAttack's
-    provenance (its implementation and version) for autoattack."""
-    ours = f"mixrobust {package_version()}" if isinstance(attack, PGD) else type(attack).__qualname__
+def implementations(attack, autoattack=None, adaptive=None) -> dict[str, str]:
+    """Which code runs each attack: ``mixrobust <version>`` for our PGD (std, rob, mix) and adaptive attack (apgd);
+    AutoAttack's provenance (its implementation and version) for autoattack."""
+    version = f"mixrobust {package_version()}"
+    ours = version if isinstance(attack, PGD) else type(attack).__qualname__
     out = {"std": ours, "rob": ours, "mix": ours}
+    if adaptive is not None:
+        out["apgd"] = version if isinstance(adaptive, AdaptiveMixAttack) else type(adaptive).__qualname__
     if autoattack is not None:
         out["autoattack"] = getattr(autoattack, "provenance", type(autoattack).__qualname__)
     return out
 
 
-def _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size) -> tuple:
+def attack_labels(attack, autoattack=None, adaptive=None) -> dict[str, str]:
+    """What each column of a results table is, for its legend: e.g. ``mix: PGD-20 (ce) on the mixture``."""
+    pgd = f"{attack_label(attack)} ({attack.loss})" if isinstance(attack, PGD) else type(attack).__name__
+    out = {"std": f"{pgd} on g", "rob": f"{pgd} on h", "mix": f"{pgd} on the mixture (the paper's)"}
+    if adaptive is not None:
+        out["apgd"] = f"{getattr(adaptive, 'label', type(adaptive).__name__)} on the model itself"
+    if autoattack is not None:
+        out["autoattack"] = f"AutoAttack standard ({getattr(autoattack, 'provenance', type(autoattack).__name__)})"
+    return out
+
+
+#: The paper's PGD on the mixture may overstate its robustness: warned about beyond this gap to the strongest attack.
+STRENGTH_GAP = 0.01
+
+
+def strength_warnings(outcomes: Outcomes) -> list[str]:
+    """One warning per mixing option where the paper's PGD (mix) scores more than `STRENGTH_GAP` above the strongest
+    other attack on the mixture (apgd, autoattack) at some alpha."""
+    clean = outcomes.mix[CLEAN]
+    others = [a for a in ("apgd", "autoattack") if a in outcomes.mix]
+    if "mix" not in outcomes.mix or not others:
+        return []
+    out = []
+    for m, option in enumerate(outcomes.options):
+        gaps = []
+        for a, alpha in enumerate(outcomes.alphas.tolist()):
+            pgd = float((outcomes.mix["mix"][m, a] & clean[m, a]).mean())
+            strongest = min(float((outcomes.mix[o][m, a] & clean[m, a]).mean()) for o in others)
+            if pgd - strongest > STRENGTH_GAP:
+                gaps.append(f"{alpha:g} ({pgd:.1%} vs {strongest:.1%})")
+        if gaps:
+            out.append(f"{option.label}: the paper's PGD on the mixture (mix) overstates its robustness by more than "
+                       f"{STRENGTH_GAP:.0%} against the strongest attack ({' / '.join(others)}) at alpha "
+                       f"{', '.join(gaps)}: report the worst case, not mix alone")
+    return out
+
+
+def accelerate(g: nn.Module, h: nn.Module, channels_last: bool = False, compile: bool = False) -> dict:
+    """Put g and h (in place) in channels_last memory format and / or compile their calls (``nn.Module.compile``,
+    dynamic shapes: early exit shrinks the batch). Their outputs then differ from the eager ones by rounding
+    only, so their cache entries are kept apart: returns the settings for the cache key ({} when both are off)."""
+    for model in (g, h):
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        if compile:
+            model.compile(dynamic=True)
+    return {k: v for k, v in (("channels_last", channels_last), ("compile", compile)) if v}
+
+
+def _validate(g, h, x, y, alphas, options, attacks, autoattack, adaptive, batch_size) -> tuple:
     alphas, _ = check_alphas(list(alphas) if not isinstance(alphas, (int, float)) else [alphas])
     options = tuple(o if isinstance(o, MixOption) else MixOption(*o) for o in options)
     if not options:
@@ -285,6 +343,8 @@ def _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size) -> t
     attacks = parse_attacks(attacks)
     if AttackName.AUTOATTACK in attacks and autoattack is None:
         raise ConfigError("attacks include autoattack: pass autoattack=mixrobust.evaluation.AutoAttack(...)")
+    if AttackName.APGD in attacks and adaptive is None:
+        raise ConfigError("attacks include apgd: pass adaptive=mixrobust.attacks.AdaptiveMixAttack(...)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if not x.is_floating_point() or x.ndim != 4 or y.shape != x.shape[:1] or x.shape[0] == 0:
@@ -310,6 +370,7 @@ def run_sweep(
     options: Sequence[MixOption | tuple[str, str]] = (MixOption(),),
     attacks: Sequence[str] = ("std", "rob", "mix"),
     autoattack: Attack | None = None,
+    adaptive: Attack | None = None,
     batch_size: int = 500,
     skip_misclassified: bool = True,
     reuse: bool = True,
@@ -317,17 +378,22 @@ def run_sweep(
     preflight: bool = True,
     cache: DiskCache | None = None,
     device: torch.device | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> SweepResult:
     """Sweep `alphas` for every mixing option of g and h on images `x` (N, C, H, W) in [0,1], labels `y` (N,).
 
     `attack` (its norm and eps are the threat) runs as STD (on g), ROB (on h) and MIX (on each
-    mixture); `attacks` chooses which of std, rob, mix, autoattack count for the mixtures' rows
+    mixture); `attacks` chooses which of std, rob, mix, apgd, autoattack count for the mixtures' rows
     and worst case (g's and h's own PGD always run: base rows, margins and the alpha 0/1 reuse).
-    `autoattack` is the AutoAttack instance when ``autoattack`` is among `attacks`. Everything is
+    `adaptive` is the adaptive attack when ``apgd`` is among `attacks` (it then also runs on g and
+    on h alone, for their rows and the mixture's at alpha 0 / 1), `autoattack` the AutoAttack
+    instance when ``autoattack`` is. Everything is
     validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
     `index` (N,) records where the examples come from (default 0..N-1). `device` moves g and h there
-    first (default: where they are). Each example's outcomes depend on it alone (no random start),
+    first (default: where they are); `channels_last` and `compile` put them in that memory format and
+    compile them, in place (`accelerate`; on a GPU, faster at equal accuracies). Each example's outcomes depend on it alone (no random start),
     so the sweep of a shard of the examples gives that shard of the whole sweep. With a `cache`
     (`mixrobust.runtime.cache.DiskCache`), g's and h's outputs on the clean images and the STD
     and ROB images (with g's and h's outputs on them) are read from and written to it, keyed by
@@ -336,48 +402,59 @@ def run_sweep(
     """
     if device is not None:
         g, h = g.to(device), h.to(device)
-    alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, batch_size)
+    alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, adaptive, batch_size)
+    kernels = accelerate(g, h, channels_last, compile)
     if skip_misclassified and attack.random_start:
         log.warning("skip_misclassified is ignored with random_start: skipping would change the random starts")
         skip_misclassified = False
     y = y.long()
     warnings = run_preflight({"g": g, "h": h}, x[:batch_size], y[:batch_size]) if preflight else []
-    sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache)
+    sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache, kernels)
     timings, t0 = {}, time.perf_counter()
 
     clean = sweep.judge(x, y, sweep.clean_logits())
     timings["clean"] = time.perf_counter() - t0
     judged = {}
     anyone = clean.base["g"][0] | clean.base["h"][0] | clean.correct.any(axis=(0, 1))  # (N,) right somewhere
+    transfer = attack.with_early_exit(False) if isinstance(attack, PGD) else attack  # images judged by every model
     for name, target in (("std", "g"), ("rob", "h")):
         t0 = time.perf_counter()
         keep = anyone if skip_misclassified else None
-        judged[name] = sweep.judge_subset(clean, *sweep.adversarial(attack, target, keep))
+        judged[name] = sweep.judge_subset(clean, *sweep.adversarial(transfer, target, keep))
         timings[name] = time.perf_counter() - t0
+    own = {}  # the adaptive attack on g and on h alone: their apgd column, and the mixture's at alpha 0 / 1
+    if AttackName.APGD in attacks:
+        t0 = time.perf_counter()
+        for target in ("g", "h"):
+            own[target] = sweep.judge_subset(clean, *sweep.adversarial(adaptive, target, anyone if skip_misclassified
+                                                                       else None, "APGD"))
+        timings["apgd/base"] = time.perf_counter() - t0
 
     shape = clean.correct.shape  # (M, A, N)
-    adaptive = [a for a in attacks if a in (AttackName.MIX, AttackName.AUTOATTACK)]
-    results = {a.value: (np.zeros(shape, bool), np.zeros(shape)) for a in adaptive}
-    for name in adaptive:
+    on_mixture = {AttackName.MIX: attack, AttackName.APGD: adaptive, AttackName.AUTOATTACK: autoattack}
+    names = [a for a in attacks if a in on_mixture]
+    results = {a.value: (np.zeros(shape, bool), np.zeros(shape)) for a in names}
+    for name in names:
         t0 = time.perf_counter()
-        reused = name is AttackName.MIX and reuse
-        kept = {(m, a): clean.correct[m, a] if skip_misclassified or name is AttackName.AUTOATTACK else None
+        reused = reuse and name in (AttackName.MIX, AttackName.APGD)
+        alpha0, alpha1 = ((judged["std"], judged["rob"]) if name is AttackName.MIX else (own.get("g"), own.get("h")))
+        kept = {(m, a): clean.correct[m, a] if skip_misclassified or name is not AttackName.MIX else None
                 for m in range(len(options)) for a, alpha in enumerate(alphas) if not (reused and alpha in (0.0, 1.0))}
         total = sum(int(k.sum()) if k is not None else len(y) for k in kept.values())
-        label = attack_label(attack) if name is AttackName.MIX else "AutoAttack"
+        label = {AttackName.MIX: attack_label(attack), AttackName.AUTOATTACK: "AutoAttack"}.get(
+            name, getattr(adaptive, "label", "adaptive attack"))
         with progress.stage(f"{name.value.upper()} attacks ({label} on the mixture, {len(kept)} alpha x option)",
                             total) as shown:
             for (m, option), (a, alpha) in itertools.product(enumerate(options), enumerate(alphas)):
                 correct, gap = results[name.value][0][m, a], results[name.value][1][m, a]
-                if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h, attacked by STD / ROB already
-                    src = judged["std" if alpha == 0.0 else "rob"]
+                if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h, attacked as g / h already
+                    src = alpha0 if alpha == 0.0 else alpha1
                     correct[:], gap[:] = src.correct[m, a], src.gap[m, a]
                     continue
                 keep = kept[m, a]
                 sweep.single[m].alpha = alpha
                 shown.detail = f"alpha {alpha:g}, {option.label}"
-                x_adv, idx = sweep.run_attack(attack if name is AttackName.MIX else autoattack, sweep.single[m], keep,
-                                              shown)
+                x_adv, idx = sweep.run_attack(on_mixture[name], sweep.single[m], keep, shown)
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
                 if len(idx):
                     correct[idx], gap[idx] = sweep.judge_single(m, alpha, x_adv, y[torch.from_numpy(idx)])
@@ -388,17 +465,23 @@ def run_sweep(
     mix_outcomes = {CLEAN: clean.correct}
     for name in attacks:
         mix_outcomes[name.value] = judged[name.value].correct if name.value in judged else results[name.value][0]
-    base = {k: {CLEAN: clean.base[k][0], "std": judged["std"].base[k][0], "rob": judged["rob"].base[k][0]}
-            for k in ("g", "h")}
+    base = {k: {CLEAN: clean.base[k][0], "std": judged["std"].base[k][0], "rob": judged["rob"].base[k][0],
+                **({"apgd": own[k].base[k][0]} if k in own else {})} for k in ("g", "h")}
     outcomes = Outcomes(
         alphas=np.asarray(alphas, dtype=np.float64), options=options, attacks=tuple(a.value for a in attacks),
         mix=mix_outcomes, base=base,
         index=np.arange(y.shape[0]) if index is None else np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64),
         labels=y.cpu().numpy(), norm=attack.norm.value, eps=attack.eps, steps=attack.steps,
         meta={"attack": repr(attack), "autoattack": repr(autoattack) if autoattack is not None else None,
+              "adaptive": repr(adaptive) if adaptive is not None else None,
+              "apgd_steps": getattr(adaptive, "steps", None) if AttackName.APGD in attacks else None,
               "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r,
-              "implementations": implementations(attack, autoattack)},
+              "implementations": implementations(attack, autoattack, adaptive),
+              "labels": attack_labels(attack, autoattack, adaptive)},
     )
+    for message in strength_warnings(outcomes):
+        log.warning("%s", message)
+        warnings.append(message)
     gaps = {"g/clean": clean.base["g"][1], "g/std": judged["std"].base["g"][1], "h/clean": clean.base["h"][1],
             "h/rob": judged["rob"].base["h"][1], "mix/clean": clean.gap}
     if "mix" in results:

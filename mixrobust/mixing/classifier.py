@@ -159,28 +159,44 @@ class MixedClassifier(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alphas = self._alphas
-        if any(0 < a < 1 for a in alphas) and self.r_option is not ROption.ONE:
-            gl, hl, r = self._outputs_and_r(x)
-        else:
-            gl = _upcast(self.g(x)) if any(a < 1 for a in alphas) else None
-            hl = _upcast(self.h(x)) if any(a > 0 for a in alphas) else None
-            r = None
+        gl, hl, r = self._base(x)
         with torch.autocast(x.device.type, enabled=False):
-            out = self._mix(gl, hl, alphas, r)  # (A, N, K)
+            out = self._mix(gl, hl, self._alphas, r)  # (A, N, K)
         return out if self._is_vector else out[0]
 
-    def _mix(self, gl, hl, alphas, r) -> torch.Tensor:
+    def outputs_and_surrogate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture's outputs and, from the same pass of g and h, a surrogate for attacks: the same mixture in
+        logit space (eq. (4) with R_i applied to logits). The log of averaged softmaxes flattens the loss where
+        one base model is confident, exactly where an attack needs a gradient; the logit mixture does not
+        saturate there. An attack may follow the surrogate's gradient but judges success on the outputs
+        (`mixrobust.attacks.APGD`). With ``mix_space="logit"`` both are the outputs."""
+        gl, hl, r = self._base(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._mix(gl, hl, self._alphas, r)
+            surrogate = out if self.mix_space is MixSpace.LOGIT else self._mix(gl, hl, self._alphas, r, MixSpace.LOGIT)
+        return (out, surrogate) if self._is_vector else (out[0], surrogate[0])
+
+    def _base(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """g's and h's logits (None where no alpha needs them) and R_i (None for R_i = 1)."""
+        alphas = self._alphas
+        if any(0 < a < 1 for a in alphas) and self.r_option is not ROption.ONE:
+            return self._outputs_and_r(x)
+        gl = _upcast(self.g(x)) if any(a < 1 for a in alphas) else None
+        hl = _upcast(self.h(x)) if any(a > 0 for a in alphas) else None
+        return gl, hl, None
+
+    def _mix(self, gl, hl, alphas, r, space: MixSpace | None = None) -> torch.Tensor:
+        space = self.mix_space if space is None else space
         if gl is not None and hl is not None and gl.shape != hl.shape:
             raise ConfigError(f"g outputs shape {tuple(gl.shape)} but h outputs {tuple(hl.shape)}")
-        if self.mix_space is MixSpace.PROB:
+        if space is MixSpace.PROB:
             gl = None if gl is None else torch.log_softmax(gl, dim=-1)
             hl = None if hl is None else torch.log_softmax(hl, dim=-1)
         if hl is None:  # every alpha is 0
             return gl.unsqueeze(0).repeat(len(alphas), 1, 1)
         if gl is None:  # every alpha is 1
             return hl.unsqueeze(0).repeat(len(alphas), 1, 1)
-        mix = mix_log_probs if self.mix_space is MixSpace.PROB else mix_logits
+        mix = mix_log_probs if space is MixSpace.PROB else mix_logits
         return mix(gl, hl, alphas, r)
 
     def _outputs_and_r(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mixrobust.attacks import PGD, AutoAttack
+from mixrobust.attacks import PGD, AdaptiveMixAttack, AutoAttack
+from mixrobust.attacks.apgd import APGDLoss
 from mixrobust.attacks.autoattack import IMPLEMENTATIONS
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import AttackName, MixOption, format_table, mix_options, read_results_csv, run_sweep, write_results
@@ -66,9 +67,24 @@ class MixKeys:
 class SweepKeys:
     """The sweep's top-level switches: which attacks run on the mixture, and the evaluation hygiene."""
 
-    attacks: tuple[AttackName, ...] = bounded((AttackName.STD, AttackName.ROB, AttackName.MIX), min_len=1)
+    attacks: tuple[AttackName, ...] = bounded((AttackName.STD, AttackName.ROB, AttackName.MIX, AttackName.APGD),
+                                              min_len=1)
     skip_misclassified: bool = True
     preflight: bool = True
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class AdaptiveKeys:
+    """``adaptive.*``: the adaptive attack on the mixture (``attacks: [..., apgd]``, `AdaptiveMixAttack`)."""
+
+    steps: int = bounded(100, ge=1)
+    losses: tuple[APGDLoss, ...] = bounded(("ce", "dlr_targeted"), min_len=1)
+    targets: int = bounded(5, ge=1)
+    restarts: int = bounded(1, ge=1)
+    random_start: bool = False
+    surrogate: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class MixSettings(inputs.EvaluationJob):
     threat: Threat
     attack: PGD
     autoattack: AutoAttack | None
+    adaptive: AdaptiveMixAttack | None
     alphas: tuple[float, ...]
     options: tuple[MixOption, ...]
     mix: MixKeys
@@ -101,7 +118,7 @@ class MixSettings(inputs.EvaluationJob):
     def fingerprint(self) -> str:
         """What the results depend on: the config (but certification's and job keys), the checkpoints' contents,
         the code, the data set and threat as resolved, and the AutoAttack implementation that runs."""
-        unused = ("certify",) + (() if self.autoattack else ("autoattack",))
+        unused = ("certify",) + (() if self.autoattack else ("autoattack",)) + (() if self.adaptive else ("adaptive",))
         return fingerprint(inputs.numbers_config(self.config, unused), [self.g.path, self.h.path],
                            data=self.data.name, threat=self.threat.as_dict(), models=[self.g.identity, self.h.identity],
                            autoattack=self.autoattack.provenance if self.autoattack else None)
@@ -140,10 +157,19 @@ def settings(cfg: DictConfig) -> MixSettings:
         implementation = parse(AutoAttackKeys, cfg.autoattack, "autoattack").implementation
         autoattack = AutoAttack(threat.norm, threat.eps, g.num_classes, seed=examples.seed,
                                 implementation=implementation, batch_size=job.batch_size)
+    adaptive = None
+    if AttackName.APGD in sweep.attacks:
+        keys = parse(AdaptiveKeys, cfg.adaptive, "adaptive")
+        adaptive = AdaptiveMixAttack(threat.norm, eps=threat.eps, steps=keys.steps, losses=keys.losses,
+                                     targets=keys.targets, restarts=keys.restarts, random_start=keys.random_start,
+                                     seed=examples.seed, surrogate=keys.surrogate)
+        if "dlr_targeted" in keys.losses and g.num_classes < 4 or "dlr" in keys.losses and g.num_classes < 3:
+            raise ConfigError(f"adaptive.losses {list(keys.losses)}: the DLR losses need at least 3 classes (4 when "
+                              f"targeted), these models have {g.num_classes}; use adaptive.losses=[ce]")
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
     options = mix_options(mix.r_options, mix.mix_spaces)
     return MixSettings(
-        g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack,
+        g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack, adaptive=adaptive,
         alphas=tuple(sorted(set(alphas))), options=options, mix=mix, sweep=sweep, job=job,
         cache_dir=cache.dir if cache.enabled else None, device=inputs.device(cfg),
         processes=inputs.processes(cfg), logger=inputs.logger(cfg),
@@ -173,8 +199,9 @@ def _sweep(s: MixSettings, device, cache: DiskCache | None):
     g, h = (f.load(device if s.processes == 1 else "cpu") for f in (s.g, s.h))
     return functools.partial(
         run_sweep, g, h, alphas=s.alphas, attack=s.attack, options=s.options, attacks=[a.value for a in s.sweep.attacks],
-        autoattack=s.autoattack, batch_size=s.job.batch_size, skip_misclassified=s.sweep.skip_misclassified,
-        detach_r=s.mix.detach_r, preflight=s.sweep.preflight, cache=cache)
+        autoattack=s.autoattack, adaptive=s.adaptive, batch_size=s.job.batch_size, skip_misclassified=s.sweep.skip_misclassified,
+        detach_r=s.mix.detach_r, preflight=s.sweep.preflight, cache=cache, channels_last=s.sweep.channels_last,
+        compile=s.sweep.compile)
 
 
 def run(cfg: DictConfig) -> MixResult:
@@ -210,6 +237,7 @@ def _marker(s: MixSettings, result, n: int, device, seconds: float, cache: DiskC
     return {
         "g_ckpt": str(s.g.path), "h_ckpt": str(s.h.path), "data": s.data.name, "split": s.examples.split, "n": n,
         "threat": s.threat.as_dict(), "attack": repr(s.attack), "autoattack": repr(s.autoattack),
+        "adaptive": repr(s.adaptive),
         "implementations": result.outcomes.meta["implementations"],
         "device": str(device), "processes": s.processes, "seconds": seconds, "timings": result.timings,
         "warnings": result.warnings, "g_record": s.g.record, "h_record": s.h.record,

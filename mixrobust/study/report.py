@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from mixrobust.evaluation import read_results_csv
+from mixrobust.evaluation.plots import ATTACK_NAMES, attack_legend
 from mixrobust.evaluation.report import pivot
 from mixrobust.runtime.files import package_version, read_json, write_json, write_text
 from mixrobust.runtime.loggers import is_wandb, job_logger
@@ -42,9 +43,6 @@ class Plan(Protocol):
     stages: list
 
 
-ATTACK_NAMES = {"clean": "clean", "std": "STD", "rob": "ROB", "mix": "MIX", "autoattack": "AutoAttack",
-                "worst": "worst case"}
-
 
 def _rows(path: Path) -> list[dict] | None:
     return read_results_csv(path) if path.is_file() else None
@@ -54,28 +52,13 @@ def _alpha(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
 
 
-def attack_label(rows: list[dict], attack: str) -> str:
-    """The column's name with what ran: ``MIX (PGD-20)``, ``AutoAttack (torchattacks 3.5.1)``."""
-    row = next((r for r in rows if r["attack"] == attack), None)
-    name = ATTACK_NAMES.get(attack, attack)
-    if attack == "worst":
-        ran = [ATTACK_NAMES.get(a, a) for a in dict.fromkeys(r["attack"] for r in rows) if a not in ("clean", "worst")]
-        return f"{name} (of {', '.join(ran)})" if ran else name
-    if row is None or attack == "clean":
-        return name
-    what = row.get("implementation") or ""
-    if attack in ("std", "rob", "mix") and row.get("steps"):
-        what = f"PGD-{row['steps']}"
-    return f"{name} ({what})" if what else name
-
-
 def results_table(rows: list[dict], models: tuple[str, ...] = ("g", "h", "mix")) -> str:
     """One line per (model, alpha, option), one column per attack (accuracy in %), the worst case last."""
     attacks, lines = pivot(rows)
     order = sorted(range(len(attacks)), key=lambda i: attacks[i] == "worst")
     body = [[model, _alpha(alpha), f"{r}/{s}" if r else "-", *(pct(cells[i]) for i in order)]
             for model, alpha, r, s, cells in lines if model in models]
-    return md_table(["model", "alpha", "option", *(attack_label(rows, attacks[i]) for i in order)], body)
+    return md_table(["model", "alpha", "option", *(attack_legend(rows, attacks[i]) for i in order)], body)
 
 
 def margins_table(margins: dict, paper: bool) -> str:
@@ -157,7 +140,7 @@ def paper_table(fig2: list[dict] | None, alpha: float) -> str:
     p = PAPER["fig2"]
     body = [["g clean", pct(acc("g", "clean")), pct(p["g_clean"])],
             ["h clean", pct(acc("h", "clean")), pct(p["h_clean"])],
-            [f"h, {attack_label(fig2, 'rob')}", pct(acc("h", "rob")), pct(p["h_pgd"])],
+            [f"h, {attack_legend(fig2, 'rob')}", pct(acc("h", "rob")), pct(p["h_pgd"])],
             [f"mixture clean, alpha {_alpha(closest)}", pct(acc("mix", "clean", closest)), pct(p["mix_clean"])],
             [f"mixture MIX, alpha {_alpha(closest)}", pct(acc("mix", "mix", closest)), pct(p["mix_mix"])]]
     return md_table(["quantity", "ours", "paper"], body)

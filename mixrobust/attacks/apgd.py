@@ -1,0 +1,300 @@
+"""Auto-PGD (Croce and Hein, ICML 2020) with early exit, and the adaptive attack on a mixture built from it.
+
+`APGD` follows the attack contract of `mixrobust.attacks.pgd` (``attack(model, x, y) -> x_adv``).
+Its step size needs no tuning: it starts at 2 eps and is halved at checkpoints of the iteration
+budget when the loss stalls (too few of the steps since the last checkpoint raised it, or neither
+the step size nor the best loss changed since then), each halving restarting from the best point;
+steps carry momentum 0.75. Losses: ``ce`` (cross-entropy), ``dlr`` (the difference of logits
+ratio, invariant to the logits' scale and shift) and ``dlr_targeted`` (towards one class; with
+``targets=T`` the search runs once for each of the T classes ranked highest after the label on
+the clean image).
+
+Surrogate gradients (``surrogate=True``): when the model has a method ``outputs_and_surrogate(x) ->
+(outputs, surrogate)`` (`mixrobust.mixing.MixedClassifier` does: the logit-space mixture), the loss
+and its gradient come from the surrogate and success is judged on the outputs; only a point the true
+outputs misclassify counts. On the digits mixtures it is weaker than the default, which attacks the
+outputs themselves with the scale-invariant DLR loss (the cross-entropy of the log of averaged
+softmaxes saturates where one base model is confident; DLR's ratio of logit differences does not).
+
+Early exit (``early_exit=True``, the default): an example is dropped from the search at the first
+visited point that the model misclassifies, which is kept as its adversarial example; the batch is
+compacted then. The reported accuracy is identical to the full search's (``early_exit=False``,
+which searches every example to the end and still returns its first fooling point): an example
+counts as robust only if no visited point fooled it, and the examples still searched do not depend
+on which others are in the batch (without random start; with it, the starts drawn for later
+searches differ, so the accuracies are then statistically, not exactly, equal). Without random start
+the searches are deterministic; with it, the starts are drawn for the whole batch at once from a
+generator seeded with `seed`, so results are reproducible for a seed and batch.
+
+`AdaptiveMixAttack` runs APGD-CE, then targeted APGD-DLR on the examples still robust (each stage
+only on them, as AutoAttack chains its attacks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from mixrobust.attacks.losses import cross_entropy_loss
+from mixrobust.attacks.pgd import _check_inputs, _number, eval_mode, nonfinite_rows, raise_if_nonfinite
+from mixrobust.errors import ConfigError, check_choice
+from mixrobust.threat import Norm
+
+APGDLoss = Literal["ce", "dlr", "dlr_targeted"]
+APGD_LOSSES: tuple[str, ...] = get_args(APGDLoss)
+MOMENTUM = 0.75  # weight of the new step; 1 - MOMENTUM on the previous one (Croce and Hein, eq. (2))
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations where APGD may halve its step: ceil(p_j * steps) for p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), below `steps`."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    marks = {math.ceil(round(v * steps, 9)) for v in p}  # rounded: 0.41 + 0.16 is 0.5700000000000001 in floats
+    return sorted(m for m in marks if m < steps)
+
+
+def dlr_loss(z: Tensor, y: Tensor) -> Tensor:
+    """-(z_y - max_{i != y} z_i) / (z_(1) - z_(3) + 1e-12) per example (z_(k): k-th largest), (N, K) -> (N,)."""
+    z = z.float()
+    top = z.topk(3, dim=1).values  # (N, 3)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(z: Tensor, y: Tensor, target: Tensor) -> Tensor:
+    """-(z_y - z_t) / (z_(1) - (z_(3) + z_(4)) / 2 + 1e-12) per example, towards class `target` (N,)."""
+    z = z.float()
+    top = z.topk(4, dim=1).values  # (N, 4)
+    z_y, z_t = z.gather(1, y[:, None]).squeeze(1), z.gather(1, target[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+def _outputs(model: nn.Module, x: Tensor, surrogate: bool = True) -> tuple[Tensor, Tensor]:
+    """(outputs judged, logits differentiated): the model's surrogate when it offers one and `surrogate` is on."""
+    both = getattr(model, "outputs_and_surrogate", None) if surrogate else None
+    if both is not None:
+        out, surrogate = both(x)
+        return out, surrogate
+    out = model(x)
+    return out, out
+
+
+class APGD:
+    """Auto-PGD in the `norm` ball of radius `eps` (see the module doc); `steps` gradient steps per search.
+
+    Returns, per example, the first visited point that the model misclassifies, else the point of
+    highest loss. `targets` applies to ``dlr_targeted`` (one search per target class); `restarts`
+    repeat every search from another random start (``random_start`` required for more than one).
+    Raises `NonFiniteError` when the model's outputs were NaN or inf at a visited point.
+    """
+
+    def __init__(self, norm: Norm | str = "linf", *, eps: float, steps: int = 100, loss: APGDLoss = "ce",
+                 targets: int = 3, restarts: int = 1, random_start: bool = False, seed: int | None = 0,
+                 rho: float = 0.75, early_exit: bool = True, surrogate: bool = False):
+        self.norm = Norm.parse(norm)
+        self.eps = _number("eps", eps, low=0.0)
+        self.steps = _number("steps", steps, low=1, integer=True)
+        self.loss = check_choice("adaptive.losses", loss, APGD_LOSSES)
+        self.targets = _number("targets", targets, low=1, integer=True)
+        self.restarts = _number("restarts", restarts, low=1, integer=True)
+        if not isinstance(random_start, bool):
+            raise ConfigError(f"random_start must be true or false, got {random_start!r}")
+        if self.restarts > 1 and not random_start:
+            raise ConfigError(f"restarts={self.restarts} needs random_start=true: without a random start every "
+                              "restart repeats the same deterministic search")
+        self.random_start = random_start
+        self.seed = None if seed is None else _number("seed", seed, low=0, integer=True)
+        self.rho = float(rho)
+        self.early_exit = bool(early_exit)
+        self.surrogate = bool(surrogate)
+
+    def __repr__(self) -> str:
+        target = f", targets={self.targets}" if self.loss == "dlr_targeted" else ""
+        return (f"APGD(norm={self.norm.value!r}, eps={self.eps:g}, steps={self.steps}, loss={self.loss!r}{target}, "
+                f"restarts={self.restarts}, random_start={self.random_start}, seed={self.seed})")
+
+    @property
+    def searches(self) -> int:
+        """Searches per example (restarts times targets): the attack's cost in units of `steps` gradient steps."""
+        return self.restarts * (self.targets if self.loss == "dlr_targeted" else 1)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        _check_inputs(x, y)
+        x, y = x.detach(), y.detach().long()
+        out = x.clone()
+        if self.eps == 0 or x.shape[0] == 0:
+            return out
+        generator = None if self.seed is None else torch.Generator(device=x.device).manual_seed(self.seed)
+        nonfinite = torch.zeros(y.shape, dtype=torch.bool, device=x.device)
+        with eval_mode(model), torch.enable_grad():
+            with torch.no_grad():
+                clean, surrogate = _outputs(model, x, self.surrogate)
+            nonfinite |= nonfinite_rows(clean)
+            active = (clean.argmax(1) == y).nonzero().flatten()  # misclassified examples: x itself fools them
+            if self.loss == "dlr_targeted" and surrogate.shape[1] < 4:
+                raise ConfigError("the targeted DLR loss needs at least 4 classes")
+            ranked = surrogate.detach().argsort(dim=1, descending=True)  # (N, K) classes by clean surrogate score
+            best = torch.full(y.shape, -math.inf, device=x.device)  # the highest loss of the unfooled examples
+            for _ in range(self.restarts):
+                for t in range(self.targets if self.loss == "dlr_targeted" else 1):
+                    if active.numel() == 0:
+                        break
+                    target = ranked[active, t + 1] if self.loss == "dlr_targeted" else None
+                    active = self._search(model, x, y, active, target, out, best, nonfinite, generator)
+        raise_if_nonfinite(nonfinite, "the model", during=" during the APGD search")
+        return out
+
+    # --- one search ------------------------------------------------------------------------------
+
+    def _loss(self, z: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
+        if self.loss == "ce":
+            return cross_entropy_loss(z, y)
+        return dlr_loss(z, y) if target is None else dlr_targeted_loss(z, y, target)
+
+    def _eval(self, model, x_adv: Tensor, y: Tensor, target, nonfinite: Tensor, idx: Tensor):
+        """Loss (n,), gradient (n, ...), fooled (n,) at `x_adv` (n, ...): one forward and one backward pass."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        out, surrogate = _outputs(model, x_adv, self.surrogate)
+        nonfinite[idx] |= nonfinite_rows(out)
+        loss = self._loss(surrogate, y, target)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        return loss.detach(), grad, out.detach().argmax(1) != y
+
+    def _project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        if self.norm is Norm.LINF:
+            return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp_(0.0, 1.0)
+        delta = x_adv - x
+        dims = tuple(range(1, x.ndim))
+        length = torch.linalg.vector_norm(delta, dim=dims, keepdim=True)
+        return (x + delta * torch.where(length > self.eps, self.eps / length.clamp_min(1e-12), 1.0)).clamp_(0.0, 1.0)
+
+    def _direction(self, grad: Tensor) -> Tensor:
+        if self.norm is Norm.LINF:
+            return grad.sign()
+        dims = tuple(range(1, grad.ndim))
+        return grad / torch.linalg.vector_norm(grad, dim=dims, keepdim=True).clamp_min(1e-12)
+
+    def _start(self, x: Tensor, generator) -> Tensor:
+        if not self.random_start:
+            return x.clone()
+        if self.norm is Norm.LINF:
+            t = torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1
+            return self._project(x + self.eps * t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1), x)
+        t = torch.randn(x.shape, generator=generator, device=x.device)
+        dims = tuple(range(1, x.ndim))
+        return self._project(x + self.eps * t / torch.linalg.vector_norm(t, dim=dims, keepdim=True).clamp_min(1e-12), x)
+
+    def _search(self, model, x_all: Tensor, y_all: Tensor, active: Tensor, target, out: Tensor, best: Tensor,
+                nonfinite: Tensor, generator) -> Tensor:
+        """APGD on the examples `active` (indices into the batch); fooled ones are written to `out` and dropped.
+        Returns the indices still unfooled. `best` (N,) keeps each unfooled example's highest loss over searches,
+        whose point is in `out`."""
+        view = (-1,) + (1,) * (x_all.ndim - 1)
+        checks = {c for c in checkpoints(self.steps) if c > 0}
+        s = {"idx": active, "x": x_all[active], "y": y_all[active]}  # per-example state, compacted together
+        if target is not None:
+            s["t"] = target
+        s["cur"] = self._start(s["x"], generator)
+        s["loss"], s["grad"], fooled = self._eval(model, s["cur"], s["y"], s.get("t"), nonfinite, s["idx"])
+        s["prev"], s["best"], s["loss_best"], s["grad_best"] = s["cur"], s["cur"], s["loss"], s["grad"]
+        s["eta"] = torch.full((active.numel(),), 2 * self.eps, device=x_all.device)
+        s["ups"] = torch.zeros_like(s["loss"])  # steps since the last checkpoint that raised the loss
+        s["eta_then"], s["best_then"] = s["eta"].clone(), s["loss_best"].clone()
+        s["hit"] = torch.zeros_like(s["loss"], dtype=torch.bool)  # fooled at a visited point (without early exit)
+        last = 0
+        for k in range(self.steps):  # s["cur"] is x_k: its loss, gradient and outcome are known
+            if not self.early_exit:  # searched to the end; the first fooling point is kept all the same
+                fooled = fooled & ~s["hit"]
+                out[s["idx"][fooled]] = s["cur"][fooled].detach()
+                s["hit"] = s["hit"] | fooled
+            elif fooled.any():  # early exit: keep the fooling point, drop the example from the search
+                out[s["idx"][fooled]] = s["cur"][fooled].detach()
+                s = {key: value[~fooled] for key, value in s.items()}
+                if s["idx"].numel() == 0:
+                    return s["idx"]
+            if k == self.steps - 1:
+                break
+            with torch.no_grad():
+                if k in checks:  # halve the step where the loss stalled, restarting from the best point
+                    stalled = (s["ups"] < self.rho * (k - last)) | ((s["eta_then"] == s["eta"])
+                                                                     & (s["best_then"] == s["loss_best"]))
+                    s["eta"] = torch.where(stalled, s["eta"] / 2, s["eta"])
+                    for key, best_key in (("cur", "best"), ("prev", "best"), ("grad", "grad_best"),
+                                          ("loss", "loss_best")):
+                        mask = stalled.view(view) if s[key].ndim > 1 else stalled
+                        s[key] = torch.where(mask, s[best_key], s[key])
+                    s["ups"] = torch.zeros_like(s["ups"])
+                    s["eta_then"], s["best_then"], last = s["eta"].clone(), s["loss_best"].clone(), k
+                z = self._project(s["cur"] + s["eta"].view(view) * self._direction(s["grad"]), s["x"])
+                weight = 1.0 if k == 0 else MOMENTUM
+                nxt = self._project(s["cur"] + weight * (z - s["cur"]) + (1 - weight) * (s["cur"] - s["prev"]), s["x"])
+            loss, grad, fooled = self._eval(model, nxt, s["y"], s.get("t"), nonfinite, s["idx"])
+            with torch.no_grad():
+                s["ups"] = s["ups"] + (loss > s["loss"]).float()
+                better = loss > s["loss_best"]
+                s["best"] = torch.where(better.view(view), nxt, s["best"])
+                s["grad_best"] = torch.where(better.view(view), grad, s["grad_best"])
+                s["loss_best"] = torch.where(better, loss, s["loss_best"])
+            s["prev"], s["cur"], s["loss"], s["grad"] = s["cur"], nxt, loss, grad
+        # unfooled: keep the highest-loss point over this and earlier searches
+        s = {key: value[~s["hit"]] for key, value in s.items()}
+        take = s["loss_best"] > best[s["idx"]]
+        out[s["idx"][take]] = s["best"][take].detach()
+        best[s["idx"][take]] = s["loss_best"][take]
+        return s["idx"]
+
+
+class AdaptiveMixAttack:
+    """APGD stages chained on the examples each leaves robust: by default APGD-CE, then targeted APGD-DLR on
+    the `targets` classes ranked highest after the label, on the mixture's own outputs (``surrogate=True``: on
+    its logit-space surrogate; weaker on the digits mixtures, see README "Attack strength").
+
+    The attack contract of `mixrobust.attacks.pgd`; its accuracy is the per-example worst case over the
+    stages (each stage attacks only what the previous ones left robust, keeping their points).
+    """
+
+    def __init__(self, norm: Norm | str = "linf", *, eps: float, steps: int = 100,
+                 losses: Sequence[APGDLoss] = ("ce", "dlr_targeted"), targets: int = 5, restarts: int = 1,
+                 random_start: bool = False, seed: int | None = 0, surrogate: bool = False):
+        losses = [losses] if isinstance(losses, str) else list(losses)
+        if not losses:
+            raise ConfigError("adaptive.losses must name at least one of " + ", ".join(APGD_LOSSES))
+        self.stages = [APGD(norm, eps=eps, steps=steps, loss=loss, targets=targets, restarts=restarts,
+                            random_start=random_start, seed=seed, surrogate=surrogate) for loss in losses]
+        self.surrogate = bool(surrogate)
+        self.norm, self.eps, self.steps = self.stages[0].norm, self.stages[0].eps, self.stages[0].steps
+
+    def __repr__(self) -> str:
+        first = self.stages[0]
+        return (f"AdaptiveMixAttack(norm={self.norm.value!r}, eps={self.eps:g}, steps={self.steps}, "
+                f"losses={[s.loss for s in self.stages]}, targets={self.stages[-1].targets}, "
+                f"restarts={first.restarts}, random_start={first.random_start}, seed={first.seed}, "
+                f"surrogate={self.surrogate})")
+
+    @property
+    def label(self) -> str:
+        """How tables name it: ``APGD-CE+T3 (50)``."""
+        parts = [{"ce": "CE", "dlr": "DLR", "dlr_targeted": f"T{s.targets}"}[s.loss] for s in self.stages]
+        return f"APGD-{'+'.join(parts)} ({self.steps}{', surrogate' if self.surrogate else ''})"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        _check_inputs(x, y)
+        x, y = x.detach(), y.detach().long()
+        out = x.clone()
+        todo = torch.arange(x.shape[0], device=x.device)
+        for stage in self.stages:
+            if todo.numel() == 0:
+                break
+            adv = stage(model, x[todo], y[todo])
+            out[todo] = adv
+            with torch.no_grad(), eval_mode(model):
+                fooled = model(adv).argmax(1) != y[todo]
+            todo = todo[~fooled]
+        return out

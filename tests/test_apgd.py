@@ -1,0 +1,168 @@
+"""APGD and the adaptive attack on mixtures (`mixrobust.attacks.apgd`): contract, schedule, losses, early exit, strength."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mixrobust.attacks import APGD, PGD, AdaptiveMixAttack, attack_in_batches
+from mixrobust.attacks.apgd import checkpoints, dlr_loss, dlr_targeted_loss
+from mixrobust.errors import ConfigError
+from mixrobust.mixing import MixedClassifier
+from tests.small_models import cnn, digits, fit_cnns, mlp
+
+
+def test_checkpoints_follow_the_papers_schedule():
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (steps of max(previous - 0.03, 0.06))
+    assert checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(10) == [0, 3, 5, 6, 7, 8, 9]
+
+
+def test_dlr_losses_against_hand_computed_values():
+    z = torch.tensor([[3.0, 1.0, 0.5, -1.0], [0.0, 2.0, 1.0, 4.0]])
+    y = torch.tensor([0, 1])
+    # row 0: -(3 - 1) / (3 - 0.5); row 1: -(2 - 4) / (4 - 1)
+    assert torch.allclose(dlr_loss(z, y), torch.tensor([-2 / 2.5, 2 / 3]))
+    t = torch.tensor([2, 0])
+    # row 0: -(3 - 0.5) / (3 - (0.5 - 1) / 2); row 1: -(2 - 0) / (4 - (1 + 0) / 2)
+    assert torch.allclose(dlr_targeted_loss(z, y, t), torch.tensor([-2.5 / 3.25, -2 / 3.5]))
+    assert torch.allclose(dlr_loss(10 * z + 3, y), dlr_loss(z, y), atol=1e-6)  # scale and shift invariant
+
+
+@pytest.fixture(scope="module")
+def trained_pair(one_thread):
+    """Small digits CNNs: g fitted on clean images, h adversarially (PGD-2 at l_inf 0.2, full batch); 120 test images."""
+    from mixrobust.data import DigitsDataModule
+
+    xt, yt = DigitsDataModule().eval_tensors("train")
+    g = fit_cnns()[0]
+    h = cnn(2, width=8).train()
+    opt = torch.optim.Adam(h.parameters(), lr=1e-2)
+    pgd = PGD(eps=0.2, step_size=0.1, steps=2)
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(h(pgd(h, xt, yt)), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = digits(120)
+    return g, h.eval(), x, y
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.2), ("l2", 1.5)])
+def test_points_stay_in_the_ball_and_the_model_untouched(norm, eps):
+    torch.manual_seed(0)
+    model = mlp().train()
+    x, y = torch.rand(32, 3, 4, 4), torch.randint(0, 5, (32,))
+    x_adv = APGD(norm, eps=eps, steps=12)(model, x, y)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="adaptive.losses"):
+        APGD(eps=0.1, loss="cw")
+    with pytest.raises(ConfigError, match="needs random_start=true"):
+        APGD(eps=0.1, restarts=2)
+    with pytest.raises(ConfigError, match="at least one"):
+        AdaptiveMixAttack(eps=0.1, losses=[])
+
+
+def robust(model, x, x_adv, y) -> torch.Tensor:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr_targeted"])
+def test_early_exit_reports_exactly_the_full_search(trained_pair, loss):
+    """Same seed, no random start: the same examples are robust with and without early exit, and the early-exit
+    points fool the model wherever the full search's do."""
+    g, h, x, y = trained_pair
+    mix = MixedClassifier(g, h, 0.7)
+    full = APGD(eps=0.2, steps=20, loss=loss, early_exit=False)(mix, x, y)
+    fast = APGD(eps=0.2, steps=20, loss=loss)(mix, x, y)
+    assert torch.equal(robust(mix, x, full, y), robust(mix, x, fast, y))
+    assert 0 < robust(mix, x, fast, y).float().mean() < (mix(x).argmax(1) == y).float().mean()
+
+
+def test_adaptive_attack_is_at_least_as_strong_as_pgd_on_the_mixture(trained_pair):
+    """The log of averaged softmaxes flattens PGD's cross-entropy gradient; the surrogate-guided APGD finds at
+    least every error PGD-20 finds here, and more."""
+    g, h, x, y = trained_pair
+    counts = []
+    for alpha in (0.6, 0.8):
+        mix = MixedClassifier(g, h, alpha)
+        pgd = attack_in_batches(PGD(eps=0.2, step_size=0.025, steps=20), mix, x, y, 64)
+        ours = attack_in_batches(AdaptiveMixAttack(eps=0.2, steps=30), mix, x, y, 64)
+        counts.append((int(robust(mix, x, ours, y).sum()), int(robust(mix, x, pgd, y).sum())))
+    assert all(a <= p for a, p in counts) and any(a < p for a, p in counts), counts
+
+
+def test_surrogate_is_the_logit_mixture_and_success_is_judged_on_the_outputs(trained_pair):
+    g, h, x, y = trained_pair
+    mix = MixedClassifier(g, h, 0.7)
+    with torch.no_grad():
+        out, surrogate = mix.outputs_and_surrogate(x[:8])
+        assert torch.equal(out, mix(x[:8]))
+        assert torch.allclose(surrogate, 0.3 * g(x[:8]) + 0.7 * h(x[:8]), atol=1e-5)
+        logit = MixedClassifier(g, h, 0.7, mix_space="logit")
+        assert torch.equal(*logit.outputs_and_surrogate(x[:8]))
+
+
+@pytest.mark.parametrize("norm, eps, step_size", [("linf", 0.2, 0.05), ("l2", 1.5, 0.4)])
+def test_pgd_early_exit_reports_exactly_the_full_search(trained_pair, norm, eps, step_size):
+    g, h, x, y = trained_pair
+    mix = MixedClassifier(g, h, 0.7, norm=norm)
+    full = PGD(norm, eps=eps, step_size=step_size, steps=10)(mix, x, y)
+    fast = PGD(norm, eps=eps, step_size=step_size, steps=10, early_exit=True)(mix, x, y)
+    assert torch.equal(robust(mix, x, full, y), robust(mix, x, fast, y))
+    delta = (fast - x).flatten(1)
+    assert ((delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)) <= eps + 1e-5).all()
+
+
+def test_pgd_early_exit_with_restarts_is_as_strong(trained_pair):
+    """Random starts: later restarts draw for fewer examples, so the numbers may differ by a few examples only."""
+    g, h, x, y = trained_pair
+    mix = MixedClassifier(g, h, 0.7)
+    kw = dict(eps=0.2, step_size=0.05, steps=5, random_start=True, restarts=3, seed=1)
+    full = robust(mix, x, PGD(**kw)(mix, x, y), y).sum()
+    fast = robust(mix, x, PGD(**kw, early_exit=True)(mix, x, y), y).sum()
+    assert abs(int(full) - int(fast)) <= 3
+
+
+def test_sweep_numbers_do_not_change_with_early_exit(trained_pair):
+    """The sweep's MIX attack exits early, its STD / ROB images (judged by every mixture) never do: every row is
+    the same as without early exit."""
+    from mixrobust.evaluation import run_sweep
+
+    g, h, x, y = trained_pair
+    kw = dict(alphas=[0.0, 0.5, 0.7, 1.0], batch_size=64, preflight=False)
+    rows = [run_sweep(g, h, x, y, attack=PGD(eps=0.2, step_size=0.05, steps=8, early_exit=flag), **kw).rows()
+            for flag in (False, True)]
+    strip = [[{k: v for k, v in r.items() if k != "implementation"} for r in rs] for rs in rows]
+    assert strip[0] == strip[1]
+
+
+def _sweep_rows(g, h, x, y, **kw):
+    from mixrobust.evaluation import run_sweep
+
+    attack = PGD(eps=0.2, step_size=0.05, steps=8, early_exit=True)
+    adaptive = AdaptiveMixAttack("linf", eps=0.2, steps=10, targets=2)
+    result = run_sweep(copy.deepcopy(g), copy.deepcopy(h), x, y, alphas=[0.0, 0.6, 1.0], attack=attack,
+                       attacks=["std", "rob", "mix", "apgd"], adaptive=adaptive, batch_size=64, preflight=False, **kw)
+    return [(r["model"], r["alpha"], r["attack"], r["accuracy"]) for r in result.rows()]
+
+
+def test_channels_last_sweep_reports_the_same_accuracies(trained_pair):
+    g, h, x, y = trained_pair
+    assert _sweep_rows(g, h, x, y, channels_last=True) == _sweep_rows(g, h, x, y)
+
+
+@pytest.mark.slow
+def test_compiled_sweep_reports_the_same_accuracies(trained_pair):
+    """``compile=True`` (inductor, dynamic shapes as early exit shrinks the batch): the same rows as eager."""
+    g, h, x, y = trained_pair
+    assert _sweep_rows(g, h, x, y, compile=True) == _sweep_rows(g, h, x, y)
