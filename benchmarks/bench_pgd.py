@@ -10,6 +10,13 @@ forward pass per run; the accuracy column shows both attacks end up equally stro
     python benchmarks/bench_pgd.py --norm l2 --eps 1.0 --step-size 0.25
     python benchmarks/bench_pgd.py --arch resnet18 --input-shape 3 32 32 --device cuda --batch 512
     python benchmarks/bench_pgd.py --arch resnet18 --input-shape 3 32 32 --device cuda --bf16  # ours in bf16
+    # a trained model on real test images, our PGD with early exit (examples leave at their first fooling point)
+    python benchmarks/bench_pgd.py --ckpt outputs/digits/h/checkpoints/best.ckpt --data digits --early-exit
+    # the mixture of two networks (here two random ResNet-18s on a GPU, alpha 0.7)
+    python benchmarks/bench_pgd.py --arch resnet18 --input-shape 3 32 32 --device cuda --batch 512 --alpha 0.7
+
+With ``--ckpt`` the model is a mixrobust checkpoint (its threat's eps and step size unless given) and the
+batch is the first ``--batch`` test images of ``--data`` (digits, or mnist from MIXROBUST_DATA_ROOT).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from mixrobust.attacks import PGD
+from mixrobust.checkpoint import load_classifier
 from mixrobust.models import available_models, create_model
 
 
@@ -33,6 +41,16 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
+
+
+def _test_images(data: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import os
+
+    from mixrobust.data.datasets import DigitsDataModule, MNISTDataModule
+
+    module = DigitsDataModule() if data == "digits" else MNISTDataModule(root=os.environ.get("MIXROBUST_DATA_ROOT"))
+    x, y = module.eval_tensors("test")
+    return x[:n], y[:n]
 
 
 def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -57,6 +75,13 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="run *our* forward passes under bf16 autocast")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs (both)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt", default=None, help="a mixrobust checkpoint instead of a random --arch model")
+    parser.add_argument("--data", choices=["digits", "mnist"], default="digits", help="test images with --ckpt")
+    parser.add_argument("--early-exit", action="store_true", help="ours drops examples at their first fooling point")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="attack the mixture (1 - alpha) g + alpha h of the model (as h) and --g (with --ckpt) "
+                             "or a second random --arch network")
+    parser.add_argument("--g", default=None, help="g's checkpoint for --alpha with --ckpt")
     args = parser.parse_args()
 
     import torchattacks  # a test dependency, needed only here
@@ -68,18 +93,36 @@ def main() -> None:
     eps = args.eps if args.eps is not None else (8 / 255 if args.norm == "linf" else 0.5)
     step_size = args.step_size if args.step_size is not None else eps / 4
     torch.manual_seed(args.seed)
-    model = create_model(args.arch, 10, shape, [0.5] * shape[0], [0.5] * shape[0]).to(device).eval()
-    x = torch.rand((args.batch, *shape), device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    if args.ckpt:
+        model = load_classifier(args.ckpt, map_location=device)
+        threat = model.record.get("threat") or {}
+        eps = args.eps if args.eps is not None else float(threat.get("eps", eps))
+        step_size = args.step_size if args.step_size is not None else float(threat.get("step_size", eps / 4))
+        x, y = _test_images(args.data, args.batch)
+        x, y = x.to(device), y.to(device)
+        shape = tuple(x.shape[1:])
+    else:
+        model = create_model(args.arch, 10, shape, [0.5] * shape[0], [0.5] * shape[0]).to(device).eval()
+        x = torch.rand((args.batch, *shape), device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+    if args.alpha is not None:
+        from mixrobust.mixing import MixedClassifier
+
+        if args.ckpt and not args.g:
+            raise SystemExit("--alpha with --ckpt needs --g (g's checkpoint)")
+        g = (load_classifier(args.g, map_location=device) if args.ckpt else
+             create_model(args.arch, 10, shape, [0.5] * shape[0], [0.5] * shape[0]).to(device).eval())
+        model = MixedClassifier(g, model, args.alpha).eval()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
     ours = PGD(args.norm, eps=eps, step_size=step_size, steps=args.steps,
-               autocast_dtype="bfloat16" if args.bf16 else None)
+               autocast_dtype="bfloat16" if args.bf16 else None, early_exit=args.early_exit)
     ref_cls = torchattacks.PGD if args.norm == "linf" else torchattacks.PGDL2
     ref = ref_cls(model, eps=eps, alpha=step_size, steps=args.steps, random_start=False)
-    runs = {"mixrobust PGD" + (" (bf16)" if args.bf16 else ""): lambda: ours(model, x, y),
+    runs = {"mixrobust PGD" + (" (bf16)" if args.bf16 else "") + (" early exit" if args.early_exit else ""):
+            lambda: ours(model, x, y),
             f"torchattacks {ref_cls.__name__}": lambda: ref(x, y)}
 
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -91,10 +134,12 @@ def main() -> None:
             if i >= args.warmup:
                 times[name].append(seconds)
 
-    print(f"{args.arch} {shape} on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch}, "
+    what = args.ckpt or args.arch
+    what = what if args.alpha is None else f"mixture alpha={args.alpha:g} of {args.g or args.arch} and {what}"
+    print(f"{what} {shape} on {device} ({torch.get_num_threads()} CPU threads), batch {args.batch}, "
           f"{args.norm} eps {eps:.4g}, step {step_size:.4g}, {args.steps} steps, "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    print(f"clean accuracy on the random batch: {_accuracy(model, x, y):.1f}%")
+    print(f"clean accuracy on the {'test' if args.ckpt else 'random'} batch: {_accuracy(model, x, y):.1f}%")
     print(f"{'attack':<28} {'median s':>9} {'images/s':>10} {'attacked acc %':>15}")
     throughput = {}
     for name in names:

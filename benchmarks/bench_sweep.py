@@ -8,7 +8,8 @@ process with a counting wrapper, then wall time. The issue's count: from scratch
 costs STD 20 + ROB 20 + MIX 40 passes (880 for 11 alphas); with STD and ROB computed once and
 MIX at alpha 0 and 1 reused, 400 (2.2x). Our PGD adds one gradient-free pass per attack (the
 final iterate's check) and judging adversarial images costs passes too; both are counted. Also
-checks that both computations report the same accuracies. Without --g/--h the digits checkpoints of `experiment=digits_mix` are used if
+checks that every computation reports the same accuracies. "+ early exit": MIX drops each example at its
+first fooling point (`PGD.early_exit`; STD and ROB images stay full searches). Without --g/--h the digits checkpoints of `experiment=digits_mix` are used if
 present, else two small CNNs fitted here for a few full-batch steps.
 """
 
@@ -96,6 +97,7 @@ def main() -> None:
         measure("from scratch", g, h, lambda: reference_sweep(g, h, x, y, alphas=ALPHAS, attack=attack, batch_size=n)),
         measure("engine", g, h, lambda: run_sweep(g, h, x, y, skip_misclassified=False, **common)),
         measure("engine + skip", g, h, lambda: run_sweep(g, h, x, y, **common)),
+        measure("+ early exit", g, h, lambda: run_sweep(g, h, x, y, **{**common, "attack": attack.with_early_exit()})),
     ]
     ref = runs[0]["out"]
     endpoint_diff = []

@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 D=${DATA_ROOT:-.gpudata}
-SECTIONS=${SECTIONS:-train certify sweep}
+SECTIONS=${SECTIONS:-train certify sweep attacks}
 on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 if on train; then
 # issue 2: CIFAR-10 ResNet-18 training throughput through the Trainer (bf16, channels_last, batch 512)
@@ -37,4 +37,12 @@ timeout 150 python3 evaluate.py -m experiment=digits_sweep logger=none hydra/lau
 timeout 60 python3 evaluate.py -m experiment=digits_sweep logger=none hydra.sweep.dir=multirun/gpu_digits_sweep \
     2>&1 | grep -c "skipped" | sed 's/^/jobs skipped on resume: /'
 head -3 multirun/gpu_digits_sweep/report/combined.csv | cut -c1-160
+fi
+if on attacks; then
+# issue 14: PGD-20 on the mixture of two ResNet-18s (alpha 0.7) against torchattacks, float32 and with our
+# forward passes in bf16; then the sweep's attacks eager vs channels_last vs compiled, at equal accuracies
+P="--arch resnet18 --input-shape 3 32 32 --device cuda --batch 512 --steps 20 --alpha 0.7 --repeats 5"
+timeout 60 python3 benchmarks/bench_pgd.py $P 2>&1 | tail -4
+timeout 60 python3 benchmarks/bench_pgd.py $P --bf16 --channels-last 2>&1 | tail -4
+timeout 240 python3 benchmarks/bench_kernels.py --arch resnet18 --input-shape 3 32 32 --n 1024 --batch 512 2>&1 | tail -8
 fi

@@ -69,6 +69,9 @@ def test_bad_settings_are_refused():
         APGD(eps=0.1, restarts=2)
     with pytest.raises(ConfigError, match="at least one"):
         AdaptiveMixAttack(eps=0.1, losses=[])
+    torch.manual_seed(0)
+    with pytest.raises(ConfigError, match="targets=5, but the model has 5 classes: at most 4"):
+        APGD(eps=0.1, loss="dlr_targeted", targets=5, steps=2)(mlp().eval(), torch.rand(4, 3, 4, 4), torch.zeros(4).long())
 
 
 def robust(model, x, x_adv, y) -> torch.Tensor:

@@ -222,6 +222,8 @@ def no_attacks(monkeypatch):
         (["threat=l2", "threat.eps=8.5"], ConfigError,
          r"threat.eps=8.5 exceeds the input range: an l_2 ball of radius 8"),
         (["attack.steps=0"], ConfigError, "attack.steps must be >= 1"),
+        (["adaptive.targets=10"], ConfigError, r"adaptive.targets=10: these models have 10 classes.*targets<=9"),
+        (["adaptive.losses=[ce,dlr_t]"], ConfigError, r"adaptive.losses\[1\] 'dlr_t'"),
         (["split=valid"], ConfigError, "unknown split 'valid'"),
         (["n=100000"], ConfigError, "n=100000 examples requested, but the split has 360"),
         (["n=0"], ConfigError, "n must be a whole number >= 1, got 0"),

@@ -140,6 +140,9 @@ class APGD:
             active = (clean.argmax(1) == y).nonzero().flatten()  # misclassified examples: x itself fools them
             if self.loss == "dlr_targeted" and surrogate.shape[1] < 4:
                 raise ConfigError("the targeted DLR loss needs at least 4 classes")
+            if self.loss == "dlr_targeted" and self.targets > surrogate.shape[1] - 1:
+                raise ConfigError(f"targets={self.targets}, but the model has {surrogate.shape[1]} classes: at most "
+                                  f"{surrogate.shape[1] - 1} other classes to target")
             ranked = surrogate.detach().argsort(dim=1, descending=True)  # (N, K) classes by clean surrogate score
             best = torch.full(y.shape, -math.inf, device=x.device)  # the highest loss of the unfooled examples
             for _ in range(self.restarts):

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from mixrobust.runtime.files import csv_text, write_json, write_text
+from mixrobust.evaluation.options import WORST
 from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS, save_outcomes
 from mixrobust.evaluation.plots import attack_legend, plot_accuracy_vs_alpha, plot_tradeoff
 
@@ -67,9 +68,10 @@ def write_results(output_dir: str | os.PathLike, result, plots: bool = True) -> 
 
 
 def pivot(rows: list[dict]) -> tuple[list[str], list[tuple[str, float | None, str | None, str | None, list]]]:
-    """Results rows as a table: the attacks in order of appearance, and one line per (model, alpha, r_option,
-    mix_space) with its accuracy under each attack (None where it did not run); alpha None for base models."""
-    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    """Results rows as a table: the attacks in order of appearance but the worst case last, and one line per (model,
+    alpha, r_option, mix_space) with its accuracy under each attack (None where it did not run); alpha None for base
+    models."""
+    attacks = sorted(dict.fromkeys(r["attack"] for r in rows), key=lambda a: a == WORST)  # stable: the rest keep order
     keys = list(dict.fromkeys((r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"]) for r in rows))
     acc = {(r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows}
     return attacks, [(*key, [acc.get((*key, a)) for a in attacks]) for key in keys]

@@ -323,10 +323,19 @@ def strength_warnings(outcomes: Outcomes) -> list[str]:
     return out
 
 
+#: How many compiled variants of one forward `accelerate` lets torch.compile keep (raised from its default of 8).
+COMPILED_VARIANTS = 64
+
+
 def accelerate(g: nn.Module, h: nn.Module, channels_last: bool = False, compile: bool = False) -> dict:
     """Put g and h (in place) in channels_last memory format and / or compile their calls (``nn.Module.compile``,
     dynamic shapes: early exit shrinks the batch). Their outputs then differ from the eager ones by rounding
     only, so their cache entries are kept apart: returns the settings for the cache key ({} when both are off)."""
+    if compile:  # g and h share their forward's code and each runs with and without gradients at many batch
+        # sizes: past torch's default of 8 compiled variants per code object it would fall back to eager
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_VARIANTS)
     for model in (g, h):
         if channels_last:
             model.to(memory_format=torch.channels_last)

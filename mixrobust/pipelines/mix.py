@@ -166,6 +166,9 @@ def settings(cfg: DictConfig) -> MixSettings:
         if "dlr_targeted" in keys.losses and g.num_classes < 4 or "dlr" in keys.losses and g.num_classes < 3:
             raise ConfigError(f"adaptive.losses {list(keys.losses)}: the DLR losses need at least 3 classes (4 when "
                               f"targeted), these models have {g.num_classes}; use adaptive.losses=[ce]")
+        if "dlr_targeted" in keys.losses and keys.targets > g.num_classes - 1:
+            raise ConfigError(f"adaptive.targets={keys.targets}: these models have {g.num_classes} classes, so at most "
+                              f"{g.num_classes - 1} other classes to target; set adaptive.targets<={g.num_classes - 1}")
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
     options = mix_options(mix.r_options, mix.mix_spaces)
     return MixSettings(
