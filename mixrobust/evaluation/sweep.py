@@ -402,7 +402,8 @@ def run_sweep(
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
     `index` (N,) records where the examples come from (default 0..N-1). `device` moves g and h there
     first (default: where they are); `channels_last` and `compile` put them in that memory format and
-    compile them, in place (`accelerate`; on a GPU, faster at equal accuracies). Each example's outcomes depend on it alone (no random start),
+    compile them, in place (`accelerate`: the same accuracies; meant for a GPU, where they have not been
+    timed yet; on a CPU compile is slower). Each example's outcomes depend on it alone (no random start),
     so the sweep of a shard of the examples gives that shard of the whole sweep. With a `cache`
     (`mixrobust.runtime.cache.DiskCache`), g's and h's outputs on the clean images and the STD
     and ROB images (with g's and h's outputs on them) are read from and written to it, keyed by
