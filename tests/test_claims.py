@@ -16,7 +16,8 @@ def row(model: str, attack: str, accuracy: float | None, alpha: float = NAN, opt
         n: int = 100, steps: int | None = 20) -> dict:
     """A results row as `read_results_csv` returns it (base models: no alpha, no mixing option)."""
     r_option, mix_space = option.split("/") if model == "mix" else (None, None)
-    out = {"model": model, "alpha": alpha, "r_option": r_option, "mix_space": mix_space, "norm": "inf",
+    out = {"model": model, "alpha": alpha, "r_option": r_option, "mix_space": mix_space,
+           "h_map": "identity" if model == "mix" else None, "norm": "inf",
            "eps": 8 / 255, "attack": attack, "implementation": "mixrobust", "steps": 0 if attack == "clean" else steps,
            "accuracy": accuracy, "n": n, "g_model": None, "h_model": None}
     assert tuple(out) == COLUMNS

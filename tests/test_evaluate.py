@@ -6,6 +6,7 @@ PGD run directly on h, and the metrics.json that train.py wrote for the same tes
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -328,3 +329,50 @@ def test_evaluate_script_with_wandb_offline(ckpts, tmp_path):
         assert len(list((media / "images" / "eval").glob(f"{stem}_*.png"))) == 1, stem
     (logged,) = (media / "table" / "eval").glob("results_*.table.json")
     assert len(json.loads(logged.read_text())["data"]) == len(read_results_csv(run_dir / "results.csv"))
+
+
+# --- nonlinear mixing: task=fit_map, then the fitted map by name beside linear mixing --------------------------
+
+
+FIT_GRID = ("fit.scales=[1,8]", "fit.powers=[1,2]", "fit.biases=[-0.5,0.5]", "fit.steps=5", "fit.n=100")
+
+
+def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path):
+    from mixrobust.evaluation.matched import matched_rows
+    from mixrobust.pipelines import fit_map
+
+    fits = tmp_path / "fits"
+    fit = fit_map.run(eval_cfg(ckpts, tmp_path / "fit", "task=fit_map", f"fits_dir={fits}", "fit.name=tiny",
+                               *FIT_GRID, *THREAT))
+    again = fit_map.run(eval_cfg(ckpts, tmp_path / "again", "task=fit_map", "fits_dir=null", *FIT_GRID, *THREAT))
+    assert fit.fit.summary()["h_map"] == {**again.fit.summary()["h_map"], "name": "tiny"}  # deterministic
+    assert fit.fit.alpha == again.fit.alpha and fit.fit.grid == again.fit.grid and again.saved is None
+    assert set(fit.files) == set(fit_map.FILES) and (fits / "tiny.json").is_file()
+    record = json.loads((fits / "tiny.json").read_text())
+    assert record["split"] == "val" and record["n"] == 100 and record["robust"] >= 0.985 * record["h_robust"] - 1e-12
+    with open(tmp_path / "fit" / "fit_grid.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 8  # 2 x 2 x 2
+
+    result = mix.run(eval_cfg(ckpts, tmp_path / "mix", ALPHAS, *THREAT, f"fits_dir={fits}", "mix.h_map=[identity,tiny]"))
+    label = fit.fit.h_map.label
+    assert {r["h_map"] for r in result.rows if r["model"] == "mix"} == {"identity", label}
+    assert (tmp_path / "mix" / "matched.csv").is_file() and matched_rows(result.rows)
+    assert "matched clean accuracy" in result.text()
+    linear = {(r["alpha"], r["attack"]): r["accuracy"] for r in result.rows if r.get("h_map") == "identity"}
+    mapped = {(r["alpha"], r["attack"]): r["accuracy"] for r in result.rows if r.get("h_map") == label}
+    assert mapped[0.0, "clean"] == linear[0.0, "clean"] and mapped[0.0, "worst"] == linear[0.0, "worst"]  # g alone
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["mix.h_map=[identity,no_such_fit]"], r"no fitted map at .*no_such_fit.json"),
+    (["mix.h_map=[nonlinear]", "mix.h_map_params.scale=0"], r"mix.h_map_params.scale must be a number > 0"),
+    (["mix.h_map=[nonlinear]", "mix.h_map_params.top_k=11"], r"top_k=11 exceeds the models' 10 classes"),
+    (["task=fit_map", "fit.split=test"], r"fit.split.*'test'.*valid values: val, train"),
+    (["task=fit_map", "fit.target=1.5"], r"fit.target must be a number > 0 and <= 1"),
+])
+def test_bad_map_settings_fail_before_any_attack(ckpts, tmp_path, no_attacks, overrides, pattern):
+    from mixrobust.pipelines import fit_map
+
+    task = fit_map if "task=fit_map" in overrides else mix
+    with pytest.raises(ConfigError, match=pattern):
+        task.run(eval_cfg(ckpts, tmp_path, f"fits_dir={tmp_path}", *overrides))

@@ -45,6 +45,7 @@ from pathlib import Path
 from mixrobust.certify.report import CURVE_COLUMNS, plot_certified_accuracy
 from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
+from mixrobust.evaluation.options import option_key
 from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS
 from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
 from mixrobust.evaluation.report import read_results_csv
@@ -59,7 +60,7 @@ MARKERS = {"run.json": "mix", "certify_summary.json": "certify"}
 #: Columns of combined.csv, in order.
 COMBINED_COLUMNS = ("job", "overrides", *COLUMNS)
 #: What identifies a result row across jobs (everything but the accuracy).
-ROW_KEY = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "steps", "n")
+ROW_KEY = ("model", "alpha", "r_option", "mix_space", "h_map", "norm", "eps", "attack", "steps", "n")
 PLOT_PREFIXES = ("accuracy_vs_alpha", "tradeoff", "robust_vs_eps", "certified_accuracy_")
 #: Columns of combined_certified.csv, in order.
 CERTIFIED_COLUMNS = ("job", "overrides", "sigma", *CURVE_COLUMNS)
@@ -150,7 +151,9 @@ def _certify_report(jobs: list[Job], out: Path, plots: bool) -> dict[str, Path]:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(None if isinstance(row[k], float) and math.isnan(row[k]) else row[k] for k in ROW_KEY)
+    """The row's `ROW_KEY` values (NaN as None; a mixture row of an earlier version, without h_map, is linear)."""
+    row = {**row, "h_map": option_key(row)[2]} if row["model"] == "mix" else row
+    return tuple(None if isinstance(row.get(k), float) and math.isnan(row[k]) else row.get(k) for k in ROW_KEY)
 
 
 def _same(a: float | None, b: float | None) -> bool:

@@ -20,13 +20,14 @@ import numpy as np
 
 from mixrobust.runtime.files import atomic_write
 from mixrobust.evaluation.options import CLEAN, WORST, MixOption
+from mixrobust.mixing.maps import HMap
 
 #: Columns of results.csv / results.json, in order. ``g_model`` / ``h_model``: which base models (checkpoint path or
 #: zoo source, and the weights' sha256 prefix), from ``meta["models"]``; empty where the sweep did not say.
-COLUMNS = ("model", "alpha", "r_option", "mix_space", "norm", "eps", "attack", "implementation", "steps", "accuracy",
+COLUMNS = ("model", "alpha", "r_option", "mix_space", "h_map", "norm", "eps", "attack", "implementation", "steps", "accuracy",
            "n", "g_model", "h_model")
-#: Columns that results files of earlier versions lack (read as empty).
-OPTIONAL_COLUMNS = ("g_model", "h_model")
+#: Columns that results files of earlier versions lack (read as empty; no ``h_map``: identity, linear mixing).
+OPTIONAL_COLUMNS = ("h_map", "g_model", "h_model")
 BASE_MODELS = ("g", "h")
 BASE_IMAGES = (CLEAN, "std", "rob")  # g and h are judged on the clean, g-PGD and h-PGD images
 BASE_OWN = ("apgd",)  # and, when it ran, on the adaptive attack's images of the model itself
@@ -92,6 +93,7 @@ def _row(outcomes: Outcomes, model: str, alpha: float, option: MixOption | None,
         "alpha": alpha,
         "r_option": option.r_option.value if option else None,
         "mix_space": option.mix_space.value if option else None,
+        "h_map": option.h_map.label if option else None,
         "norm": outcomes.norm,
         "eps": outcomes.eps,
         "attack": attack,
@@ -158,7 +160,7 @@ def concat_outcomes(parts: list[Outcomes]) -> Outcomes:
 def save_outcomes(path: str | os.PathLike, outcomes: Outcomes) -> Path:
     """Write `outcomes` as a compressed .npz (bool matrices, indices, alphas, a JSON header), atomically."""
     header = {
-        "options": [[o.r_option.value, o.mix_space.value] for o in outcomes.options],
+        "options": [[o.r_option.value, o.mix_space.value, o.h_map.as_dict()] for o in outcomes.options],
         "attacks": list(outcomes.attacks),
         "norm": outcomes.norm,
         "eps": outcomes.eps,
@@ -194,7 +196,8 @@ def load_outcomes(path: str | os.PathLike) -> Outcomes:
                 base[parts[1]][parts[2]] = data[key]
         return Outcomes(
             alphas=data["alphas"],
-            options=tuple(MixOption(r, s) for r, s in header["options"]),
+            options=tuple(MixOption(o[0], o[1], HMap.from_dict(o[2]) if len(o) > 2 else HMap())
+                          for o in header["options"]),
             attacks=tuple(header["attacks"]),
             mix=mix,
             base=base,

@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from mixrobust.evaluation.options import option_key, option_text
 from mixrobust.runtime.files import atomic_write
 
 #: The narrowest clean-accuracy axis of the trade-off plot: a narrower one would blow up a few test
@@ -68,13 +69,14 @@ def _base(rows: list[dict]) -> dict[tuple[str, str], float]:
     return {(r["model"], r["attack"]): r["accuracy"] for r in rows if r["model"] in ("g", "h")}
 
 
-def _options(rows: list[dict]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys((r["r_option"], r["mix_space"]) for r in rows if r["model"] == "mix"))
+def _options(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The mixing options of the rows, (r_option, mix_space, h_map), in order of appearance."""
+    return list(dict.fromkeys(option_key(r) for r in rows if r["model"] == "mix"))
 
 
-def _series(rows: list[dict], option: tuple[str, str], attack: str) -> tuple[list[float], list[float]]:
+def _series(rows: list[dict], option: tuple[str, str, str], attack: str) -> tuple[list[float], list[float]]:
     pts = sorted((r["alpha"], r["accuracy"]) for r in rows
-                 if r["model"] == "mix" and (r["r_option"], r["mix_space"]) == option and r["attack"] == attack)
+                 if r["model"] == "mix" and option_key(r) == option and r["attack"] == attack)
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -115,7 +117,7 @@ def plot_accuracy_vs_alpha(rows: list[dict], path: str | os.PathLike) -> Path:
             if (model, "clean") in base:
                 top.axhline(base[(model, "clean")], color="C0", ls=ls, lw=0.9, alpha=0.7, label=f"{model} clean")
         top.set(ylabel="clean", ylim=_zoomed(clean + [base[(m, "clean")] for m in "gh" if (m, "clean") in base],
-                                              MIN_CLEAN_SPAN), title=f"{option[0]} / {option[1]}")
+                                              MIN_CLEAN_SPAN), title=option_text(option))
         top.grid(alpha=0.3)
         top.legend(fontsize=7, loc="lower left")
         for attack in attacks:
@@ -159,7 +161,7 @@ def merged_labels(points: list[tuple[float, float, float]], x_span: float, y_spa
 
 def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "worst") -> Path:
     """Attacked (`attacked`, default the per-example worst case) vs clean accuracy, one curve per
-    (r_option, mix_space) traced by alpha (its points labelled with their alphas, overlapping labels
+    (r_option, mix_space, h_map) traced by alpha (its points labelled with their alphas, overlapping labels
     merged), with g and h as points (the paper's Figure 1). The clean axis spans at least
     `MIN_CLEAN_SPAN`."""
     plt = _pyplot()
@@ -177,7 +179,7 @@ def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "wo
     y_span = max(max(ys) - min(ys), 0.05) if ys else 1.0
     for i, (option, points) in enumerate(curves):
         ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", ms=3, color=f"C{i}",
-                label=f"{option[0]} / {option[1]}")
+                label=option_text(option))
         for text, cx, cy in merged_labels(points, x_span, y_span):
             ax.annotate(text, (cx, cy), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
     for model, cx, cy in shown:
@@ -196,7 +198,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
     """Accuracy vs eps for rows of one norm (an eps sweep): one panel per attack (columns; clean
     only if there is no other) and mixing option (rows), one line per alpha of h^alpha (coloured
     by alpha) and g, h as black dashed / dotted lines where they have rows for that attack."""
-    options = _options(rows) or [(None, None)]
+    options = _options(rows) or [None]
     present = list(dict.fromkeys(r["attack"] for r in rows))
     attacks = [a for a in STYLES if a in present and a != "clean"] + [a for a in present if a not in STYLES]
     attacks = attacks or ["clean"]
@@ -209,7 +211,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
             ax = axes[i, j]
             for alpha in alphas:
                 pts = sorted((r["eps"], r["accuracy"]) for r in rows if r["model"] == "mix" and r["alpha"] == alpha
-                             and (r["r_option"], r["mix_space"]) == option and r["attack"] == attack)
+                             and option_key(r) == option and r["attack"] == attack)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, color=plt.cm.viridis(0.9 * alpha),
                             label=f"alpha={alpha:.3g}")
@@ -220,7 +222,7 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
             title = attack.upper() if attack != "clean" else attack
             ax.set(xlabel=f"eps ({rows[0]['norm']})" if i == len(options) - 1 else "", ylabel="accuracy",
                    ylim=(-0.02, 1.02),
-                   title=title if option == (None, None) else f"{title}, {option[0]} / {option[1]}")
+                   title=title if option is None else f"{title}, {option_text(option)}")
             ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()

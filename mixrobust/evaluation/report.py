@@ -6,7 +6,9 @@
 - ``outcomes.npz``: the per-example outcomes (`save_outcomes`), from which `aggregate`
   reproduces the rows exactly;
 - ``margins.json``: the Table-1 confidence margins;
-- ``accuracy_vs_alpha.png`` and ``tradeoff.png``: the paper's Figures 2 and 1.
+- ``accuracy_vs_alpha.png`` and ``tradeoff.png``: the paper's Figures 2 and 1;
+- ``matched.csv``, where the sweep holds linear and nonlinear mixing of one kind: both at matched clean
+  accuracy (`mixrobust.evaluation.matched`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import os
 from pathlib import Path
 
 from mixrobust.runtime.files import csv_text, write_json, write_text
-from mixrobust.evaluation.options import WORST
+from mixrobust.evaluation.matched import matched_columns, matched_rows
+from mixrobust.evaluation.options import WORST, option_key, option_text
 from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS, save_outcomes
 from mixrobust.evaluation.plots import attack_legend, plot_accuracy_vs_alpha, plot_tradeoff
 
@@ -35,7 +38,7 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def read_results_csv(path: str | os.PathLike) -> list[dict]:
-    """Parse results.csv back into typed rows (alpha NaN and None where the cell is empty)."""
+    """Parse results.csv back into typed rows (alpha NaN and None where the cell is empty or the column absent)."""
     rows = []
     with open(path, newline="") as f:
         for raw in csv.DictReader(f):
@@ -47,7 +50,7 @@ def read_results_csv(path: str | os.PathLike) -> list[dict]:
                     row[key] = int(cell) if cell else None
                 else:
                     row[key] = cell or None
-            rows.append(row)
+            rows.append({**dict.fromkeys(OPTIONAL_COLUMNS), **row})  # files of earlier versions lack these
     return rows
 
 
@@ -61,19 +64,27 @@ def write_results(output_dir: str | os.PathLike, result, plots: bool = True) -> 
         "outcomes.npz": save_outcomes(out / "outcomes.npz", result.outcomes),
         "margins.json": write_json(out / "margins.json", result.margins),
     }
+    matched = matched_rows(rows)
+    if matched:
+        paths["matched.csv"] = write_text(out / "matched.csv", csv_text(matched_columns(rows), matched))
     if plots:
         paths["accuracy_vs_alpha.png"] = plot_accuracy_vs_alpha(rows, out / "accuracy_vs_alpha.png")
         paths["tradeoff.png"] = plot_tradeoff(rows, out / "tradeoff.png")
     return paths
 
 
-def pivot(rows: list[dict]) -> tuple[list[str], list[tuple[str, float | None, str | None, str | None, list]]]:
+def _option(row: dict) -> str | None:
+    """A row's mixing option as tables name it (`option_text`), None for the base models."""
+    return option_text(option_key(row)) if row["r_option"] else None
+
+
+def pivot(rows: list[dict]) -> tuple[list[str], list[tuple[str, float | None, str | None, list]]]:
     """Results rows as a table: the attacks in order of appearance but the worst case last, and one line per (model,
-    alpha, r_option, mix_space) with its accuracy under each attack (None where it did not run); alpha None for base
-    models."""
+    alpha, mixing option) with its accuracy under each attack (None where it did not run); alpha and option None for
+    base models."""
     attacks = sorted(dict.fromkeys(r["attack"] for r in rows), key=lambda a: a == WORST)  # stable: the rest keep order
-    keys = list(dict.fromkeys((r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"]) for r in rows))
-    acc = {(r["model"], _plain(r["alpha"]), r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows}
+    keys = list(dict.fromkeys((r["model"], _plain(r["alpha"]), _option(r)) for r in rows))
+    acc = {(r["model"], _plain(r["alpha"]), _option(r), r["attack"]): r["accuracy"] for r in rows}
     return attacks, [(*key, [acc.get((*key, a)) for a in attacks]) for key in keys]
 
 
@@ -82,8 +93,8 @@ def format_table(rows: list[dict]) -> str:
     each column's attack (its steps and implementation, from the rows)."""
     attacks, lines_of = pivot(rows)
     lines = ["model alpha  option      " + " ".join(f"{a:>10}" for a in attacks)]
-    for model, alpha, r_option, mix_space, cells in lines_of:
-        option = f"{r_option}/{mix_space}" if r_option else "-"
+    for model, alpha, option, cells in lines_of:
+        option = option or "-"
         alpha_s = "-" if alpha is None else f"{alpha:.3g}"
         lines.append(f"{model:<5} {alpha_s:<6} {option:<11} " + " ".join(
             f"{c:>10.4f}" if c is not None else f"{'':>10}" for c in cells))

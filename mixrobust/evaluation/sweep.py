@@ -47,7 +47,7 @@ from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
 from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
-from mixrobust.mixing import MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
+from mixrobust.mixing import HMap, MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
 from mixrobust.runtime import progress
 from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
@@ -115,11 +115,15 @@ def module_digest(model: nn.Module) -> str:
     return tensor_digest(torch.frombuffer(bytearray(names.encode()), dtype=torch.uint8), *state.values())
 
 
-def mix_cached(g_logits: Tensor, h_logits: Tensor, alphas: Sequence[float], mix_space: MixSpace | str) -> Tensor:
-    """Eq. (4) outputs (A, N, K) for every alpha from g's and h's logits (N, K) (``r_option=one``).
+def mix_cached(g_logits: Tensor, h_logits: Tensor, alphas: Sequence[float], mix_space: MixSpace | str,
+               h_map: HMap | None = None) -> Tensor:
+    """Eq. (4) outputs (A, N, K) for every alpha from g's and h's logits (N, K) (``r_option=one``), h's logits
+    first mapped by `h_map` (default: identity; the cache holds map-free logits, so one entry serves every map).
 
-    Identical to ``MixedClassifier(g, h, alphas, "one", mix_space)(x)`` given those logits.
+    Identical to ``MixedClassifier(g, h, alphas, "one", mix_space, h_map=h_map)(x)`` given those logits.
     """
+    if h_map is not None:
+        h_logits = h_map(h_logits)
     if MixSpace.parse(mix_space) is MixSpace.PROB:
         return mix_log_probs(torch.log_softmax(g_logits, -1), torch.log_softmax(h_logits, -1), alphas)
     return mix_logits(g_logits, h_logits, alphas)
@@ -148,14 +152,16 @@ class _Sweep:
             self.key_parts = {"data": tensor_digest(x, y.long()), "device": self.device.type, "batch_size": batch_size,
                               "code": code_digest(), **({"kernels": kernels} if kernels else {})}
         kw = dict(norm=attack.norm, detach_r=detach_r, input_shape=tuple(x.shape[1:]))
-        self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, **kw) for o in options]
-        self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, **kw) for o in options]
+        self.vector = [MixedClassifier(g, h, list(alphas), o.r_option, o.mix_space, h_map=o.h_map, **kw)
+                       for o in options]
+        self.single = [MixedClassifier(g, h, 0.5, o.r_option, o.mix_space, h_map=o.h_map, **kw) for o in options]
 
     def name(self, model: nn.Module) -> str:
         """How messages name a model of the sweep: g, h, or the mixture with its option and alpha."""
         if model is self.g or model is self.h:
             return "g" if model is self.g else "h"
-        return f"the mixture ({model.r_option.value}/{model.mix_space.value}, alpha={model.alpha})"
+        maps = "" if model.h_map.identity else f"/{model.h_map.label}"
+        return f"the mixture ({model.r_option.value}/{model.mix_space.value}{maps}, alpha={model.alpha})"
 
     def outputs(self, model: nn.Module, x: Tensor) -> Tensor:
         """float32 outputs of `model` on `x` (N >= 1) in chunks, without gradients, on x's device: (..., N, K).
@@ -233,7 +239,7 @@ class _Sweep:
         gl, hl = logits if logits is not None else self.base_logits(x)  # (n, K)
         base = {name: ((out.argmax(1) == y).cpu().numpy(), probability_gap(out).cpu().numpy())
                 for name, out in (("g", gl), ("h", hl))}
-        outs = [mix_cached(gl, hl, self.alphas, o.mix_space) if o.cached else self.outputs(mixer, x)
+        outs = [mix_cached(gl, hl, self.alphas, o.mix_space, o.h_map) if o.cached else self.outputs(mixer, x)
                 for o, mixer in zip(self.options, self.vector)]  # M x (A, n, K)
         out = torch.stack(outs)  # (M, A, n, K)
         return _Judged(base, (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy())
@@ -241,7 +247,7 @@ class _Sweep:
     def judge_single(self, m: int, alpha: float, x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Mixture `m` at `alpha` on `x` (n, ...): ((n,) bool correct, (n,) gap)."""
         if self.options[m].cached:
-            out = mix_cached(*self.base_logits(x), [alpha], self.options[m].mix_space)[0]
+            out = mix_cached(*self.base_logits(x), [alpha], self.options[m].mix_space, self.options[m].h_map)[0]
         else:
             self.single[m].alpha = alpha
             out = self.outputs(self.single[m], x)
@@ -344,6 +350,19 @@ def accelerate(g: nn.Module, h: nn.Module, channels_last: bool = False, compile:
     return {k: v for k, v in (("channels_last", channels_last), ("compile", compile)) if v}
 
 
+def _preflight_models(sweep: _Sweep) -> dict[str, nn.Module]:
+    """What pre-flight checks: g, h, and each mapped mixture at the sweep's largest alpha (a map that saturates
+    can mask gradients where h alone does not)."""
+    models = {"g": sweep.g, "h": sweep.h}
+    top = max(sweep.alphas)
+    for o in sweep.options:
+        if not o.h_map.identity and top > 0:
+            mixture = MixedClassifier(sweep.g, sweep.h, top, o.r_option, o.mix_space, norm=sweep.single[0].norm,
+                                      h_map=o.h_map, input_shape=tuple(sweep.x.shape[1:])).eval()
+            models[sweep.name(mixture)] = mixture
+    return models
+
+
 def _validate(g, h, x, y, alphas, options, attacks, autoattack, adaptive, batch_size) -> tuple:
     alphas, _ = check_alphas(list(alphas) if not isinstance(alphas, (int, float)) else [alphas])
     options = tuple(o if isinstance(o, MixOption) else MixOption(*o) for o in options)
@@ -362,6 +381,8 @@ def _validate(g, h, x, y, alphas, options, attacks, autoattack, adaptive, batch_
     if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
         raise ConfigError("images must lie in [0,1] (normalization lives inside the models)")
     num_classes, _ = check_compatible(g, h, x.shape[1:])
+    for option in options:
+        option.h_map.check_classes(num_classes)
     if num_classes is not None and y.numel() and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
         raise ConfigError(f"labels range over [{int(y.min())}, {int(y.max())}] but g and h have {num_classes} classes")
     return alphas, options, attacks
@@ -418,8 +439,8 @@ def run_sweep(
         log.warning("skip_misclassified is ignored with random_start: skipping would change the random starts")
         skip_misclassified = False
     y = y.long()
-    warnings = run_preflight({"g": g, "h": h}, x[:batch_size], y[:batch_size]) if preflight else []
     sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache, kernels)
+    warnings = run_preflight(_preflight_models(sweep), x[:batch_size], y[:batch_size]) if preflight else []
     timings, t0 = {}, time.perf_counter()
 
     clean = sweep.judge(x, y, sweep.clean_logits())
@@ -449,7 +470,8 @@ def run_sweep(
         reused = reuse and name in (AttackName.MIX, AttackName.APGD)
         alpha0, alpha1 = ((judged["std"], judged["rob"]) if name is AttackName.MIX else (own.get("g"), own.get("h")))
         kept = {(m, a): clean.correct[m, a] if skip_misclassified or name is not AttackName.MIX else None
-                for m in range(len(options)) for a, alpha in enumerate(alphas) if not (reused and alpha in (0.0, 1.0))}
+                for m, option in enumerate(options) for a, alpha in enumerate(alphas)
+                if not (reused and (alpha == 0.0 or alpha == 1.0 and option.h_map.identity))}
         total = sum(int(k.sum()) if k is not None else len(y) for k in kept.values())
         label = {AttackName.MIX: attack_label(attack), AttackName.AUTOATTACK: "AutoAttack"}.get(
             name, getattr(adaptive, "label", "adaptive attack"))
@@ -457,7 +479,7 @@ def run_sweep(
                             total) as shown:
             for (m, option), (a, alpha) in itertools.product(enumerate(options), enumerate(alphas)):
                 correct, gap = results[name.value][0][m, a], results[name.value][1][m, a]
-                if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h, attacked as g / h already
+                if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h (unmapped), attacked as g / h already
                     src = alpha0 if alpha == 0.0 else alpha1
                     correct[:], gap[:] = src.correct[m, a], src.gap[m, a]
                     continue
@@ -468,6 +490,11 @@ def run_sweep(
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
                 if len(idx):
                     correct[idx], gap[idx] = sweep.judge_single(m, alpha, x_adv, y[torch.from_numpy(idx)])
+                if name is AttackName.APGD and not option.h_map.identity:
+                    # a map keeps h's decisions but can flatten the gradient an attack on the mixture follows
+                    # (a large scale or power saturates the softmax): the adaptive attack's images on g and on h
+                    # alone count against the mapped mixture too
+                    correct &= own["g"].correct[m, a] & own["h"].correct[m, a]
                 log.info("%s %s alpha=%g: accuracy %.4f", name.value.upper(), option.label, alpha,
                          float((correct & clean.correct[m, a]).mean()) if correct.size else float("nan"))
         timings[name.value] = time.perf_counter() - t0
@@ -513,7 +540,8 @@ def margins_from(outcomes: Outcomes, gaps: dict[str, np.ndarray]) -> dict:
                       "attacked": _attacked(gaps[f"{model}/{own}"], outcomes.base[model][own], ok), "attack": own}
     clean, mix = outcomes.mix[CLEAN], "mix/mix" in gaps
     out["mix"] = [
-        {"alpha": alpha, "r_option": o.r_option.value, "mix_space": o.mix_space.value, "attack": "mix" if mix else None,
+        {"alpha": alpha, "r_option": o.r_option.value, "mix_space": o.mix_space.value, "h_map": o.h_map.label,
+         "attack": "mix" if mix else None,
          "clean": margin_summary(gaps["mix/clean"][m, a], clean[m, a]),
          "attacked": _attacked(gaps["mix/mix"][m, a], outcomes.mix["mix"][m, a], clean[m, a]) if mix else None}
         for m, o in enumerate(outcomes.options) for a, alpha in enumerate(outcomes.alphas.tolist())

@@ -11,6 +11,7 @@ from torch import nn
 from mixrobust.errors import ConfigError
 from mixrobust.mixing.formulas import mix_log_probs, mix_logits
 from mixrobust.mixing.gradients import r_values
+from mixrobust.mixing.maps import HMap, parse_h_map
 from mixrobust.mixing.options import MixSpace, ROption, alphas_from_gammas, check_alphas
 from mixrobust.threat import Norm
 
@@ -98,6 +99,9 @@ class MixedClassifier(nn.Module):
       on a detached copy of x and the output carries no graph.
       Cost: one extra batched backward per class for the per-class options.
     - g and h are frozen: eval mode whatever ``train()`` is called with, no parameter gradients.
+    - ``h_map`` maps h's logits before they are mixed (`mixrobust.mixing.maps`: MixedNUTS's nonlinear map,
+      applied in float64 and differentiated through by attacks); the default identity is eq. (4) itself.
+      alpha = 1 then returns the mapped h (log_softmax of it with prob mixing).
     """
 
     def __init__(
@@ -110,8 +114,10 @@ class MixedClassifier(nn.Module):
         norm: Norm | str = "linf",
         detach_r: bool = False,
         input_shape: Sequence[int] | None = None,
+        h_map: HMap | str | dict | None = None,
     ):
         super().__init__()
+        self.h_map = HMap() if h_map is None else parse_h_map(h_map)
         self.r_option = ROption.parse(r_option)
         self.mix_space = MixSpace.parse(mix_space)
         self.norm = Norm.parse(norm)
@@ -120,6 +126,7 @@ class MixedClassifier(nn.Module):
         self.g = _freeze(g)
         self.h = _freeze(h)
         self._num_classes, self._input_shape = check_compatible(g, h, input_shape)
+        self.h_map.check_classes(self._num_classes)
 
     @classmethod
     def from_gamma(
@@ -156,6 +163,7 @@ class MixedClassifier(nn.Module):
         return (
             f"alpha={self.alpha}, r_option={self.r_option.value}, mix_space={self.mix_space.value}, "
             f"norm={self.norm.value}, detach_r={self.detach_r}"
+            + ("" if self.h_map.identity else f", h_map={self.h_map.label}")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,7 @@ class MixedClassifier(nn.Module):
         if any(0 < a < 1 for a in alphas) and self.r_option is not ROption.ONE:
             return self._outputs_and_r(x)
         gl = _upcast(self.g(x)) if any(a < 1 for a in alphas) else None
-        hl = _upcast(self.h(x)) if any(a > 0 for a in alphas) else None
+        hl = self.h_map(_upcast(self.h(x))) if any(a > 0 for a in alphas) else None
         return gl, hl, None
 
     def _mix(self, gl, hl, alphas, r, space: MixSpace | None = None) -> torch.Tensor:
@@ -206,7 +214,7 @@ class MixedClassifier(nn.Module):
         # inference_mode(False): R_i needs autograd even under Lightning's inference_mode
         with torch.inference_mode(False), torch.enable_grad():
             xin = x if attacked else x.detach().clone().requires_grad_(True)
-            gl, hl = _upcast(self.g(xin)), _upcast(self.h(xin))
+            gl, hl = _upcast(self.g(xin)), self.h_map(_upcast(self.h(xin)))
             with torch.autocast(x.device.type, enabled=False):
                 prob = self.mix_space is MixSpace.PROB
                 qg = torch.softmax(gl, dim=-1) if prob else gl

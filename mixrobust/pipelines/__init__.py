@@ -1,6 +1,6 @@
 """The tasks behind the entry points, each a module with ``settings(cfg)`` and ``run(cfg)``.
 
-``train`` (train.py), and ``mix``, ``certify``, ``report``, ``study`` (evaluate.py, chosen by ``task=``).
+``train`` (train.py), and ``mix``, ``certify``, ``report``, ``study``, ``fit_map`` (evaluate.py, chosen by ``task=``).
 Each task's `settings` reads the configuration into typed, frozen settings and checks everything
 the user typed before any work starts; `run` does the work. `check` is what the checked sweeper
 (``hydra/sweeper: checked``) calls on every job of a multirun grid before the first job starts.
@@ -25,7 +25,7 @@ from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.placement import available_cpus, effective_n_jobs, without_host_checks
 from mixrobust.pipelines.fields import bounded, convert, parse, value_at
 
-EvaluateTask = Literal["mix", "certify", "report", "study"]
+EvaluateTask = Literal["mix", "certify", "report", "study", "fit_map"]
 """The tasks of evaluate.py (``task=``); train.py's config has no ``task`` key: its task is ``train``."""
 TASKS: tuple[str, ...] = ("train", *get_args(EvaluateTask))
 

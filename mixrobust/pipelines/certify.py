@@ -106,7 +106,7 @@ class CertifySettings(inputs.EvaluationJob):
     def fingerprint(self) -> str:
         """What the results depend on: the config (every ``certify.*`` number, but the pass size, workers and
         compilation, which change no vote), the checkpoints' contents, the code, the data set and the sigmas."""
-        config = inputs.numbers_config(self.config, ("mix", "attack", "attacks", "autoattack", "threat", "batch_size"),
+        config = inputs.numbers_config(self.config, ("mix", "attack", "attacks", "autoattack", "threat", "batch_size", "fit", "fits_dir"),
                                        {"certify": ("batch_size", "workers", "compile")})
         models = [self.g, self.h] + ([self.baseline] if self.baseline else [])
         return fingerprint(config, [m.path for m in models], data=self.data.name, sigma=self.sigma,

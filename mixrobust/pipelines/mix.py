@@ -17,6 +17,7 @@ to the official test split, the one train.py tested on, so numbers line up with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -30,9 +31,11 @@ from mixrobust.attacks.apgd import APGDLoss
 from mixrobust.attacks.autoattack import IMPLEMENTATIONS
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import AttackName, MixOption, format_table, mix_options, read_results_csv, run_sweep, write_results
+from mixrobust.evaluation.matched import format_matched
 from mixrobust.evaluation.report import FILES
 from mixrobust.evaluation.sweep import merge_results
-from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas
+from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas, parse_h_map
+from mixrobust.evaluation.options import option_key, option_text
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, parse, plain, require
 from mixrobust.runtime.cache import DiskCache
@@ -48,6 +51,17 @@ MARKER = "run.json"
 
 
 @dataclass(frozen=True)
+class MapParams:
+    """``mix.h_map_params``: the nonlinear map's parameters where ``mix.h_map`` names ``nonlinear``
+    (`mixrobust.mixing.nonlinear_map`; a fitted map brings its own)."""
+
+    scale: float = bounded(1.0, gt=0)
+    power: float = bounded(1.0, gt=0)
+    bias: float = 0.0
+    top_k: int | None = bounded(None, ge=2)
+
+
+@dataclass(frozen=True)
 class MixKeys:
     """``mix.*``: the mixing weights (or eq. (3) smoothing strengths) and the R_i options swept."""
 
@@ -55,6 +69,8 @@ class MixKeys:
     gammas: tuple[float, ...] | None = bounded(None, ge=0, allow_inf=True, min_len=1)
     r_options: tuple[ROption, ...] = bounded((ROption.ONE,), min_len=1)
     mix_spaces: tuple[MixSpace, ...] = bounded((MixSpace.PROB,), min_len=1)
+    h_map: tuple[str, ...] = bounded(("identity",), min_len=1)
+    h_map_params: MapParams = MapParams()
     detach_r: bool = False
 
     def __post_init__(self):
@@ -95,6 +111,13 @@ class AutoAttackKeys:
 
 
 @dataclass(frozen=True)
+class FitsKeys:
+    """``fits_dir``: where ``task=fit_map`` saves fitted maps by name and ``mix.h_map=<name>`` finds them."""
+
+    fits_dir: Path | None = None
+
+
+@dataclass(frozen=True)
 class CacheKeys:
     enabled: bool = True
     dir: Path | None = None
@@ -118,9 +141,10 @@ class MixSettings(inputs.EvaluationJob):
     def fingerprint(self) -> str:
         """What the results depend on: the config (but certification's and job keys), the checkpoints' contents,
         the code, the data set and threat as resolved, and the AutoAttack implementation that runs."""
-        unused = ("certify",) + (() if self.autoattack else ("autoattack",)) + (() if self.adaptive else ("adaptive",))
+        unused = ("certify", "fit", "fits_dir") + (() if self.autoattack else ("autoattack",)) + (() if self.adaptive else ("adaptive",))
         return fingerprint(inputs.numbers_config(self.config, unused), [self.g.path, self.h.path],
                            data=self.data.name, threat=self.threat.as_dict(), models=[self.g.identity, self.h.identity],
+                           h_maps=[o.h_map.as_dict() for o in self.options],
                            autoattack=self.autoattack.provenance if self.autoattack else None)
 
 
@@ -170,7 +194,11 @@ def settings(cfg: DictConfig) -> MixSettings:
             raise ConfigError(f"adaptive.targets={keys.targets}: these models have {g.num_classes} classes, so at most "
                               f"{g.num_classes - 1} other classes to target; set adaptive.targets<={g.num_classes - 1}")
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
-    options = mix_options(mix.r_options, mix.mix_spaces)
+    fits_dir = parse(FitsKeys, cfg, strict=False).fits_dir
+    maps = tuple(dict.fromkeys(parse_h_map(m, dataclasses.asdict(mix.h_map_params), fits_dir) for m in mix.h_map))
+    for m in maps:
+        m.check_classes(g.num_classes)
+    options = mix_options(mix.r_options, mix.mix_spaces, maps)
     return MixSettings(
         g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack, adaptive=adaptive,
         alphas=tuple(sorted(set(alphas))), options=options, mix=mix, sweep=sweep, job=job,
@@ -189,12 +217,17 @@ class MixResult:
     margins: dict | None = None
 
     def text(self) -> str:
-        """The results table: one line per model, alpha and option, one column per attack."""
-        return format_table(self.rows)
+        """The results table: one line per model, alpha and option, one column per attack; with linear and
+        nonlinear mixing, the two at matched clean accuracy."""
+        return "\n\n".join(t for t in (format_table(self.rows), format_matched(self.rows)) if t)
 
 
 def _files(s: MixSettings) -> list[str]:
-    return [f for f in FILES if s.job.plots or not f.endswith(".png")]
+    maps = {(o.r_option, o.mix_space): set() for o in s.options}
+    for o in s.options:
+        maps[o.r_option, o.mix_space].add(o.h_map.identity)
+    matched = ["matched.csv"] if max(s.alphas) > 0 and any(len(v) == 2 for v in maps.values()) else []
+    return [f for f in FILES if s.job.plots or not f.endswith(".png")] + matched
 
 
 def _sweep(s: MixSettings, device, cache: DiskCache | None):
@@ -257,7 +290,7 @@ def _log(logger, rows: list[dict], paths: dict, config: dict) -> None:
     logger.log_hyperparams(config)
     alphas = sorted({r["alpha"] for r in rows if r["model"] == "mix"})
     for step, alpha in enumerate(alphas):
-        metrics = {f"eval/{r['r_option']}_{r['mix_space']}/{r['attack']}_acc": r["accuracy"]
+        metrics = {f"eval/{option_text(option_key(r)).replace('/', '_')}/{r['attack']}_acc": r["accuracy"]
                    for r in rows if r["model"] == "mix" and r["alpha"] == alpha}
         logger.log_metrics({"eval/alpha": alpha, **metrics}, step=step)
     logger.log_metrics({f"eval/{r['model']}/{r['attack']}_acc": r["accuracy"] for r in rows if r["model"] != "mix"},

@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from mixrobust.evaluation.options import option_key, option_text
+
 Verdict = Literal["holds", "does not hold", "inconclusive"]
 HOLDS: Verdict = "holds"
 FAILS: Verdict = "does not hold"
@@ -112,7 +114,7 @@ def _judge(kind: str, numbers: str, failed: list[str], holds: bool, why: str, ti
 # --- reading result rows -------------------------------------------------------------------------------
 
 def _label(row: dict) -> str:
-    return f"{row['r_option']}/{row['mix_space']}"
+    return option_text(option_key(row))
 
 
 def _base(rows: list[dict], model: str, attack: str) -> float | None:

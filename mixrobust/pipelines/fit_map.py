@@ -1,0 +1,200 @@
+"""The fit_map task (``python evaluate.py task=fit_map g_ckpt=... h_ckpt=...``): MixedNUTS's map, fitted without training.
+
+On `fit.n` held-out images of the training split (``fit.split``: the validation images carved from it,
+by default; never the test split), it computes g's and h's clean logits, attacks h alone with a
+minimum-margin PGD (margin loss, `fit.steps` steps, every iterate considered: the lowest-margin point
+is kept), and searches the map's (s, p, c) on the grid and alpha per map (`mixrobust.mixing.fit`). It
+writes into the output folder ``h_map.json`` (the map, alpha, the estimates, linear mixing's at the same
+target, where the fit came from), ``fit_grid.csv`` (every grid point), ``fit_curves.csv`` and
+``fit_curves.png`` (estimated clean vs robust accuracy as alpha varies, fitted map and identity), and saves
+``h_map.json`` as ``<fits_dir>/<fit.name>.json``: ``python evaluate.py mix.h_map=[identity,<name>]`` then
+evaluates the fitted map beside linear mixing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from omegaconf import DictConfig
+
+from mixrobust.attacks import PGD, attack_in_batches, eval_mode
+from mixrobust.data.loaders import subset_indices
+from mixrobust.errors import ConfigError
+from mixrobust.evaluation.plots import _pyplot, _save
+from mixrobust.mixing.fit import BIASES, POWERS, SCALES, MapFit, fit_curves, fit_nonlinear_map
+from mixrobust.mixing.maps import FIT_FILE, HMap
+from mixrobust.pipelines import inputs
+from mixrobust.pipelines.fields import bounded, parse, plain, require
+from mixrobust.pipelines.mix import FitsKeys
+from mixrobust.runtime import progress
+from mixrobust.runtime.files import csv_text, write_json, write_text
+from mixrobust.runtime.placement import placed_device
+from mixrobust.threat import Threat
+
+log = logging.getLogger(__name__)
+
+FILES = (FIT_FILE, "fit_grid.csv", "fit_curves.csv", "fit_curves.png")
+
+
+@dataclass(frozen=True)
+class FitKeys:
+    """``fit.*``: the held-out images, the attack on h, the target and the grid."""
+
+    name: str | None = None  # saved as <fits_dir>/<name>.json; null: the data set's name
+    split: Literal["val", "train"] = "val"
+    n: int = bounded(1000, ge=10)
+    steps: int = bounded(50, ge=1)
+    target: float = bounded(0.985, gt=0, le=1)
+    scales: tuple[float, ...] = bounded(SCALES, gt=0, min_len=1)
+    powers: tuple[float, ...] = bounded(POWERS, gt=0, min_len=1)
+    biases: tuple[float, ...] = bounded(BIASES, min_len=1)
+    top_k: int | None = bounded(None, ge=2)
+
+    def __post_init__(self):
+        if self.name is not None and (not self.name or "/" in self.name or self.name.endswith(".json")):
+            raise ConfigError(f"fit.name={self.name!r} must be a plain name (it becomes <fits_dir>/<name>.json)")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    g: inputs.ModelFile
+    h: inputs.ModelFile
+    data: object
+    threat: Threat
+    fit: FitKeys
+    name: str
+    seed: int
+    batch_size: int
+    plots: bool
+    output_dir: Path
+    fits_dir: Path | None
+    device: str
+    config: dict
+
+
+def settings(cfg: DictConfig) -> FitSettings:
+    """Read and check the fit's configuration; no model is loaded, no image is read."""
+    job = parse(inputs.JobKeys, cfg, strict=False)
+    fit = parse(FitKeys, cfg.fit, "fit")
+    seed = inputs.examples(cfg).seed
+    require(cfg, "g_ckpt", "h_ckpt")
+    g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
+    inputs.check_models(g, h)
+    inputs.warn_if_swapped(g, h)
+    cfg = inputs.with_data(cfg, [g, h])
+    data = inputs.datamodule(cfg, [g, h])
+    g, h = inputs.fit_models([g, h], data, cfg)
+    threat = inputs.threat(cfg, g.input_shape)
+    inputs.warn_threat_mismatch(h, threat)
+    if fit.top_k is not None and fit.top_k > g.num_classes:
+        raise ConfigError(f"fit.top_k={fit.top_k} exceeds the models' {g.num_classes} classes")
+    return FitSettings(g=g, h=h, data=data, threat=threat, fit=fit, name=fit.name or data.name, seed=seed,
+                       batch_size=job.batch_size, plots=job.plots, output_dir=job.output_dir,
+                       fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg),
+                       config=plain(cfg))
+
+
+@dataclass
+class FitResult:
+    fit: MapFit
+    files: dict[str, str]
+    output_dir: Path
+    seconds: dict[str, float]
+    saved: Path | None
+    skipped: bool = False
+
+    def text(self) -> str:
+        f, lin = self.fit, self.fit.linear
+        lines = [
+            f"fitted on {f.n} held-out images: {f.h_map.label}, alpha={f.alpha:.4g}",
+            f"estimated clean {f.clean:.4f}, robust {f.robust:.4f} (target {f.target:.3g} x h's {f.h_robust:.4f}; "
+            f"h clean {f.h_clean:.4f}, g clean {f.g_clean:.4f})",
+            "linear mixing at the same target: " + (f"alpha={lin['alpha']:.4g}, clean {lin['clean']:.4f}, robust "
+                                                    f"{lin['robust']:.4f}" if lin["alpha"] is not None
+                                                    else "unreachable"),
+            f"time: logits and attack on h {self.seconds['attack']:.1f} s, grid search {self.seconds['search']:.2f} s",
+        ]
+        if self.saved is not None:
+            lines.append(f"saved as {self.saved} (use: mix.h_map=[identity,{self.saved.stem}])")
+        return "\n".join(lines)
+
+
+def _logits(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    with eval_mode(model), torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def held_out(s: FitSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fit's images, labels and their positions in `fit.split`: its first `fit.n` (all, with a warning, when
+    the split is smaller)."""
+    x, y = s.data.eval_tensors(s.fit.split)
+    if len(y) < s.fit.n:
+        log.warning("the %s split of %s has %d images, fewer than fit.n=%d: fitting on all of them", s.fit.split,
+                    s.data.name, len(y), s.fit.n)
+    index = subset_indices(y, n=min(s.fit.n, len(y)), seed=s.seed)
+    return x[index], y[index], index
+
+
+def run(cfg: DictConfig) -> FitResult:
+    """Logits, the minimum-margin attack on h, the grid search; the files; the named copy in `fits_dir`."""
+    s = settings(cfg)
+    with placed_device(s.device) as device:
+        return _fit(s, device)
+
+
+def _fit(s: FitSettings, device: torch.device) -> FitResult:
+    g, h = s.g.load(device), s.h.load(device)
+    x, y, index = held_out(s)
+    t0 = time.perf_counter()
+    attack = PGD.from_threat(s.threat, steps=s.fit.steps, loss="margin", seed=s.seed)
+    g_clean, h_clean = _logits(g, x, s.batch_size, device), _logits(h, x, s.batch_size, device)
+    with progress.stage(f"minimum-margin attack on h (PGD-{s.fit.steps}, margin loss)", len(y)) as shown:
+        x_adv = attack_in_batches(attack, h, x, y, s.batch_size, on_batch=shown.advance)
+    h_adv = _logits(h, x_adv, s.batch_size, device)
+    t1 = time.perf_counter()
+    keys = dataclasses.asdict(s.fit)
+    fit = fit_nonlinear_map(g_clean, h_clean, h_adv, y, scales=s.fit.scales, powers=s.fit.powers,
+                            biases=s.fit.biases, top_k=s.fit.top_k, target=s.fit.target)
+    fit.h_map = dataclasses.replace(fit.h_map, name=s.name)
+    seconds = {"attack": t1 - t0, "search": time.perf_counter() - t1}
+    curves = fit_curves(g_clean, h_clean, h_adv, y, [HMap(), fit.h_map])
+    record = {**fit.summary(), "name": s.name, "data": s.data.name, "split": s.fit.split, "seed": s.seed,
+              "index_first": int(index[0]), "attack": repr(attack), "threat": s.threat.as_dict(),
+              "models": {"g": s.g.identity, "h": s.h.identity}, "fit": keys, "seconds": seconds}
+    out = s.output_dir
+    paths = {FIT_FILE: write_json(out / FIT_FILE, record),
+             "fit_grid.csv": write_text(out / "fit_grid.csv", csv_text(("scale", "power", "bias", "alpha", "clean",
+                                                                          "robust"), fit.grid)),
+             "fit_curves.csv": write_text(out / "fit_curves.csv", csv_text(("h_map", "alpha", "clean", "robust"),
+                                                                           curves))}
+    if s.plots:
+        paths["fit_curves.png"] = plot_fit(curves, fit, out / "fit_curves.png")
+    saved = write_json(s.fits_dir / f"{s.name}.json", record) if s.fits_dir is not None else None
+    return inputs.logged(FitResult(fit, {k: str(v) for k, v in paths.items()}, out, seconds, saved), log)
+
+
+def plot_fit(curves: list[dict], fit: MapFit, path: Path) -> Path:
+    """Estimated robust vs clean accuracy as alpha varies, one curve per map, the chosen points marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for i, label in enumerate(dict.fromkeys(r["h_map"] for r in curves)):
+        pts = [r for r in curves if r["h_map"] == label]
+        ax.plot([r["clean"] for r in pts], [r["robust"] for r in pts], color=f"C{i}", lw=1.2,
+                label="linear (identity)" if label == "identity" else label)
+    ax.scatter([fit.clean], [fit.robust], color="C1", marker="o", zorder=3,
+               label=f"fitted alpha={fit.alpha:.3g}")
+    if fit.linear["alpha"] is not None:
+        ax.scatter([fit.linear["clean"]], [fit.linear["robust"]], color="C0", marker="s", zorder=3,
+                   label=f"linear at the target, alpha={fit.linear['alpha']:.3g}")
+    ax.axhline(fit.target * fit.h_robust, color="k", ls=":", lw=0.9, label=f"target ({fit.target:.3g} x h)")
+    ax.set(xlabel="estimated clean accuracy", ylabel="estimated robust accuracy (g broken)",
+           title=f"Map fit on {fit.n} held-out images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
