@@ -1,4 +1,4 @@
-"""Evaluate a mixture: ``python evaluate.py g_ckpt=... h_ckpt=... [task=mix|certify|report]`` (see README)."""
+"""Evaluate a mixture: ``python evaluate.py g_ckpt=... h_ckpt=... [task=mix|certify|report|study|fit_map]`` (README)."""
 
 from mixrobust.runtime import entry
 
@@ -12,7 +12,8 @@ def main(cfg) -> None:
     from mixrobust import pipelines  # here, not above: --help needs no torch
 
     result = pipelines.run(cfg)
-    print(result.text())  # the results table; certification: accuracies and the chosen alpha; report: its jobs
+    print(result.text())  # the results table; certification: accuracies and the chosen alpha; report: its jobs;
+    # fit_map: the fitted map, alpha and estimates
     print(result.output_dir)  # the last line: the folder with the results files
 
 

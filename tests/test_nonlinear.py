@@ -12,7 +12,16 @@ from mixrobust.attacks import PGD, AdaptiveMixAttack, attack_in_batches
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation import MixOption, aggregate, load_outcomes, mix_cached, run_sweep, save_outcomes
 from mixrobust.evaluation.matched import matched_rows
-from mixrobust.mixing import HMap, MixedClassifier, NonlinearMap, load_fit, nonlinear_map, parse_h_map
+from mixrobust.mixing import (
+    HMap,
+    MixedClassifier,
+    NonlinearMap,
+    ROption,
+    load_fit,
+    nonlinear_map,
+    parse_h_map,
+    r_values,
+)
 from mixrobust.mixing.fit import (
     clean_estimate,
     fit_curves,
@@ -239,13 +248,16 @@ def test_matched_rows_pair_each_mapped_point_with_the_nearest_clean_linear_one()
         return [{"model": "mix", "alpha": a, "r_option": "one", "mix_space": "prob", "h_map": h_map,
                  "attack": k, "accuracy": v} for a, clean, rob in points for k, v in (("clean", clean), ("worst", rob))]
 
-    linear = rows("identity", [(0.0, 0.99, 0.0), (0.5, 0.97, 0.20), (0.8, 0.95, 0.40), (1.0, 0.90, 0.50)])
+    linear = rows("identity", [(0.0, 0.99, 0.0), (0.5, 0.965, 0.20), (0.8, 0.95, 0.40), (1.0, 0.90, 0.50)])
     mapped = rows("nonlinear(s=2,p=2,c=0)", [(0.0, 0.99, 0.0), (0.6, 0.96, 0.45), (1.0, 0.91, 0.52)])
     got = matched_rows(linear + mapped)
     assert [(r["alpha_nonlinear"], r["alpha_linear"]) for r in got] == [(0.6, 0.5), (1.0, 1.0)]
     assert got[0]["worst_nonlinear"] == 0.45 and got[0]["worst_linear"] == 0.20
-    assert got[0]["clean_linear"] == 0.97 and got[1]["clean_linear"] == 0.90
+    assert got[0]["clean_linear"] == 0.965 and got[1]["clean_linear"] == 0.90
     assert matched_rows(linear) == []
+    # equally near in clean accuracy: the more robust linear point, so a tie never flatters the map
+    tie = rows("identity", [(0.5, 0.98, 0.10), (0.6, 0.96, 0.30)]) + rows("nonlinear(s=2,p=2,c=0)", [(0.7, 0.97, 0.2)])
+    assert [(r["alpha_linear"], r["worst_linear"]) for r in matched_rows(tie)] == [(0.6, 0.30)]
 
 
 def test_fit_files_load_by_name_and_path(tmp_path):
@@ -258,3 +270,19 @@ def test_fit_files_load_by_name_and_path(tmp_path):
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ConfigError, match="is not a fitted map"):
         parse_h_map("broken", None, tmp_path)
+
+
+def test_gradient_r_options_take_the_mapped_logits():
+    g, h = cnn(0), cnn(1)
+    x, _ = digits(8)
+    m = HMap("nonlinear", 4.0, 2.0, 0.0)
+    mapped = MixedClassifier(g, h, 0.5, "grad_g_i", h_map=m)(x)
+    linear = MixedClassifier(g, h, 0.5, "grad_g_i")(x)
+    assert torch.isfinite(mapped).all() and not torch.allclose(mapped, linear)
+    with torch.no_grad():  # R_i = ||grad g_i|| does not involve h, so the mixture is eq. (3) with softmax(M(h))
+        gp, hp = torch.softmax(g(x), -1), torch.softmax(m(h(x)), -1)
+    xg = x.clone().requires_grad_(True)
+    r = r_values(ROption.GRAD_G_I, torch.softmax(g(xg), -1), torch.softmax(m(h(xg)), -1), xg, 1.0, False).detach()
+    a = r / (1 + r)  # eq. (3) at alpha = 0.5: h's weight alpha R_i / ((1 - alpha) + alpha R_i)
+    want = torch.log((1 - a) * gp + a * hp)
+    torch.testing.assert_close(mapped, want.float(), rtol=1e-4, atol=1e-4)

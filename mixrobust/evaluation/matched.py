@@ -2,8 +2,8 @@
 
 A sweep whose options include linear mixing (``h_map`` identity) and a map on h's logits for the same
 (r_option, mix_space) traces two trade-off curves. For every alpha of the mapped mixture, `matched_rows`
-pairs it with the linear mixture of the *nearest measured clean accuracy* (ties: the higher clean
-accuracy, then the larger alpha) and puts their accuracies under each attack side by side, with both
+pairs it with the linear mixture of the *nearest measured clean accuracy* (ties: the more robust linear
+point by the worst case, so a tie never flatters the map; then the larger alpha) and puts their accuracies under each attack side by side, with both
 clean accuracies, so the match's quality is in the table: nothing is interpolated, every number was
 measured on the same test images.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from mixrobust.evaluation.options import CLEAN, option_key
+from mixrobust.evaluation.options import CLEAN, WORST, option_key
 
 #: Columns of a matched row before the per-attack pairs.
 KEY_COLUMNS = ("option", "h_map", "alpha_nonlinear", "alpha_linear", "clean_nonlinear", "clean_linear")
@@ -46,7 +46,8 @@ def matched_rows(rows: list[dict]) -> list[dict]:
             if alpha == 0.0:  # g alone, the same for every map
                 continue
             clean = points[alpha][CLEAN]
-            lin_alpha = min(linear, key=lambda a: (abs(linear[a][CLEAN] - clean), -linear[a][CLEAN], -a))
+            lin_alpha = min(linear, key=lambda a: (round(abs(linear[a][CLEAN] - clean), 12),
+                                                   -(linear[a].get(WORST) or 0.0), -a))
             row = {"option": f"{r_option}/{mix_space}", "h_map": h_map, "alpha_nonlinear": alpha,
                    "alpha_linear": lin_alpha, "clean_nonlinear": clean, "clean_linear": linear[lin_alpha][CLEAN]}
             for attack in attacks:

@@ -231,3 +231,25 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
     ns = sorted({r["n"] for r in rows if r["n"] is not None})
     fig.suptitle(f"Accuracy vs eps ({rows[0]['norm']}" + (f", n={ns[0]}" if len(ns) == 1 else "") + ")", fontsize=10)
     return _save(fig, path)
+
+
+def plot_fit_curves(curves: list[dict], fit, path: str | os.PathLike) -> Path:
+    """A map fit's curves (`mixrobust.mixing.fit.fit_curves`): estimated robust vs clean accuracy as alpha varies,
+    one curve per map, the fitted point and linear mixing's at the same target marked (`fit`: a ``MapFit``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for i, label in enumerate(dict.fromkeys(r["h_map"] for r in curves)):
+        pts = [r for r in curves if r["h_map"] == label]
+        ax.plot([r["clean"] for r in pts], [r["robust"] for r in pts], color=f"C{i}", lw=1.2,
+                label="linear (identity)" if label == "identity" else label)
+    ax.scatter([fit.clean], [fit.robust], color="C1", marker="o", zorder=3,
+               label=f"fitted alpha={fit.alpha:.3g}")
+    if fit.linear["alpha"] is not None:
+        ax.scatter([fit.linear["clean"]], [fit.linear["robust"]], color="C0", marker="s", zorder=3,
+                   label=f"linear at the target, alpha={fit.linear['alpha']:.3g}")
+    ax.axhline(fit.target * fit.h_robust, color="k", ls=":", lw=0.9, label=f"target ({fit.target:.3g} x h)")
+    ax.set(xlabel="estimated clean accuracy", ylabel="estimated robust accuracy (g broken)",
+           title=f"Map fit on {fit.n} held-out images")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -421,6 +421,9 @@ def run_sweep(
     instance when ``autoattack`` is. Everything is
     validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
+    `options` are (r_option, mix_space[, h_map]) triples (`MixOption`); a map on h's logits (MixedNUTS,
+    `mixrobust.mixing.maps`) is applied to the cached, map-free logits, its mixture at alpha 1 is attacked
+    as a mixture (it is not h), and pre-flight checks the mapped mixture's gradients too.
     `index` (N,) records where the examples come from (default 0..N-1). `device` moves g and h there
     first (default: where they are); `channels_last` and `compile` put them in that memory format and
     compile them, in place (`accelerate`: the same accuracies; meant for a GPU, where they have not been

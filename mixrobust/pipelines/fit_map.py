@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from mixrobust.attacks import PGD, attack_in_batches, eval_mode
 from mixrobust.data.loaders import subset_indices
 from mixrobust.errors import ConfigError
-from mixrobust.evaluation.plots import _pyplot, _save
+from mixrobust.evaluation.plots import plot_fit_curves
 from mixrobust.mixing.fit import BIASES, POWERS, SCALES, MapFit, fit_curves, fit_nonlinear_map
 from mixrobust.mixing.maps import FIT_FILE, HMap
 from mixrobust.pipelines import inputs
@@ -174,27 +174,7 @@ def _fit(s: FitSettings, device: torch.device) -> FitResult:
              "fit_curves.csv": write_text(out / "fit_curves.csv", csv_text(("h_map", "alpha", "clean", "robust"),
                                                                            curves))}
     if s.plots:
-        paths["fit_curves.png"] = plot_fit(curves, fit, out / "fit_curves.png")
+        paths["fit_curves.png"] = plot_fit_curves(curves, fit, out / "fit_curves.png")
     saved = write_json(s.fits_dir / f"{s.name}.json", record) if s.fits_dir is not None else None
     return inputs.logged(FitResult(fit, {k: str(v) for k, v in paths.items()}, out, seconds, saved), log)
 
-
-def plot_fit(curves: list[dict], fit: MapFit, path: Path) -> Path:
-    """Estimated robust vs clean accuracy as alpha varies, one curve per map, the chosen points marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for i, label in enumerate(dict.fromkeys(r["h_map"] for r in curves)):
-        pts = [r for r in curves if r["h_map"] == label]
-        ax.plot([r["clean"] for r in pts], [r["robust"] for r in pts], color=f"C{i}", lw=1.2,
-                label="linear (identity)" if label == "identity" else label)
-    ax.scatter([fit.clean], [fit.robust], color="C1", marker="o", zorder=3,
-               label=f"fitted alpha={fit.alpha:.3g}")
-    if fit.linear["alpha"] is not None:
-        ax.scatter([fit.linear["clean"]], [fit.linear["robust"]], color="C0", marker="s", zorder=3,
-                   label=f"linear at the target, alpha={fit.linear['alpha']:.3g}")
-    ax.axhline(fit.target * fit.h_robust, color="k", ls=":", lw=0.9, label=f"target ({fit.target:.3g} x h)")
-    ax.set(xlabel="estimated clean accuracy", ylabel="estimated robust accuracy (g broken)",
-           title=f"Map fit on {fit.n} held-out images")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)

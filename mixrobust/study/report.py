@@ -56,8 +56,8 @@ def results_table(rows: list[dict], models: tuple[str, ...] = ("g", "h", "mix"))
     """One line per (model, alpha, option), one column per attack (accuracy in %), the worst case last."""
     attacks, lines = pivot(rows)
     order = sorted(range(len(attacks)), key=lambda i: attacks[i] == "worst")
-    body = [[model, _alpha(alpha), f"{r}/{s}" if r else "-", *(pct(cells[i]) for i in order)]
-            for model, alpha, r, s, cells in lines if model in models]
+    body = [[model, _alpha(alpha), option or "-", *(pct(cells[i]) for i in order)]
+            for model, alpha, option, cells in lines if model in models]
     return md_table(["model", "alpha", "option", *(attack_legend(rows, attacks[i]) for i in order)], body)
 
 
