@@ -30,7 +30,7 @@ from mixrobust.evaluation.plots import plot_fit_curves
 from mixrobust.mixing.fit import BIASES, POWERS, SCALES, MapFit, fit_curves, fit_nonlinear_map
 from mixrobust.mixing.maps import FIT_FILE, HMap
 from mixrobust.pipelines import inputs
-from mixrobust.pipelines.fields import bounded, parse, plain, require
+from mixrobust.pipelines.fields import bounded, parse
 from mixrobust.pipelines.mix import FitsKeys
 from mixrobust.runtime import progress
 from mixrobust.runtime.files import csv_text, write_json, write_text
@@ -75,7 +75,6 @@ class FitSettings:
     output_dir: Path
     fits_dir: Path | None
     device: str
-    config: dict
 
 
 def settings(cfg: DictConfig) -> FitSettings:
@@ -83,21 +82,12 @@ def settings(cfg: DictConfig) -> FitSettings:
     job = parse(inputs.JobKeys, cfg, strict=False)
     fit = parse(FitKeys, cfg.fit, "fit")
     seed = inputs.examples(cfg).seed
-    require(cfg, "g_ckpt", "h_ckpt")
-    g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
-    inputs.check_models(g, h)
-    inputs.warn_if_swapped(g, h)
-    cfg = inputs.with_data(cfg, [g, h])
-    data = inputs.datamodule(cfg, [g, h])
-    g, h = inputs.fit_models([g, h], data, cfg)
-    threat = inputs.threat(cfg, g.input_shape)
-    inputs.warn_threat_mismatch(h, threat)
+    cfg, g, h, data, threat = inputs.mixture_inputs(cfg)
     if fit.top_k is not None and fit.top_k > g.num_classes:
         raise ConfigError(f"fit.top_k={fit.top_k} exceeds the models' {g.num_classes} classes")
     return FitSettings(g=g, h=h, data=data, threat=threat, fit=fit, name=fit.name or data.name, seed=seed,
                        batch_size=job.batch_size, plots=job.plots, output_dir=job.output_dir,
-                       fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg),
-                       config=plain(cfg))
+                       fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg))
 
 
 @dataclass

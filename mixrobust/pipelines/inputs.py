@@ -22,7 +22,7 @@ from mixrobust.checkpoint import load_classifier, read_record
 from mixrobust.data import subset_indices
 from mixrobust.data.base import Split
 from mixrobust.errors import CheckpointError, ConfigError
-from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, value_at
+from mixrobust.pipelines.fields import bounded, build, check_arguments, convert, parse, require, value_at
 from mixrobust.runtime.cache import file_digest
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.loggers import is_wandb, log_to_files, wandb_init_timeout
@@ -373,3 +373,19 @@ def warn_threat_mismatch(h: ModelFile, threat: Threat) -> None:
     if trained and (trained.get("norm") != threat.norm.value or abs(float(trained.get("eps", -1)) - threat.eps) > 1e-9):
         log.warning("%s was trained against %s eps=%g but is evaluated at %s eps=%g", h.key, trained.get("norm"),
                     float(trained.get("eps", float("nan"))), threat.norm.value, threat.eps)
+
+
+def mixture_inputs(cfg: DictConfig) -> tuple[DictConfig, ModelFile, ModelFile, Any, Threat]:
+    """What a task on the mixture of ``g_ckpt`` and ``h_ckpt`` reads first, checked: (cfg with the data set
+    resolved, g, h fitted to the data, the data module, the threat); warnings for swapped models and a threat
+    other than h's. Nothing is loaded but the checkpoints' records."""
+    require(cfg, "g_ckpt", "h_ckpt")
+    g, h = model_file(cfg, "g_ckpt"), model_file(cfg, "h_ckpt")
+    check_models(g, h)
+    warn_if_swapped(g, h)
+    cfg = with_data(cfg, [g, h])
+    data = datamodule(cfg, [g, h])
+    g, h = fit_models([g, h], data, cfg)
+    found = threat(cfg, g.input_shape)
+    warn_threat_mismatch(h, found)
+    return cfg, g, h, data, found

@@ -37,7 +37,7 @@ from mixrobust.evaluation.sweep import merge_results
 from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas, parse_h_map
 from mixrobust.evaluation.options import option_key, option_text
 from mixrobust.pipelines import inputs
-from mixrobust.pipelines.fields import bounded, build, parse, plain, require
+from mixrobust.pipelines.fields import bounded, build, parse, plain
 from mixrobust.runtime.cache import DiskCache
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
@@ -165,15 +165,7 @@ def settings(cfg: DictConfig) -> MixSettings:
     """Read and check the whole configuration of a mix job; no model is loaded, no image is read."""
     job, sweep = parse(inputs.JobKeys, cfg, strict=False), parse(SweepKeys, cfg, strict=False)
     mix, examples = parse(MixKeys, cfg.mix, "mix"), inputs.examples(cfg)
-    require(cfg, "g_ckpt", "h_ckpt")
-    g, h = inputs.model_file(cfg, "g_ckpt"), inputs.model_file(cfg, "h_ckpt")
-    inputs.check_models(g, h)
-    inputs.warn_if_swapped(g, h)
-    cfg = inputs.with_data(cfg, [g, h])
-    data = inputs.datamodule(cfg, [g, h])
-    g, h = inputs.fit_models([g, h], data, cfg)
-    threat = inputs.threat(cfg, g.input_shape)
-    inputs.warn_threat_mismatch(h, threat)
+    cfg, g, h, data, threat = inputs.mixture_inputs(cfg)
     pgd = attack(cfg, threat)
     cache = parse(CacheKeys, cfg.cache, "cache")
     autoattack = None
