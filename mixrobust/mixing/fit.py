@@ -54,7 +54,7 @@ class MapFit:
     g_clean: float
     target: float  # the fraction of h_robust the robust estimate must reach
     linear: dict  # identity map at the same target: alpha, clean, robust (alpha None where unreachable)
-    grid: list[dict] = field(default_factory=list)  # every (scale, power, bias): alpha, clean, robust
+    grid: list[dict] = field(default_factory=list)  # every (scale, power, bias): alpha, clean, robust (None: unreachable)
     n: int = 0
 
     def summary(self) -> dict:
@@ -143,7 +143,8 @@ def fit_nonlinear_map(g_clean: Tensor, h_clean: Tensor, h_adv: Tensor, y: Tensor
     best = int(torch.nonzero(top)[0])
     s, p, c = params[best].tolist()
     h_map = HMap("nonlinear", s, p, c, top_k)
-    grid = [{"scale": sv, "power": pv, "bias": cv, "alpha": None if math.isnan(av) else av, "clean": cl, "robust": rb}
+    grid = [{"scale": sv, "power": pv, "bias": cv, **({"alpha": None, "clean": None, "robust": None} if math.isnan(av)
+                                                       else {"alpha": av, "clean": cl, "robust": rb})}
             for (sv, pv, cv), av, cl, rb in zip(params.tolist(), alpha.tolist(), clean.tolist(), robust.tolist())]
     return MapFit(h_map=h_map, alpha=float(alpha[best]), clean=float(clean[best]), robust=float(robust[best]),
                   h_robust=h_robust, h_clean=float(clean_ok.double().mean()),
