@@ -129,6 +129,22 @@ def mix_cached(g_logits: Tensor, h_logits: Tensor, alphas: Sequence[float], mix_
     return mix_logits(g_logits, h_logits, alphas)
 
 
+def model_outputs(model: nn.Module, x: Tensor, batch_size: int, device: torch.device, name: str) -> Tensor:
+    """float32 outputs of `model` on `x` (N >= 1) in chunks of `batch_size` on `device`, without gradients, back on
+    x's device: (..., N, K).
+
+    Raises `NonFiniteError` naming the model (`name`) and the examples concerned if any output is NaN or inf.
+    """
+    parts = []
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            parts.append(model(x[start:start + batch_size].to(device)).float().to(x.device))
+    out = torch.cat(parts, dim=-2)
+    bad = nonfinite_rows(out.movedim(-2, 0))  # (N,): any alpha's output row non-finite
+    raise_if_nonfinite(bad, name)
+    return out
+
+
 @dataclass
 class _Judged:
     """How the models fare on one image set: correctness and probability gap per example."""
@@ -164,19 +180,8 @@ class _Sweep:
         return f"the mixture ({model.r_option.value}/{model.mix_space.value}{maps}, alpha={model.alpha})"
 
     def outputs(self, model: nn.Module, x: Tensor) -> Tensor:
-        """float32 outputs of `model` on `x` (N >= 1) in chunks, without gradients, on x's device: (..., N, K).
-
-        Raises `NonFiniteError` naming the model and the examples concerned if any output is NaN or inf.
-        """
-        parts = []
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, x.shape[0], self.batch_size):
-                xb = x[start:start + self.batch_size].to(self.device)
-                parts.append(model(xb).float().to(x.device))
-        out = torch.cat(parts, dim=-2)
-        bad = nonfinite_rows(out.movedim(-2, 0))  # (N,): any alpha's output row non-finite
-        raise_if_nonfinite(bad, self.name(model))
-        return out
+        """`model_outputs` of a model of the sweep, named as `name` does."""
+        return model_outputs(model, x, self.batch_size, self.device, self.name(model))
 
     def base_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """g's and h's float32 outputs (n, K) on `x`."""

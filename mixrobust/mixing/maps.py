@@ -162,7 +162,7 @@ def fit_path(value: str, fits_dir: str | os.PathLike | None) -> Path:
     if path.suffix == ".json" or path.is_dir() or os.sep in value:
         return path / FIT_FILE if path.is_dir() else path
     if fits_dir is None:
-        raise ConfigError(f"h_map {value!r} is not identity or nonlinear and no fits folder is set (mix.fits_dir)")
+        raise ConfigError(f"h_map {value!r} is not identity or nonlinear and no fits folder is set (fits_dir=...)")
     return Path(fits_dir).expanduser() / f"{value}.json"
 
 

@@ -23,10 +23,11 @@ from typing import Literal
 import torch
 from omegaconf import DictConfig
 
-from mixrobust.attacks import PGD, attack_in_batches, eval_mode
+from mixrobust.attacks import PGD, attack_in_batches
 from mixrobust.data.loaders import subset_indices
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.plots import plot_fit_curves
+from mixrobust.evaluation.sweep import model_outputs
 from mixrobust.mixing.fit import BIASES, POWERS, SCALES, MapFit, fit_curves, fit_nonlinear_map
 from mixrobust.mixing.maps import FIT_FILE, HMap
 from mixrobust.pipelines import inputs
@@ -115,11 +116,6 @@ class FitResult:
         return "\n".join(lines)
 
 
-def _logits(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    with eval_mode(model), torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-
-
 def held_out(s: FitSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fit's images, labels and their positions in `fit.split`: its first `fit.n` (all, with a warning, when
     the split is smaller)."""
@@ -143,10 +139,10 @@ def _fit(s: FitSettings, device: torch.device) -> FitResult:
     x, y, index = held_out(s)
     t0 = time.perf_counter()
     attack = PGD.from_threat(s.threat, steps=s.fit.steps, loss="margin", seed=s.seed)
-    g_clean, h_clean = _logits(g, x, s.batch_size, device), _logits(h, x, s.batch_size, device)
+    g_clean, h_clean = (model_outputs(m, x, s.batch_size, device, k) for k, m in (("g", g), ("h", h)))
     with progress.stage(f"minimum-margin attack on h (PGD-{s.fit.steps}, margin loss)", len(y)) as shown:
         x_adv = attack_in_batches(attack, h, x, y, s.batch_size, on_batch=shown.advance)
-    h_adv = _logits(h, x_adv, s.batch_size, device)
+    h_adv = model_outputs(h, x_adv, s.batch_size, device, "h (attacked)")
     t1 = time.perf_counter()
     keys = dataclasses.asdict(s.fit)
     fit = fit_nonlinear_map(g_clean, h_clean, h_adv, y, scales=s.fit.scales, powers=s.fit.powers,
