@@ -9,6 +9,7 @@ import torch
 
 from mixrobust.attacks import APGD, PGD, AdaptiveMixAttack, attack_in_batches
 from mixrobust.attacks.apgd import checkpoints, dlr_loss, dlr_targeted_loss
+from mixrobust.attacks.pgd import ladder_size
 from mixrobust.errors import ConfigError
 from mixrobust.mixing import MixedClassifier
 from tests.small_models import cnn, digits, fit_cnns, mlp
@@ -124,6 +125,29 @@ def test_pgd_early_exit_reports_exactly_the_full_search(trained_pair, norm, eps,
     assert torch.equal(robust(mix, x, full, y), robust(mix, x, fast, y))
     delta = (fast - x).flatten(1)
     assert ((delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)) <= eps + 1e-5).all()
+
+
+class BatchSizes(torch.nn.Module):
+    """A model that records the batch size of every forward pass of the one it wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes = model, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.model(x)
+
+
+@pytest.mark.parametrize("attack", [PGD(eps=0.2, step_size=0.05, steps=10, early_exit=True),
+                                    APGD(eps=0.2, steps=20, loss="dlr_targeted", targets=3)])
+def test_early_exit_searches_batches_of_ladder_sizes_only(trained_pair, attack):
+    """The batch shrinks to ladder sizes (the host allocator sees a few sizes again and again), and it does shrink."""
+    g, h, x, y = trained_pair
+    spy = BatchSizes(MixedClassifier(g, h, 0.7))
+    attack(spy, x, y)
+    assert all(size == len(y) or ladder_size(size) == size for size in spy.sizes), sorted(set(spy.sizes))
+    assert min(spy.sizes) < len(y) // 2
 
 
 def test_pgd_early_exit_with_restarts_is_as_strong(trained_pair):

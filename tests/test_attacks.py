@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mixrobust.attacks import FGSM, PGD, attack_in_batches, attack_loss, margin_loss
+from mixrobust.attacks.pgd import ladder_size, shrink
 from mixrobust.errors import ConfigError
 from mixrobust.models import create_model
 from mixrobust.threat import Threat
@@ -306,6 +307,26 @@ def test_linear_model_reaches_closed_form_worst_margin(norm, loss, attack):
 # --- batched helper -----------------------------------------------------------------------------
 
 
+def test_early_exit_ladder():
+    """Sizes 1 .. 9, then each the ceiling of 9/8 of the one before: a count gets the smallest size holding it."""
+    assert [ladder_size(n) for n in (0, 1, 9, 10, 11, 12, 13, 14, 107, 108, 121, 122)] == \
+        [0, 1, 9, 11, 11, 13, 13, 15, 107, 121, 121, 137]
+    sizes = [ladder_size(n) for n in range(1, 5001)]
+    assert all(n <= size <= n * 9 / 8 + 1 for n, size in enumerate(sizes, start=1))
+    assert all(ladder_size(size) == size for size in sizes) and len(set(sizes)) < 80  # few sizes, reused
+
+
+def test_shrink_keeps_every_live_row_and_fills_with_the_first_decided_ones():
+    live = torch.zeros(30, dtype=torch.bool)
+    live[1:20:2] = True  # 10 live rows: ladder size 11, so one decided row (the first, row 0) fills it
+    keep = shrink(live)
+    assert torch.equal(keep.nonzero().flatten(), torch.tensor([0, *range(1, 20, 2)]))
+    live[21] = True  # 11 live: exactly a ladder size
+    assert torch.equal(shrink(live), live)
+    assert shrink(torch.ones(30, dtype=torch.bool)) is None and shrink(torch.arange(30) != 3) is None  # 29 -> 30
+    assert not shrink(torch.zeros(30, dtype=torch.bool)).any()
+
+
 def test_attack_in_batches():
     x, y = _images(6, 23)
     pgd = PGD("l2", eps=0.8, step_size=0.2, steps=4)
@@ -375,6 +396,30 @@ def test_agrees_with_torchattacks(digits, norm, eps):
     ref = _accuracy(model, ref_attack(x, y), y)
     assert 20 < ref < 80, "pick a budget where the comparison is informative"
     assert abs(ours - ref) <= 0.5, f"ours {ours:.2f}% vs torchattacks {ref:.2f}%"
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
+def test_broken_examples_are_those_any_torchattacks_iterate_breaks(digits, norm, eps):
+    """Ours counts an example broken if any point its search visited fools the model; torchattacks returns its last
+    iterate only. Without random start, torchattacks' k-step result is its longer run's k-th iterate, so runs of
+    0 .. steps steps give every point it visits: the examples they break are exactly the ones ours breaks."""
+    import torchattacks
+
+    model, x, y, _, _ = digits
+    step, steps = eps / 2, 10  # large steps overshoot: some examples are fooled mid-search and recover at the end
+    ref_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    iterates = [x] + [ref_cls(model, eps=eps, alpha=step, steps=k, random_start=False)(x, y)
+                      for k in range(1, steps + 1)]
+    with torch.no_grad():
+        robust_ref = torch.stack([model(point).argmax(1) == y for point in iterates]).all(0)
+        last = model(iterates[-1]).argmax(1) == y
+    assert 0.2 < robust_ref.float().mean() < 0.8, "pick a budget where the comparison is informative"
+    assert bool((last & ~robust_ref).any()), "some example recovers at torchattacks' last iterate"
+    for early_exit in (False, True):
+        ours = PGD(norm, eps=eps, step_size=step, steps=steps, early_exit=early_exit)(model, x, y)
+        with torch.no_grad():
+            robust = model(ours).argmax(1) == y
+        assert int((robust != robust_ref).sum()) <= len(y) // 200, "float rounding may flip at most 0.5% of examples"
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])

@@ -17,12 +17,13 @@ outputs themselves with the scale-invariant DLR loss (the cross-entropy of the l
 softmaxes saturates where one base model is confident; DLR's ratio of logit differences does not).
 
 Early exit (``early_exit=True``, the default): an example is dropped from the search at the first
-visited point that the model misclassifies, which is kept as its adversarial example; the batch is
-compacted then. The reported accuracy is identical to the full search's (``early_exit=False``,
-which searches every example to the end and still returns its first fooling point): an example
-counts as robust only if no visited point fooled it, and the examples still searched do not depend
-on which others are in the batch (without random start; with it, the starts drawn for later
-searches differ, so the accuracies are then statistically, not exactly, equal). Without random start
+visited point that the model misclassifies, which is kept as its adversarial example; the batch
+shrinks as examples are dropped, to the sizes of a fixed ladder (`mixrobust.attacks.pgd.shrink`).
+The reported accuracy is identical to the full search's (``early_exit=False``, which searches every
+example to the end and still returns its first fooling point): an example counts as robust only if
+no visited point fooled it, and the examples still searched do not depend on which others are in
+the batch (without random start; with it, the starts drawn for later searches differ, so the
+accuracies are then statistically, not exactly, equal). Without random start
 the searches are deterministic; with it, the starts are drawn for the whole batch at once from a
 generator seeded with `seed`, so results are reproducible for a seed and batch.
 
@@ -40,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from mixrobust.attacks.losses import cross_entropy_loss
-from mixrobust.attacks.pgd import _check_inputs, _number, eval_mode, nonfinite_rows, raise_if_nonfinite
+from mixrobust.attacks.pgd import (_check_inputs, _number, eval_mode, nonfinite_rows, put_rows, raise_if_nonfinite,
+                                   shrink)
 from mixrobust.errors import ConfigError, check_choice
 from mixrobust.threat import Norm
 
@@ -149,7 +151,7 @@ class APGD:
                 for t in range(self.targets if self.loss == "dlr_targeted" else 1):
                     if active.numel() == 0:
                         break
-                    target = ranked[active, t + 1] if self.loss == "dlr_targeted" else None
+                    target = ranked[:, t + 1] if self.loss == "dlr_targeted" else None
                     active = self._search(model, x, y, active, target, out, best, nonfinite, generator)
         raise_if_nonfinite(nonfinite, "the model", during=" during the APGD search")
         return out
@@ -161,11 +163,12 @@ class APGD:
             return cross_entropy_loss(z, y)
         return dlr_loss(z, y) if target is None else dlr_targeted_loss(z, y, target)
 
-    def _eval(self, model, x_adv: Tensor, y: Tensor, target, nonfinite: Tensor, idx: Tensor):
-        """Loss (n,), gradient (n, ...), fooled (n,) at `x_adv` (n, ...): one forward and one backward pass."""
+    def _eval(self, model, x_adv: Tensor, y: Tensor, target, nonfinite: Tensor, idx: Tensor, live: Tensor):
+        """Loss (n,), gradient (n, ...), fooled (n,) at `x_adv` (n, ...): one forward and one backward pass.
+        Non-finite outputs of the `live` rows (n,) are flagged in `nonfinite` at `idx` (n,)."""
         x_adv = x_adv.detach().requires_grad_(True)
         out, surrogate = _outputs(model, x_adv, self.surrogate)
-        nonfinite[idx] |= nonfinite_rows(out)
+        nonfinite[idx] |= nonfinite_rows(out) & live
         loss = self._loss(surrogate, y, target)
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         return loss.detach(), grad, out.detach().argmax(1) != y
@@ -196,30 +199,33 @@ class APGD:
 
     def _search(self, model, x_all: Tensor, y_all: Tensor, active: Tensor, target, out: Tensor, best: Tensor,
                 nonfinite: Tensor, generator) -> Tensor:
-        """APGD on the examples `active` (indices into the batch); fooled ones are written to `out` and dropped.
-        Returns the indices still unfooled. `best` (N,) keeps each unfooled example's highest loss over searches,
-        whose point is in `out`."""
+        """APGD on the examples `active` (indices into the batch; `target` (N,): each one's target class, or None);
+        each one's first fooling point is written to `out`. Returns the indices still unfooled. `best` (N,) keeps
+        each unfooled example's highest loss over searches, whose point is in `out`. With early exit the searched
+        rows shrink to `shrink`'s ladder sizes as examples are fooled (decided rows kept to fill a size are
+        searched but ignored: ``live`` is False for them)."""
         view = (-1,) + (1,) * (x_all.ndim - 1)
         checks = {c for c in checkpoints(self.steps) if c > 0}
-        s = {"idx": active, "x": x_all[active], "y": y_all[active]}  # per-example state, compacted together
+        live = torch.zeros(y_all.shape, dtype=torch.bool, device=x_all.device)
+        live[active] = True
+        keep = shrink(live) if self.early_exit else live
+        rows = torch.arange(y_all.shape[0], device=x_all.device) if keep is None else keep.nonzero().flatten()
+        s = {"idx": rows, "x": x_all[rows], "y": y_all[rows], "live": live[rows]}  # per-example state, shrunk together
         if target is not None:
-            s["t"] = target
+            s["t"] = target[rows]
         s["cur"] = self._start(s["x"], generator)
-        s["loss"], s["grad"], fooled = self._eval(model, s["cur"], s["y"], s.get("t"), nonfinite, s["idx"])
+        s["loss"], s["grad"], fooled = self._eval(model, s["cur"], s["y"], s.get("t"), nonfinite, s["idx"], s["live"])
         s["prev"], s["best"], s["loss_best"], s["grad_best"] = s["cur"], s["cur"], s["loss"], s["grad"]
-        s["eta"] = torch.full((active.numel(),), 2 * self.eps, device=x_all.device)
+        s["eta"] = torch.full(s["idx"].shape, 2 * self.eps, device=x_all.device)
         s["ups"] = torch.zeros_like(s["loss"])  # steps since the last checkpoint that raised the loss
         s["eta_then"], s["best_then"] = s["eta"].clone(), s["loss_best"].clone()
-        s["hit"] = torch.zeros_like(s["loss"], dtype=torch.bool)  # fooled at a visited point (without early exit)
         last = 0
         for k in range(self.steps):  # s["cur"] is x_k: its loss, gradient and outcome are known
-            if not self.early_exit:  # searched to the end; the first fooling point is kept all the same
-                fooled = fooled & ~s["hit"]
-                out[s["idx"][fooled]] = s["cur"][fooled].detach()
-                s["hit"] = s["hit"] | fooled
-            elif fooled.any():  # early exit: keep the fooling point, drop the example from the search
-                out[s["idx"][fooled]] = s["cur"][fooled].detach()
-                s = {key: value[~fooled] for key, value in s.items()}
+            put_rows(out, s["idx"], fooled & s["live"], s["cur"].detach())  # the first fooling point is kept
+            s["live"] = s["live"] & ~fooled
+            keep = shrink(s["live"]) if self.early_exit else None  # the step's one host sync
+            if keep is not None:
+                s = {key: value[keep] for key, value in s.items()}
                 if s["idx"].numel() == 0:
                     return s["idx"]
             if k == self.steps - 1:
@@ -238,7 +244,7 @@ class APGD:
                 z = self._project(s["cur"] + s["eta"].view(view) * self._direction(s["grad"]), s["x"])
                 weight = 1.0 if k == 0 else MOMENTUM
                 nxt = self._project(s["cur"] + weight * (z - s["cur"]) + (1 - weight) * (s["cur"] - s["prev"]), s["x"])
-            loss, grad, fooled = self._eval(model, nxt, s["y"], s.get("t"), nonfinite, s["idx"])
+            loss, grad, fooled = self._eval(model, nxt, s["y"], s.get("t"), nonfinite, s["idx"], s["live"])
             with torch.no_grad():
                 s["ups"] = s["ups"] + (loss > s["loss"]).float()
                 better = loss > s["loss_best"]
@@ -247,7 +253,7 @@ class APGD:
                 s["loss_best"] = torch.where(better, loss, s["loss_best"])
             s["prev"], s["cur"], s["loss"], s["grad"] = s["cur"], nxt, loss, grad
         # unfooled: keep the highest-loss point over this and earlier searches
-        s = {key: value[~s["hit"]] for key, value in s.items()}
+        s = {key: value[s["live"]] for key, value in s.items()}
         take = s["loss_best"] > best[s["idx"]]
         out[s["idx"][take]] = s["best"][take].detach()
         best[s["idx"][take]] = s["loss_best"][take]

@@ -15,6 +15,7 @@ hot loops and one host sync at the end.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import math
@@ -140,11 +141,13 @@ class PGD:
     gradients are float32; `autocast_dtype` ("bfloat16"/"float16") runs only the model's
     forward pass under ``torch.autocast`` on x's device type.
 
-    Early exit (``early_exit=True``): each example leaves the batch at the first visited point that the
-    model misclassifies, which is returned for it, and the batch is compacted at once. The attacked
-    model's accuracy is exactly the full search's without random start (an example is robust iff no
-    visited point fooled it, and each example's search is independent of the batch); with random
-    starts, later restarts draw for fewer examples, so it is statistically, not exactly, the same.
+    Early exit (``early_exit=True``): each example is decided at the first visited point that the
+    model misclassifies, which is returned for it, and the batch shrinks as examples are decided, to
+    the sizes of a fixed ladder (`shrink`: a few decided rows stay, ignored, so that tensor sizes repeat
+    and the host allocator's heap does not fragment). The attacked model's accuracy is exactly the full
+    search's without random start (an example is robust iff no visited point fooled it, and each
+    example's search is independent of the batch); with random starts, later restarts draw for fewer
+    examples, so it is statistically, not exactly, the same.
     The point returned for a fooled example is its first fooling point, not the highest-loss one: use
     it for the attacked model's accuracy, not as a transfer attack or a training example (the
     default, off, is what training and the sweep's STD / ROB images use).
@@ -275,16 +278,21 @@ class PGD:
         return best, nonfinite
 
     def _search_early_exit(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> tuple[Tensor, Tensor]:
-        """`_search` that drops each example from the batch at its first visited point that the model misclassifies
-        (kept as its adversarial example); the batch is compacted at once. The unfooled examples get the final
-        iterate (one search, as `_search` gives them) or the highest-loss final iterate of the restarts."""
+        """`_search` that takes each example out of the search at its first visited point that the model
+        misclassifies (kept as its adversarial example). The batch shrinks to `shrink`'s ladder sizes, its
+        decided rows still searched but ignored; the unfooled examples get the final iterate (one search, as
+        `_search` gives them) or the highest-loss final iterate of the restarts."""
         linf = self.norm is Norm.LINF
         out = x.clone()  # (N, C, H, W)
         best_loss = torch.full(y.shape, -math.inf, device=x.device)  # unfooled examples, over restarts
         nonfinite = torch.zeros(y.shape, dtype=torch.bool, device=x.device)
-        todo = torch.arange(y.shape[0], device=x.device)
+        todo = torch.ones(y.shape, dtype=torch.bool, device=x.device)  # (N,) no visited point fooled it yet
         for _ in range(self.restarts):
-            idx, xs, ys = todo, x[todo], y[todo]
+            keep = shrink(todo)
+            idx = torch.arange(y.shape[0], device=x.device) if keep is None else keep.nonzero().flatten()
+            if idx.numel() == 0:
+                break
+            live, xs, ys = todo[idx], x[idx], y[idx]  # live: the searched rows whose results count
             lo = (xs - self.eps).clamp_(min=0.0) if linf else None
             hi = (xs + self.eps).clamp_(max=1.0) if linf else None
             x_adv = torch.empty_like(xs)
@@ -294,27 +302,29 @@ class PGD:
                 x_adv.requires_grad_(True)
                 flags = torch.zeros(ys.shape, dtype=torch.bool, device=x.device)
                 loss, fooled = self._forward(model, x_adv, ys, flags)
-                nonfinite[idx] |= flags
+                nonfinite[idx] |= flags & live
                 last = step == self.steps
                 grad = None if last else torch.autograd.grad(loss.sum(), x_adv)[0]
-                x_adv = x_adv.detach()
-                if bool(fooled.any()):  # one host sync per step: the price of dropping decided examples
-                    out[idx[fooled]] = x_adv[fooled]
-                    keep = ~fooled
-                    todo = todo[~torch.isin(todo, idx[fooled])]
-                    idx, xs, ys, x_adv, loss = idx[keep], xs[keep], ys[keep], x_adv[keep], loss[keep]
-                    grad = None if grad is None else grad[keep]
+                x_adv, loss = x_adv.detach(), loss.detach()
+                new = fooled & live
+                put_rows(out, idx, new, x_adv)
+                todo[idx] &= ~new
+                live = live & ~fooled
+                if last:
+                    take = live & (loss > best_loss[idx])
+                    put_rows(out, idx, take, x_adv)
+                    best_loss[idx] = torch.where(take, loss, best_loss[idx])
+                    break
+                keep = shrink(live)  # the step's one host sync
+                if keep is not None:
+                    idx, xs, ys, x_adv, grad, live = idx[keep], xs[keep], ys[keep], x_adv[keep], grad[keep], live[keep]
                     lo, hi = (None, None) if not linf else (lo[keep], hi[keep])
                     if idx.numel() == 0:
                         break
-                if last:
-                    take = loss.detach() > best_loss[idx]
-                    out[idx[take]], best_loss[idx[take]] = x_adv[take], loss.detach()[take]
-                    break
                 with torch.no_grad():
                     self._step(x_adv, grad, xs, lo, hi)
             else:  # one search: the unfooled take the final iterate, as `_search` gives them
-                out[idx] = x_adv
+                put_rows(out, idx, live, x_adv)
         return out, nonfinite
 
     def _forward(self, model: nn.Module, x_adv: Tensor, y: Tensor, nonfinite: Tensor) -> tuple[Tensor, Tensor]:
@@ -392,6 +402,45 @@ class FGSM(PGD):
     def from_threat(cls, threat: Threat, **kwargs) -> "FGSM":  # type: ignore[override]
         """FGSM with the norm and eps of `threat` (its step size is not used)."""
         return cls(threat.norm, eps=threat.eps, **kwargs)
+
+
+#: Early exit shrinks a searched batch only to the sizes of a fixed ladder, each about 8/9 of the next
+#: (1, 2, ..., 8, 9, 11, 13, ..., 449, 506, ...), keeping some decided examples (their results ignored) to fill a
+#: size. Compacting to every new count would allocate tensors of a new size at almost every step, which fragments
+#: the host allocator's heap: an evaluation's peak memory then grew with every batch (README "Precautions"). A
+#: bounded set of sizes is reused batch after batch, for at most 1/8 more rows searched than needed.
+LADDER_GROWTH = 9 / 8
+
+
+_LADDER = [1]  # extended as larger counts come
+
+
+def ladder_size(count: int) -> int:
+    """The smallest size of the early-exit ladder that holds `count` rows (0 for none)."""
+    if count <= 0:
+        return 0
+    while _LADDER[-1] < count:
+        _LADDER.append(max(_LADDER[-1] + 1, math.ceil(_LADDER[-1] * LADDER_GROWTH)))
+    return _LADDER[bisect.bisect_left(_LADDER, count)]
+
+
+def shrink(live: Tensor) -> Tensor | None:
+    """Which rows of a searched batch to keep, as a bool mask (n,), or None to keep them all: every live row and
+    the first decided ones, up to the `ladder_size` of the live count when that is below n (no rows when none is
+    live). One host sync (the live count)."""
+    count = int(live.sum())
+    size = ladder_size(count)
+    if size >= live.numel():
+        return None
+    keep = live.clone()
+    keep[(~live).nonzero().flatten()[: size - count]] = True
+    return keep
+
+
+def put_rows(out: Tensor, idx: Tensor, take: Tensor, values: Tensor) -> None:
+    """``out[idx[take]] = values[take]`` without a host sync: rows `idx` (n,) of `out` take `values` (n, ...) where
+    `take` (n,) is set and keep their own elsewhere."""
+    out[idx] = torch.where(take.view((-1,) + (1,) * (values.ndim - 1)), values.to(out.dtype), out[idx])
 
 
 def _keep_worst(best: Tensor, best_loss: Tensor, best_fooled: Tensor,
