@@ -3,9 +3,9 @@
 A sweep whose options include linear mixing (``h_map`` identity) and a map on h's logits for the same
 (r_option, mix_space) traces two trade-off curves. For every alpha of the mapped mixture, `matched_rows`
 pairs it with the linear mixture of the *nearest measured clean accuracy* (ties: the more robust linear
-point by the worst case, so a tie never flatters the map; then the larger alpha) and puts their accuracies under each attack side by side, with both
-clean accuracies, so the match's quality is in the table: nothing is interpolated, every number was
-measured on the same test images.
+point by the worst case, so a tie never flatters the map; then the larger alpha) and puts their
+accuracies under each attack side by side, with both clean accuracies, so the match's quality is in
+the table: nothing is interpolated, every number was measured on the same test images.
 """
 
 from __future__ import annotations
