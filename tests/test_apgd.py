@@ -140,9 +140,11 @@ class BatchSizes(torch.nn.Module):
 
 
 @pytest.mark.parametrize("attack", [PGD(eps=0.2, step_size=0.05, steps=10, early_exit=True),
-                                    APGD(eps=0.2, steps=20, loss="dlr_targeted", targets=3)])
+                                    APGD(eps=0.2, steps=20, loss="dlr_targeted", targets=3),
+                                    AdaptiveMixAttack(eps=0.2, steps=10, targets=3)])
 def test_early_exit_searches_batches_of_ladder_sizes_only(trained_pair, attack):
-    """The batch shrinks to ladder sizes (the host allocator sees a few sizes again and again), and it does shrink."""
+    """The batch shrinks to ladder sizes (the host allocator and the backend's kernel caches see a few sizes again and
+    again), and it does shrink; a chain of APGD stages runs each on the whole batch, not on the examples left."""
     g, h, x, y = trained_pair
     spy = BatchSizes(MixedClassifier(g, h, 0.7))
     attack(spy, x, y)

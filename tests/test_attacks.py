@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mixrobust.attacks import FGSM, PGD, attack_in_batches, attack_loss, margin_loss
+from mixrobust.attacks import FGSM, PGD, attack_chunks, attack_in_batches, attack_loss, margin_loss
 from mixrobust.attacks.pgd import ladder_size, shrink
 from mixrobust.errors import ConfigError
 from mixrobust.models import create_model
@@ -343,6 +343,28 @@ def test_attack_in_batches():
     with pytest.raises(ConfigError, match="batch_size"):
         attack_in_batches(pgd, MLP, x, y, batch_size=0)
 
+
+
+def test_attack_chunks_attack_the_selected_rows_one_chunk_at_a_time():
+    x, y = _images(6, 23)
+    pgd = PGD("l2", eps=0.8, step_size=0.2, steps=4)
+    index = torch.tensor([22, 3, 7, 0, 19, 11, 5])
+    seen = []
+
+    def spy(model, xb, yb):
+        seen.append(len(xb))
+        return pgd(model, xb, yb)
+
+    starts, parts = [], []
+    for start, x_adv in attack_chunks(spy, MLP, x, y, 3, index):
+        starts.append(start)
+        parts.append(x_adv)
+        assert sum(seen) == start + len(x_adv)  # the next chunk is attacked only once this one is consumed
+    assert starts == [0, 3, 6] and seen == [3, 3, 1]
+    torch.testing.assert_close(torch.cat(parts), pgd(MLP, x[index], y[index]), atol=1e-6, rtol=0)
+    assert [s for s, _ in attack_chunks(spy, MLP, x, y, 10)] == [0, 10, 20]  # no index: all rows, in order
+    with pytest.raises(ConfigError, match="batch_size"):
+        next(attack_chunks(pgd, MLP, x, y, 0))
 
 # --- a standard CNN trained on sklearn digits ------------------------------------------------------
 

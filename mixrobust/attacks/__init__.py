@@ -2,7 +2,7 @@
 
 from mixrobust.attacks.apgd import APGD, AdaptiveMixAttack
 from mixrobust.attacks.autoattack import AutoAttack, find_implementation
-from mixrobust.attacks.batched import Attack, attack_in_batches, model_device
+from mixrobust.attacks.batched import Attack, attack_chunks, attack_in_batches, model_device
 from mixrobust.attacks.losses import LOSSES, AttackLoss, attack_loss, cross_entropy_loss, margin_loss
 from mixrobust.attacks.pgd import AUTOCAST_DTYPES, FGSM, PGD, check_finite, eval_mode, parse_autocast_dtype
 
@@ -16,6 +16,7 @@ __all__ = [
     "PGD",
     "Attack",
     "AttackLoss",
+    "attack_chunks",
     "attack_in_batches",
     "attack_loss",
     "check_finite",

@@ -131,15 +131,26 @@ class APGD:
         _check_inputs(x, y)
         x, y = x.detach(), y.detach().long()
         out = x.clone()
+        self.attack_into(model, x, y, out)
+        return out
+
+    def attack_into(self, model: nn.Module, x: Tensor, y: Tensor, out: Tensor, todo: Tensor | None = None) -> None:
+        """Attack the rows of `x` (N, ...) where `todo` (N,) is True (all if None), writing each one's point into
+        `out` (N, ...); the other rows of `out` are left alone. With early exit every model pass is on all N rows
+        or on a ladder size (`shrink`), never on the count of `todo`, so a chain of attacks on a shrinking set of
+        examples meets few distinct batch shapes (each new one costs the backend new kernels, cached in memory)."""
         if self.eps == 0 or x.shape[0] == 0:
-            return out
+            return
         generator = None if self.seed is None else torch.Generator(device=x.device).manual_seed(self.seed)
         nonfinite = torch.zeros(y.shape, dtype=torch.bool, device=x.device)
         with eval_mode(model), torch.enable_grad():
             with torch.no_grad():
                 clean, surrogate = _outputs(model, x, self.surrogate)
-            nonfinite |= nonfinite_rows(clean)
-            active = (clean.argmax(1) == y).nonzero().flatten()  # misclassified examples: x itself fools them
+            wanted, broken = clean.argmax(1) == y, nonfinite_rows(clean)  # misclassified: x itself fools them
+            if todo is not None:
+                wanted, broken = wanted & todo, broken & todo
+            nonfinite |= broken
+            active = wanted.nonzero().flatten()
             if self.loss == "dlr_targeted" and surrogate.shape[1] < 4:
                 raise ConfigError("the targeted DLR loss needs at least 4 classes")
             if self.loss == "dlr_targeted" and self.targets > surrogate.shape[1] - 1:
@@ -154,7 +165,6 @@ class APGD:
                     target = ranked[:, t + 1] if self.loss == "dlr_targeted" else None
                     active = self._search(model, x, y, active, target, out, best, nonfinite, generator)
         raise_if_nonfinite(nonfinite, "the model", during=" during the APGD search")
-        return out
 
     # --- one search ------------------------------------------------------------------------------
 
@@ -297,13 +307,11 @@ class AdaptiveMixAttack:
         _check_inputs(x, y)
         x, y = x.detach(), y.detach().long()
         out = x.clone()
-        todo = torch.arange(x.shape[0], device=x.device)
+        todo = torch.ones(y.shape, dtype=torch.bool, device=x.device)
         for stage in self.stages:
-            if todo.numel() == 0:
+            if not todo.any():
                 break
-            adv = stage(model, x[todo], y[todo])
-            out[todo] = adv
+            stage.attack_into(model, x, y, out, todo)  # on all rows: no batch of a new size
             with torch.no_grad(), eval_mode(model):
-                fooled = model(adv).argmax(1) != y[todo]
-            todo = todo[~fooled]
+                todo &= model(out).argmax(1) == y
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -26,17 +26,20 @@ def model_device(model: nn.Module, default: torch.device) -> torch.device:
     return default
 
 
-def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
-                      on_batch: Callable[[int], None] | None = None) -> Tensor:
-    """Adversarial examples for all of `x` (N, C, H, W), attacking `batch_size` images at a time.
+def attack_chunks(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                  index: Tensor | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> Iterator[tuple[int, Tensor]]:
+    """Attack ``x[index]`` (all of `x` (N, C, H, W) if `index` is None) `batch_size` images at a time, yielding
+    ``(start, x_adv)``: the adversarial examples of positions ``start .. start + len(x_adv)`` of the selection, on
+    the model's device.
 
-    Chunks are moved to the model's device and the result comes back on x's device with x's
-    dtype. For a `PGD` with random start, one generator (seeded with ``attack.seed``) serves all
-    chunks, so each chunk draws fresh starts and the whole run is reproducible for a fixed
-    seed and `batch_size` (a different `batch_size` gives different draws). `on_batch` is called with
-    the number of images of each chunk once it is attacked (progress reporting). The host memory a
-    chunk's attack freed is handed back before the next (`release_freed_memory`), so peak memory
-    does not grow with the number of chunks.
+    Only one chunk's images exist at a time (no copy of the selection is made), so a caller that judges each chunk
+    as it comes holds per-example results only. For a `PGD` with random start, one generator (seeded with
+    ``attack.seed``) serves all chunks, so each chunk draws fresh starts and the whole run is reproducible for a
+    fixed seed and `batch_size` (a different `batch_size` gives different draws). `on_batch` is called with the
+    number of images of each chunk once it is attacked (progress reporting). Once the caller is done with a chunk,
+    the host memory its attack and the caller's use of it freed is handed back before the next chunk
+    (`release_freed_memory`), so peak memory does not grow with the number of chunks.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -44,15 +47,25 @@ def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, ba
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
     device = model_device(model, x.device)
     generator = attack.make_generator(device) if isinstance(attack, PGD) else None
-    out = torch.empty_like(x)
-    for start in range(0, x.shape[0], batch_size):
-        stop = start + batch_size
-        xb = x[start:stop].to(device, non_blocking=True)
-        yb = y[start:stop].to(device, non_blocking=True)
+    count = x.shape[0] if index is None else index.shape[0]
+    for start in range(0, count, batch_size):
+        rows = slice(start, start + batch_size) if index is None else index[start:start + batch_size]
+        xb = x[rows].to(device, non_blocking=True)
+        yb = y[rows].to(device, non_blocking=True)
         x_adv = attack(model, xb, yb, generator=generator) if generator is not None else attack(model, xb, yb)
-        out[start:stop].copy_(x_adv)
+        del xb, yb
+        if on_batch is not None:
+            on_batch(x_adv.shape[0])
+        yield start, x_adv
         del x_adv
         release_freed_memory()  # the batch's attack buffers: without it glibc keeps them and RSS grows with N
-        if on_batch is not None:
-            on_batch(xb.shape[0])
+
+
+def attack_in_batches(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, batch_size: int,
+                      on_batch: Callable[[int], None] | None = None) -> Tensor:
+    """Adversarial examples for all of `x` (N, C, H, W), attacking `batch_size` images at a time (`attack_chunks`):
+    the result comes back on x's device with x's dtype."""
+    out = torch.empty_like(x)
+    for start, x_adv in attack_chunks(attack, model, x, y, batch_size, on_batch=on_batch):
+        out[start:start + x_adv.shape[0]].copy_(x_adv)
     return out

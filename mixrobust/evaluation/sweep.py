@@ -29,18 +29,20 @@ would do themselves.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mixrobust.attacks import PGD, AdaptiveMixAttack, Attack, attack_in_batches, eval_mode, model_device
+from mixrobust.attacks import PGD, AdaptiveMixAttack, Attack, attack_chunks, eval_mode, model_device
 from mixrobust.attacks.pgd import nonfinite_rows, raise_if_nonfinite
 from mixrobust.errors import ConfigError, NonFiniteError
 from mixrobust.evaluation.margins import margin_summary, probability_gap
@@ -54,6 +56,7 @@ from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
 from mixrobust.runtime.files import package_version
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 @dataclass
@@ -153,6 +156,12 @@ class _Judged:
     correct: np.ndarray  # (M, A, N) bool, every mixture
     gap: np.ndarray  # (M, A, N) float
 
+    @staticmethod
+    def concat(parts: Sequence[_Judged]) -> _Judged:
+        """The parts (consecutive example sets) as one, along the example axis."""
+        base = {k: tuple(np.concatenate([p.base[k][i] for p in parts]) for i in (0, 1)) for k in parts[0].base}
+        return _Judged(base, np.concatenate([p.correct for p in parts], -1), np.concatenate([p.gap for p in parts], -1))
+
 
 class _Sweep:
     """One sweep's state: models, data and the mixtures (vector alpha to judge, scalar to attack)."""
@@ -198,25 +207,30 @@ class _Sweep:
             out.append(entry["logits"].to(self.x.device))
         return out[0], out[1]
 
-    def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None, column: str | None = None):
-        """`attack` on base model `target` ("g" or "h") for the examples where `keep` is True (all if None);
-        `column` names it in progress (default STD on g, ROB on h).
+    def adversarial(self, attack: Attack, target: str, keep: np.ndarray | None,
+                    column: str | None = None) -> tuple[_Judged | None, np.ndarray]:
+        """`attack` on base model `target` ("g" or "h") for the examples where `keep` is True (all if None),
+        judged by every model: (their `_Judged` (None if there are none), their indices (n,)); `column` names the
+        attack in progress (default STD on g, ROB on h).
 
-        Returns (x_adv (n, ...), their indices (n,), (g's, h's outputs on x_adv) or None). With a
-        cache, the images and the target's outputs of every example attacked so far under the same key
-        (the target model alone, data, attack, batch size, device) are read back, only the missing
-        examples are attacked, and the entry is extended; the other model's outputs are computed (one
-        pass). An example's images do not depend on which others are attacked with it (no random start;
-        with one, every example is attacked at once).
+        Without a cache each batch of images is judged as soon as it is attacked and dropped, so memory holds
+        per-example results only. With a cache, the images and the target's outputs of every example attacked
+        so far under the same key (the target model alone, data, attack, batch size, device) are read back,
+        only the missing examples are attacked, and the entry is extended (it holds the images of the whole
+        set, in memory too); the other model's outputs are computed (one pass). An example's images do not
+        depend on which others are attacked with it (no random start; with one, every example is attacked at
+        once).
         """
         model = self.g if target == "g" else self.h
         idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
         column = column or ("STD" if target == "g" else "ROB")
         name = f"{column} attack ({getattr(attack, 'label', None) or attack_label(attack)} on {target})"
-        if self.cache is None or not len(idx):
+        if not len(idx):
+            return None, idx
+        if self.cache is None:
             with progress.stage(name, len(idx)) as shown:
-                x_adv, idx = self.run_attack(attack, model, keep, shown)
-            return x_adv, idx, None
+                parts = self.run_attack(attack, model, idx, shown, self.judge)
+            return _Judged.concat(parts), idx
         key = self.cache.key("adversarial", model=self.digests[target], attack=attack_settings(attack),
                              **self.key_parts)
         entry = self.cache.load(key)
@@ -224,8 +238,10 @@ class _Sweep:
         missing = np.setdiff1d(idx, have)
         if len(missing):
             with progress.stage(name, len(missing)) as shown:
-                x_new, _ = self.run_attack(attack, model, np.isin(np.arange(self.y.shape[0]), missing), shown)
-            new = {"index": torch.from_numpy(missing), "x_adv": x_new.cpu(), "logits": self.outputs(model, x_new).cpu()}
+                parts = self.run_attack(attack, model, missing, shown,
+                                        lambda x_adv, y: (x_adv.cpu(), self.outputs(model, x_adv).cpu()))
+            new = {"index": torch.from_numpy(missing), "x_adv": torch.cat([p[0] for p in parts]).to(self.x.dtype),
+                   "logits": torch.cat([p[1] for p in parts])}
             if entry is not None:
                 order = np.argsort(np.concatenate([have, missing]), kind="stable")
                 new = {k: torch.cat([entry[k], new[k]])[torch.from_numpy(order)] for k in new}
@@ -237,7 +253,8 @@ class _Sweep:
         pos = torch.from_numpy(np.searchsorted(entry["index"].numpy(), idx))
         x_adv, own = entry["x_adv"][pos].to(self.x.device), entry["logits"][pos].to(self.x.device)
         other = self.outputs(self.h if target == "g" else self.g, x_adv)
-        return x_adv, idx, (own, other) if target == "g" else (other, own)
+        logits = (own, other) if target == "g" else (other, own)
+        return self.judge(x_adv, self.y[torch.from_numpy(idx)], logits), idx
 
     def judge(self, x: Tensor, y: Tensor, logits: tuple[Tensor, Tensor] | None = None) -> _Judged:
         """Every model on image set `x` (n, C, H, W) with labels `y` (n,) (`logits`: g's and h's outputs, if known)."""
@@ -258,30 +275,35 @@ class _Sweep:
             out = self.outputs(self.single[m], x)
         return (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy()
 
-    def run_attack(self, attack: Attack, model: nn.Module, keep: np.ndarray | None,
-                   shown: progress.Stage) -> tuple[Tensor, np.ndarray]:
-        """Attack the examples where `keep` (N,) is True (all if None): (x_adv (n, ...), their indices (n,)),
+    def run_attack(self, attack: Attack, model: nn.Module, idx: np.ndarray, shown: progress.Stage,
+                   judge: Callable[[Tensor, Tensor], R]) -> list[R]:
+        """Attack the examples `idx` (n,) `batch_size` at a time and ``judge(x_adv, y)`` each batch's images (on
+        the model's device, with their labels there) as it comes (`attack_chunks`): the judgements in order,
         advancing progress stage `shown` as batches finish."""
-        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
-        sel = torch.from_numpy(idx)
-        x, y = self.x[sel], self.y[sel]
-        if not len(idx):
-            return x, idx
-        try:
-            return attack_in_batches(attack, model, x, y, self.batch_size, on_batch=shown.advance), idx
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"{type(attack).__name__} on {self.name(model)}: {exc}") from None
+        device = model_device(model, self.x.device)
+        chunks = attack_chunks(attack, model, self.x, self.y, self.batch_size, torch.from_numpy(idx),
+                               on_batch=shown.advance)
+        return [judge(x_adv, self.y[torch.from_numpy(idx[start:start + x_adv.shape[0]])].to(device))
+                for start, x_adv in _named(chunks, f"{type(attack).__name__} on {self.name(model)}")]
 
-    def judge_subset(self, clean: _Judged, x_adv: Tensor, idx: np.ndarray, logits=None) -> _Judged:
-        """`judge` on images that equal the clean ones except at `idx`: the rest is taken from `clean`."""
+    @staticmethod
+    def merge(clean: _Judged, part: _Judged | None, idx: np.ndarray) -> _Judged:
+        """`clean` with the examples `idx` judged as in `part` (their judgement on other images)."""
         base = {k: (c.copy(), v.copy()) for k, (c, v) in clean.base.items()}
         out = _Judged(base, clean.correct.copy(), clean.gap.copy())
-        if len(idx):
-            part = self.judge(x_adv, self.y[torch.from_numpy(idx)], logits)
+        if part is not None:
             for k, (c, v) in part.base.items():
                 out.base[k][0][idx], out.base[k][1][idx] = c, v
             out.correct[..., idx], out.gap[..., idx] = part.correct, part.gap
         return out
+
+
+def _named(chunks: Iterator[tuple[int, Tensor]], what: str) -> Iterator[tuple[int, Tensor]]:
+    """`chunks` with a `NonFiniteError` raised while attacking prefixed by `what` (the attack and its target)."""
+    try:
+        yield from chunks
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{what}: {exc}") from None
 
 
 def implementations(attack, autoattack=None, adaptive=None) -> dict[str, str]:
@@ -459,14 +481,14 @@ def run_sweep(
     for name, target in (("std", "g"), ("rob", "h")):
         t0 = time.perf_counter()
         keep = anyone if skip_misclassified else None
-        judged[name] = sweep.judge_subset(clean, *sweep.adversarial(transfer, target, keep))
+        judged[name] = sweep.merge(clean, *sweep.adversarial(transfer, target, keep))
         timings[name] = time.perf_counter() - t0
     own = {}  # the adaptive attack on g and on h alone: their apgd column, and the mixture's at alpha 0 / 1
     if AttackName.APGD in attacks:
         t0 = time.perf_counter()
         for target in ("g", "h"):
-            own[target] = sweep.judge_subset(clean, *sweep.adversarial(adaptive, target, anyone if skip_misclassified
-                                                                       else None, "APGD"))
+            own[target] = sweep.merge(clean, *sweep.adversarial(adaptive, target, anyone if skip_misclassified
+                                                                else None, "APGD"))
         timings["apgd/base"] = time.perf_counter() - t0
 
     shape = clean.correct.shape  # (M, A, N)
@@ -494,10 +516,12 @@ def run_sweep(
                 keep = kept[m, a]
                 sweep.single[m].alpha = alpha
                 shown.detail = f"alpha {alpha:g}, {option.label}"
-                x_adv, idx = sweep.run_attack(on_mixture[name], sweep.single[m], keep, shown)
+                idx = np.arange(len(y)) if keep is None else np.flatnonzero(keep)
+                parts = sweep.run_attack(on_mixture[name], sweep.single[m], idx, shown,
+                                         functools.partial(sweep.judge_single, m, alpha))
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
-                if len(idx):
-                    correct[idx], gap[idx] = sweep.judge_single(m, alpha, x_adv, y[torch.from_numpy(idx)])
+                if parts:
+                    correct[idx], gap[idx] = (np.concatenate(p) for p in zip(*parts))
                 if name is AttackName.APGD and not option.h_map.identity:
                     # a map keeps h's decisions but can flatten the gradient an attack on the mixture follows
                     # (a large scale or power saturates the softmax): the adaptive attack's images on g and on h
