@@ -4,8 +4,9 @@ On the same images, in the same process, for each alpha: the mixture's robust ac
 it is right on the clean image and on the attack's image) and the attack's wall time, for
 
 - ``PGD-20``: the paper's MIX attack (cross-entropy on the mixture's outputs, no random start);
-- ``apgd``: mixrobust's default adaptive attack (`AdaptiveMixAttack`: APGD-CE, then targeted APGD-DLR towards
-  the 5 next-ranked classes, on the mixture's outputs, early exit);
+- ``apgd``: mixrobust's default adaptive attack (`AdaptiveMixAttack`: APGD-CE, then APGD-DLR, then targeted
+  APGD-DLR towards the 5 next-ranked classes, on the mixture's outputs, early exit; ``--losses``, ``--targets``
+  and ``--surrogate`` change it);
 - ``AutoAttack``: the authors' standard version (pyautoattack, or whichever implementation is installed).
 
 Acceptance (issue 14): apgd within 1 point of AutoAttack (or below it) at every alpha, in at most 1/3 of its
@@ -53,6 +54,9 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=None, help="default: h's training eps")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.6, 0.7, 0.8, 1.0])
     parser.add_argument("--steps", type=int, default=100, help="the adaptive attack's steps per search")
+    parser.add_argument("--losses", nargs="+", default=None, help="the adaptive attack's stages (default: its own)")
+    parser.add_argument("--targets", type=int, default=None, help="targeted classes (default: the attack's own)")
+    parser.add_argument("--surrogate", action="store_true", help="the adaptive attack follows the logit-space surrogate")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args()
@@ -61,7 +65,9 @@ def main() -> None:
     eps = args.eps if args.eps is not None else float(h.record["threat"]["eps"])
     x, y = _data(args.data, args.n)
     pgd = PGD("linf", eps=eps, step_size=2.5 * eps / 20, steps=20)
-    ours = AdaptiveMixAttack("linf", eps=eps, steps=args.steps)
+    chosen = {k: v for k, v in (("losses", args.losses), ("targets", args.targets)) if v is not None}
+    chosen["surrogate"] = args.surrogate
+    ours = AdaptiveMixAttack("linf", eps=eps, steps=args.steps, **chosen)
     autoattack = AutoAttack("linf", eps, g.num_classes, seed=0, batch_size=args.batch)
     print(f"{args.data}: {len(y)} test images, l_inf eps={eps:g}; {ours.label} vs {autoattack.provenance}")
     print(f"{'alpha':>5} {'clean':>6} {'PGD-20':>7} {'apgd':>6} {'AA':>6} {'apgd-AA':>8} {'t apgd':>7} {'t AA':>7} "

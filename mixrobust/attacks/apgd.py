@@ -27,8 +27,8 @@ accuracies are then statistically, not exactly, equal). Without random start
 the searches are deterministic; with it, the starts are drawn for the whole batch at once from a
 generator seeded with `seed`, so results are reproducible for a seed and batch.
 
-`AdaptiveMixAttack` runs APGD-CE, then targeted APGD-DLR on the examples still robust (each stage
-only on them, as AutoAttack chains its attacks).
+`AdaptiveMixAttack` runs APGD-CE, then APGD-DLR, then targeted APGD-DLR on the examples still robust
+(each stage only on them, as AutoAttack chains its attacks).
 """
 
 from __future__ import annotations
@@ -271,8 +271,8 @@ class APGD:
 
 
 class AdaptiveMixAttack:
-    """APGD stages chained on the examples each leaves robust: by default APGD-CE, then targeted APGD-DLR on
-    the `targets` classes ranked highest after the label, on the mixture's own outputs (``surrogate=True``: on
+    """APGD stages chained on the examples each leaves robust: by default APGD-CE, then APGD-DLR, then targeted
+    APGD-DLR on the `targets` classes ranked highest after the label, on the mixture's own outputs (``surrogate=True``: on
     its logit-space surrogate; weaker on the digits mixtures, see README "Attack strength").
 
     The attack contract of `mixrobust.attacks.pgd`; its accuracy is the per-example worst case over the
@@ -280,7 +280,7 @@ class AdaptiveMixAttack:
     """
 
     def __init__(self, norm: Norm | str = "linf", *, eps: float, steps: int = 100,
-                 losses: Sequence[APGDLoss] = ("ce", "dlr_targeted"), targets: int = 5, restarts: int = 1,
+                 losses: Sequence[APGDLoss] = ("ce", "dlr", "dlr_targeted"), targets: int = 5, restarts: int = 1,
                  random_start: bool = False, seed: int | None = 0, surrogate: bool = False):
         losses = [losses] if isinstance(losses, str) else list(losses)
         if not losses:

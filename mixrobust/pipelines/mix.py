@@ -96,7 +96,7 @@ class AdaptiveKeys:
     """``adaptive.*``: the adaptive attack on the mixture (``attacks: [..., apgd]``, `AdaptiveMixAttack`)."""
 
     steps: int = bounded(100, ge=1)
-    losses: tuple[APGDLoss, ...] = bounded(("ce", "dlr_targeted"), min_len=1)
+    losses: tuple[APGDLoss, ...] = bounded(("ce", "dlr", "dlr_targeted"), min_len=1)
     targets: int = bounded(5, ge=1)
     restarts: int = bounded(1, ge=1)
     random_start: bool = False
