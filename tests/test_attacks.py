@@ -344,7 +344,6 @@ def test_attack_in_batches():
         attack_in_batches(pgd, MLP, x, y, batch_size=0)
 
 
-
 def test_attack_chunks_attack_the_selected_rows_one_chunk_at_a_time():
     x, y = _images(6, 23)
     pgd = PGD("l2", eps=0.8, step_size=0.2, steps=4)
@@ -365,6 +364,7 @@ def test_attack_chunks_attack_the_selected_rows_one_chunk_at_a_time():
     assert [s for s, _ in attack_chunks(spy, MLP, x, y, 10)] == [0, 10, 20]  # no index: all rows, in order
     with pytest.raises(ConfigError, match="batch_size"):
         next(attack_chunks(pgd, MLP, x, y, 0))
+
 
 # --- a standard CNN trained on sklearn digits ------------------------------------------------------
 

@@ -308,10 +308,11 @@ class AdaptiveMixAttack:
         x, y = x.detach(), y.detach().long()
         out = x.clone()
         todo = torch.ones(y.shape, dtype=torch.bool, device=x.device)
-        for stage in self.stages:
-            if not todo.any():
-                break
+        for i, stage in enumerate(self.stages):
+            if i:  # what the stages so far left robust (no such pass after the last stage)
+                with torch.no_grad(), eval_mode(model):
+                    todo &= model(out).argmax(1) == y
+                if not todo.any():
+                    break
             stage.attack_into(model, x, y, out, todo)  # on all rows: no batch of a new size
-            with torch.no_grad(), eval_mode(model):
-                todo &= model(out).argmax(1) == y
         return out

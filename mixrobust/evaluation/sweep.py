@@ -222,7 +222,7 @@ class _Sweep:
         once).
         """
         model = self.g if target == "g" else self.h
-        idx = np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
+        idx = self.indices(keep)
         column = column or ("STD" if target == "g" else "ROB")
         name = f"{column} attack ({getattr(attack, 'label', None) or attack_label(attack)} on {target})"
         if not len(idx):
@@ -274,6 +274,10 @@ class _Sweep:
             self.single[m].alpha = alpha
             out = self.outputs(self.single[m], x)
         return (out.argmax(-1) == y).cpu().numpy(), probability_gap(out).cpu().numpy()
+
+    def indices(self, keep: np.ndarray | None) -> np.ndarray:
+        """The indices of the examples where `keep` (N,) is True (all if None)."""
+        return np.arange(self.y.shape[0]) if keep is None else np.flatnonzero(keep)
 
     def run_attack(self, attack: Attack, model: nn.Module, idx: np.ndarray, shown: progress.Stage,
                    judge: Callable[[Tensor, Tensor], R]) -> list[R]:
@@ -516,7 +520,7 @@ def run_sweep(
                 keep = kept[m, a]
                 sweep.single[m].alpha = alpha
                 shown.detail = f"alpha {alpha:g}, {option.label}"
-                idx = np.arange(len(y)) if keep is None else np.flatnonzero(keep)
+                idx = sweep.indices(keep)
                 parts = sweep.run_attack(on_mixture[name], sweep.single[m], idx, shown,
                                          functools.partial(sweep.judge_single, m, alpha))
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
