@@ -296,6 +296,18 @@ def test_plugin_radii_match_the_theorems():
     assert res2.lipschitz[0] == pytest.approx(0.5 / 4) and np.all(res2.rs == 0)
 
 
+def test_plugin_infinite_radius_is_warned():
+    """Plug-in Theorem 5 at alpha 1 on unanimous votes: (sigma/2)(Phi^-1(1) - Phi^-1(0)) is infinite; said, not hidden."""
+    from mixrobust.certify.mixture import Votes, certify_mixture
+
+    votes = Votes(None, np.array([[100.0, 0, 0], [90, 10, 0]]), 100, "hard")
+    g_lp = np.log(np.full((2, 3), 1 / 3))
+    with pytest.warns(UserWarning, match="infinite on 1 of 2 images"):
+        cert = certify_mixture(votes, g_lp, [0, 0], [0.8, 1.0], 0.5, "plugin")
+    assert np.isinf(cert.rs_radius[1, 0]) and np.isfinite(cert.rs_radius[0]).all()
+    assert cert.rs_radius[1, 1] == pytest.approx(0.25 * (PHI_INV(0.9) - PHI_INV(0.1)))
+
+
 # ----------------------------------------------------------------------------- curves and alpha
 
 

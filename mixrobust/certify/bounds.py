@@ -2,7 +2,7 @@
 
 Every bound here holds with probability at least ``1 - failure_prob`` on its own (one-sided
 level ``failure_prob``); splitting ``failure_prob`` over several bounds is the caller's job
-(see `mixrobust.certify.radii.sound_radii`).
+(see `mixrobust.certify.sound.sound_radii`).
 
 Inputs may be Python numbers, numpy arrays or torch tensors (any shape, broadcast together);
 the result has the type of the first array argument (a torch tensor keeps its device, as

@@ -337,8 +337,9 @@ class SmoothedClassifier(nn.Module):
         lower bound pA on P(hbar(x + xi) = cA) at level `failure_prob` (Clopper-Pearson for hard
         votes; Hoeffding for soft votes, which bounds the mean softmax of cA). If pA > 1/2 the
         prediction is cA with l_2 radius sigma * Phi^-1(pA), else -1 with radius 0.
-        With probability at least 1 - failure_prob over the noise, every point whose prediction is
-        not -1 has the smoothed classifier predicting cA at every x + d with ||d||_2 < radius.
+        For each point, with probability at least 1 - failure_prob over its noise: if its prediction is
+        not -1, the smoothed classifier predicts cA at every x + d with ||d||_2 < radius (a guarantee per
+        point, not for all points of a set at once).
         """
         n0, n = check_count("n0", n0), check_count("n", n)
         if n0 > n:

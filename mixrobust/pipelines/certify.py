@@ -105,7 +105,8 @@ class CertifySettings(inputs.EvaluationJob):
     @property
     def fingerprint(self) -> str:
         """What the results depend on: the config (every ``certify.*`` number, but the pass size, workers and
-        compilation, which change no vote), the checkpoints' contents, the code, the data set and the sigmas."""
+        compilation, which change votes by float rounding at most: each vote of a resumed run is a valid draw
+        of the same smoothed classifier), the checkpoints' contents, the code, the data set and the sigmas."""
         config = inputs.numbers_config(self.config, ("mix", "attack", "attacks", "autoattack", "threat", "batch_size", "fit", "fits_dir"),
                                        {"certify": ("batch_size", "workers", "compile")})
         models = [self.g, self.h] + ([self.baseline] if self.baseline else [])
