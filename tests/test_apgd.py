@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
 from mixrobust.attacks import APGD, PGD, AdaptiveMixAttack, attack_in_batches
-from mixrobust.attacks.apgd import checkpoints, dlr_loss, dlr_targeted_loss
+from mixrobust.attacks import apgd as apgd_module
+from mixrobust.attacks.apgd import checkpoints, dlr_loss, dlr_targeted_loss, stalled, target_classes
 from mixrobust.attacks.pgd import ladder_size
 from mixrobust.errors import ConfigError
 from mixrobust.mixing import MixedClassifier
@@ -19,6 +21,85 @@ def test_checkpoints_follow_the_papers_schedule():
     # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (steps of max(previous - 0.03, 0.06))
     assert checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
     assert checkpoints(10) == [0, 3, 5, 6, 7, 8, 9]
+
+
+def test_step_halving_rule_of_the_reference_code():
+    """Condition 1: at most rho of the interval's steps raised the loss (<=, as Croce and Hein's code tests it);
+    condition 2 only where the step was not halved at the last checkpoint (the start counts as a halving)."""
+    ups = torch.tensor([15.0, 16.0, 16.0, 16.0, 16.0])
+    reduced = torch.tensor([False, False, True, False, True])
+    then = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    now = torch.tensor([2.0, 2.0, 1.0, 1.0, 2.0])  # the best loss never falls
+    #             15 <= 0.75 * 20 | not halved, best unchanged | halved last time | not halved, unchanged | improved
+    assert stalled(ups, 20, reduced, then, now).tolist() == [True, False, False, True, False]
+    assert stalled(ups, 20, reduced, then, now, rho=0.8).tolist() == [True, True, True, True, True]
+
+
+def test_target_classes_leave_out_the_label_whatever_its_score():
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0],   # label on top: the next ones
+                           [5.0, 4.0, 3.0, 2.0, 1.0],   # label second (a surrogate's top may differ): skipped
+                           [1.0, 1.0, 1.0, 1.0, 0.0]])  # ties with the label: never the label
+    y = torch.tensor([0, 1, 2])
+    got = target_classes(scores, y, 3)
+    assert got[:2].tolist() == [[1, 2, 3], [0, 2, 3]]
+    assert set(got[2].tolist()) == {0, 1, 3}
+
+
+class Rolled(torch.nn.Module):
+    """A model whose surrogate logits are its outputs shifted by one class: its top class is never the output's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+    def outputs_and_surrogate(self, x):
+        out = self.model(x)
+        return out, out.roll(1, dims=1)
+
+
+def test_targeted_searches_never_aim_at_the_label_under_a_surrogate(trained_pair, monkeypatch):
+    """With ``surrogate=True`` the clean ranking comes from the surrogate, whose top class can differ from the label
+    on examples the true outputs classify right: no search may target the label there."""
+    g, h, x, y = trained_pair
+    model = Rolled(h)
+    seen = []
+    loss = apgd_module.dlr_targeted_loss
+    monkeypatch.setattr(apgd_module, "dlr_targeted_loss",
+                        lambda z, y_, t: seen.append(bool((t == y_).any())) or loss(z, y_, t))
+    APGD(eps=0.2, steps=3, loss="dlr_targeted", targets=3, surrogate=True, early_exit=False)(model, x, y)
+    assert len(seen) == 3 * 4 and not any(seen)  # 3 targets, each: the start and 3 steps
+
+
+class Counted(torch.nn.Module):
+    """A model that counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_steps_counts_gradient_steps_as_autoattack_does():
+    """``steps=N``: the start and N iterates are evaluated (AutoAttack's n_iter); one step from x moves by the
+    initial step 2 eps along the gradient sign, projected onto the eps box."""
+    model = Counted(mlp())
+    x, y = torch.full((6, 3, 4, 4), 0.5), torch.arange(6) % 5
+    APGD(eps=0.01, steps=4, early_exit=False)(model, x, y)
+    assert model.calls == 1 + 5  # the clean pass, then x_0 .. x_4
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
+    with torch.no_grad():
+        fooled = model(x).argmax(1) != y
+    one = APGD(eps=0.01, steps=1, early_exit=False)(model, x, y)
+    want = torch.where(fooled.view(-1, 1, 1, 1), x, x + 0.01 * grad.sign())
+    assert torch.allclose(one, want, atol=1e-7)
+    assert (~fooled).any() and not torch.equal(one, x)
 
 
 def test_dlr_losses_against_hand_computed_values():
@@ -68,6 +149,8 @@ def test_bad_settings_are_refused():
         APGD(eps=0.1, loss="cw")
     with pytest.raises(ConfigError, match="needs random_start=true"):
         APGD(eps=0.1, restarts=2)
+    with pytest.raises(ConfigError, match="early_exit must be true or false"):
+        APGD(eps=0.1, early_exit=2)
     with pytest.raises(ConfigError, match="at least one"):
         AdaptiveMixAttack(eps=0.1, losses=[])
     torch.manual_seed(0)
@@ -127,6 +210,18 @@ def test_pgd_early_exit_reports_exactly_the_full_search(trained_pair, norm, eps,
     assert ((delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)) <= eps + 1e-5).all()
 
 
+def test_pgd_under_autocast_runs_the_full_search(trained_pair):
+    """A first fooling point found in bf16 lies on the boundary and may not fool the float32 model that judges it:
+    under autocast early exit is off, so the points are the full search's (the highest-loss fooling point)."""
+    g, h, x, y = trained_pair
+    mix = MixedClassifier(g, h, 0.7)
+    kw = dict(eps=0.2, step_size=0.05, steps=10, autocast_dtype="bfloat16")
+    full = PGD(**kw)(mix, x, y)
+    assert torch.equal(PGD(**kw, early_exit=True)(mix, x, y), full)
+    first = PGD(eps=0.2, step_size=0.05, steps=10, early_exit=True)(mix, x, y)  # float32: the first fooling point
+    assert not torch.equal(first, PGD(eps=0.2, step_size=0.05, steps=10)(mix, x, y))
+
+
 class BatchSizes(torch.nn.Module):
     """A model that records the batch size of every forward pass of the one it wraps."""
 
@@ -183,6 +278,25 @@ def _sweep_rows(g, h, x, y, **kw):
     result = run_sweep(copy.deepcopy(g), copy.deepcopy(h), x, y, alphas=[0.0, 0.6, 1.0], attack=attack,
                        attacks=["std", "rob", "mix", "apgd"], adaptive=adaptive, batch_size=64, preflight=False, **kw)
     return [(r["model"], r["alpha"], r["attack"], r["accuracy"]) for r in result.rows()]
+
+
+def test_sweep_apgd_column_counts_the_adaptive_attack_on_g_and_h_alone(trained_pair):
+    """A linear mixture's apgd column: the adaptive attack on the mixture and its points on g and on h alone, each
+    judged by the mixture (at alpha 0.9 the points on h break examples the attack on the mixture misses)."""
+    from mixrobust.evaluation import run_sweep
+
+    g, h, x, y = trained_pair
+    adaptive = AdaptiveMixAttack("linf", eps=0.2, steps=10, targets=2)
+    result = run_sweep(g, h, x, y, alphas=[0.9], attack=PGD(eps=0.2, step_size=0.05, steps=2),
+                       attacks=["std", "rob", "apgd"], adaptive=adaptive, batch_size=64, preflight=False)
+    mix = MixedClassifier(g, h, 0.9)
+    with torch.no_grad():
+        on_mix = robust(mix, x, attack_in_batches(adaptive, mix, x, y, 64), y)
+        want = on_mix.clone()
+        for model in (g, h):
+            want &= mix(attack_in_batches(adaptive, model, x, y, 64)).argmax(1) == y
+    assert want.sum() < on_mix.sum()
+    assert np.array_equal(result.outcomes.mix["apgd"][0, 0], want.numpy())
 
 
 def test_channels_last_sweep_reports_the_same_accuracies(trained_pair):

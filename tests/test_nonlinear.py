@@ -222,12 +222,16 @@ def test_sweep_with_a_map_beside_linear_mixing():
     with torch.no_grad():
         direct = (mapped_h(x_adv).argmax(-1) == y).numpy() | ~out.mix["clean"][1, 2]
     assert np.array_equal(out.mix["mix"][1, 2] | ~out.mix["clean"][1, 2], direct)
-    # the mapped option's apgd column also counts the adaptive attack's images on g and h alone
-    for model in (g, h):
-        x_own = attack_in_batches(adaptive, model, x, y, 16)
+    # each option's apgd column: the adaptive attack on the mixture, and its images on g and on h alone, judged
+    # by the mixture (mapped or not)
+    own = [attack_in_batches(adaptive, model, x, y, 16) for model in (g, h)]
+    for k, option in enumerate(options):
+        mixture = MixedClassifier(g, h, 0.6, h_map=option.h_map)
         with torch.no_grad():
-            survives = (MixedClassifier(g, h, 0.6, h_map=m)(x_own).argmax(-1) == y).numpy()
-        assert not (out.mix["apgd"][1, 1] & ~survives).any()
+            want = mixture(x).argmax(-1) == y
+            for x_adv in [*own, attack_in_batches(adaptive, mixture, x, y, 16)]:
+                want &= mixture(x_adv).argmax(-1) == y
+        assert np.array_equal(out.mix["apgd"][k, 1], want.numpy()), k
     rows = aggregate(out)
     assert {r["h_map"] for r in rows if r["model"] == "mix"} == {"identity", m.label}
     assert {r["h_map"] for r in rows if r["model"] != "mix"} == {None}

@@ -2,12 +2,13 @@
 
 `APGD` follows the attack contract of `mixrobust.attacks.pgd` (``attack(model, x, y) -> x_adv``).
 Its step size needs no tuning: it starts at 2 eps and is halved at checkpoints of the iteration
-budget when the loss stalls (too few of the steps since the last checkpoint raised it, or neither
-the step size nor the best loss changed since then), each halving restarting from the best point;
-steps carry momentum 0.75. Losses: ``ce`` (cross-entropy), ``dlr`` (the difference of logits
-ratio, invariant to the logits' scale and shift) and ``dlr_targeted`` (towards one class; with
-``targets=T`` the search runs once for each of the T classes ranked highest after the label on
-the clean image).
+budget when the loss stalls (`stalled`: at most 75% of the steps since the last checkpoint raised
+it, or the step was not halved at the last checkpoint and the best loss has not risen since), each
+halving restarting from the best point; steps carry momentum 0.75. `steps` counts gradient steps, as
+AutoAttack's ``n_iter`` does: a search evaluates the start and `steps` iterates. Losses: ``ce``
+(cross-entropy), ``dlr`` (the difference of logits ratio, invariant to the logits' scale and shift)
+and ``dlr_targeted`` (towards one class; with ``targets=T`` the search runs once for each of the T
+classes ranked highest on the clean image, the label left out).
 
 Surrogate gradients (``surrogate=True``): when the model has a method ``outputs_and_surrogate(x) ->
 (outputs, surrogate)`` (`mixrobust.mixing.MixedClassifier` does: the logit-space mixture), the loss
@@ -59,6 +60,22 @@ def checkpoints(steps: int) -> list[int]:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
     marks = {math.ceil(round(v * steps, 9)) for v in p}  # rounded: 0.41 + 0.16 is 0.5700000000000001 in floats
     return sorted(m for m in marks if m < steps)
+
+
+def stalled(ups: Tensor, interval: int, reduced: Tensor, best_then: Tensor, best_now: Tensor,
+            rho: float = 0.75) -> Tensor:
+    """Where APGD halves its step at a checkpoint (Croce and Hein, section 3.2, as their code tests it), per example:
+    condition 1, at most `rho` of the `interval` steps since the last checkpoint raised the loss (`ups`
+    counts them); condition 2, the step was not halved at the last checkpoint (`reduced` False; it starts True,
+    so the first checkpoint tests condition 1 alone) and the best loss `best_now` is no higher than it was
+    there (`best_then`)."""
+    return (ups <= rho * interval) | (~reduced & (best_then >= best_now))
+
+
+def target_classes(scores: Tensor, y: Tensor, targets: int) -> Tensor:
+    """The `targets` classes of highest clean `scores` (N, K) other than the label `y` (N,), best first: (N, T).
+    The label is left out whatever its score (a surrogate's top class need not be the label)."""
+    return scores.detach().scatter(1, y[:, None], float("-inf")).topk(targets, dim=1).indices
 
 
 def dlr_loss(z: Tensor, y: Tensor) -> Tensor:
@@ -114,7 +131,9 @@ class APGD:
         self.random_start = random_start
         self.seed = None if seed is None else _number("seed", seed, low=0, integer=True)
         self.rho = float(rho)
-        self.early_exit = bool(early_exit)
+        if not isinstance(early_exit, bool):
+            raise ConfigError(f"early_exit must be true or false, got {early_exit!r}")
+        self.early_exit = early_exit
         self.surrogate = bool(surrogate)
 
     def __repr__(self) -> str:
@@ -156,13 +175,14 @@ class APGD:
             if self.loss == "dlr_targeted" and self.targets > surrogate.shape[1] - 1:
                 raise ConfigError(f"targets={self.targets}, but the model has {surrogate.shape[1]} classes: at most "
                                   f"{surrogate.shape[1] - 1} other classes to target")
-            ranked = surrogate.detach().argsort(dim=1, descending=True)  # (N, K) classes by clean surrogate score
+            targets = self.targets if self.loss == "dlr_targeted" else 1
+            ranked = target_classes(surrogate, y, targets) if self.loss == "dlr_targeted" else None  # (N, T)
             best = torch.full(y.shape, -math.inf, device=x.device)  # the highest loss of the unfooled examples
             for _ in range(self.restarts):
-                for t in range(self.targets if self.loss == "dlr_targeted" else 1):
+                for t in range(targets):
                     if active.numel() == 0:
                         break
-                    target = ranked[:, t + 1] if self.loss == "dlr_targeted" else None
+                    target = None if ranked is None else ranked[:, t]
                     active = self._search(model, x, y, active, target, out, best, nonfinite, generator)
         raise_if_nonfinite(nonfinite, "the model", during=" during the APGD search")
 
@@ -228,9 +248,10 @@ class APGD:
         s["prev"], s["best"], s["loss_best"], s["grad_best"] = s["cur"], s["cur"], s["loss"], s["grad"]
         s["eta"] = torch.full(s["idx"].shape, 2 * self.eps, device=x_all.device)
         s["ups"] = torch.zeros_like(s["loss"])  # steps since the last checkpoint that raised the loss
-        s["eta_then"], s["best_then"] = s["eta"].clone(), s["loss_best"].clone()
+        s["reduced"] = torch.ones_like(s["live"])  # halved at the last checkpoint (the start counts as one)
+        s["best_then"] = s["loss_best"].clone()
         last = 0
-        for k in range(self.steps):  # s["cur"] is x_k: its loss, gradient and outcome are known
+        for k in range(self.steps + 1):  # s["cur"] is x_k: its loss, gradient and outcome are known
             put_rows(out, s["idx"], fooled & s["live"], s["cur"].detach())  # the first fooling point is kept
             s["live"] = s["live"] & ~fooled
             keep = shrink(s["live"]) if self.early_exit else None  # the step's one host sync
@@ -238,19 +259,18 @@ class APGD:
                 s = {key: value[keep] for key, value in s.items()}
                 if s["idx"].numel() == 0:
                     return s["idx"]
-            if k == self.steps - 1:
+            if k == self.steps:
                 break
             with torch.no_grad():
                 if k in checks:  # halve the step where the loss stalled, restarting from the best point
-                    stalled = (s["ups"] < self.rho * (k - last)) | ((s["eta_then"] == s["eta"])
-                                                                     & (s["best_then"] == s["loss_best"]))
-                    s["eta"] = torch.where(stalled, s["eta"] / 2, s["eta"])
+                    halve = stalled(s["ups"], k - last, s["reduced"], s["best_then"], s["loss_best"], self.rho)
+                    s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
                     for key, best_key in (("cur", "best"), ("prev", "best"), ("grad", "grad_best"),
                                           ("loss", "loss_best")):
-                        mask = stalled.view(view) if s[key].ndim > 1 else stalled
+                        mask = halve.view(view) if s[key].ndim > 1 else halve
                         s[key] = torch.where(mask, s[best_key], s[key])
                     s["ups"] = torch.zeros_like(s["ups"])
-                    s["eta_then"], s["best_then"], last = s["eta"].clone(), s["loss_best"].clone(), k
+                    s["reduced"], s["best_then"], last = halve, s["loss_best"].clone(), k
                 z = self._project(s["cur"] + s["eta"].view(view) * self._direction(s["grad"]), s["x"])
                 weight = 1.0 if k == 0 else MOMENTUM
                 nxt = self._project(s["cur"] + weight * (z - s["cur"]) + (1 - weight) * (s["cur"] - s["prev"]), s["x"])
@@ -288,7 +308,8 @@ class AdaptiveMixAttack:
         self.stages = [APGD(norm, eps=eps, steps=steps, loss=loss, targets=targets, restarts=restarts,
                             random_start=random_start, seed=seed, surrogate=surrogate) for loss in losses]
         self.surrogate = bool(surrogate)
-        self.norm, self.eps, self.steps = self.stages[0].norm, self.stages[0].eps, self.stages[0].steps
+        first = self.stages[0]
+        self.norm, self.eps, self.steps, self.random_start = first.norm, first.eps, first.steps, first.random_start
 
     def __repr__(self) -> str:
         first = self.stages[0]

@@ -150,7 +150,9 @@ class PGD:
     examples, so it is statistically, not exactly, the same.
     The point returned for a fooled example is its first fooling point, not the highest-loss one: use
     it for the attacked model's accuracy, not as a transfer attack or a training example (the
-    default, off, is what training and the sweep's STD / ROB images use).
+    default, off, is what training and the sweep's STD / ROB images use). Early exit applies to float32
+    searches only: with `autocast_dtype` the search runs in full, since a first fooling point lies on
+    the half-precision model's decision boundary and may not fool the float32 model that judges it.
 
     Works when called under ``torch.no_grad()`` (the search re-enables gradients), but not
     inside ``torch.inference_mode()``, which cannot be undone: that raises a RuntimeError.
@@ -240,7 +242,7 @@ class PGD:
         if generator is None:
             generator = self.make_generator(x.device)
         with eval_mode(model), torch.enable_grad():
-            search = self._search_early_exit if self.early_exit else self._search
+            search = self._search_early_exit if self.early_exit and self.autocast_dtype is None else self._search
             x_adv, nonfinite = search(model, x, y, generator)
         raise_if_nonfinite(nonfinite, "the model", during=f" during the {type(self).__name__} search")
         return x_adv

@@ -6,10 +6,10 @@ Names of the image sets an example is judged on (the ``attack`` column of result
 - ``std``: PGD on g alone (for a mixture: a transfer attack);
 - ``rob``: PGD on h alone (for a mixture: a transfer attack);
 - ``mix``: PGD on the mixture end to end (adaptive), one run per alpha: the paper's attack;
-- ``apgd``: the adaptive attack on the mixture (`mixrobust.attacks.AdaptiveMixAttack`: APGD-CE then
-  targeted APGD-DLR, early exit), one run per alpha: within a point of AutoAttack on the digits and
-  MNIST mixtures at a fraction of its cost; for a mixture whose h is mapped (``h_map`` other than identity),
-  also the same attack's images on g and on h alone (a saturating map can flatten the mixture's gradient);
+- ``apgd``: the adaptive attack on the mixture (`mixrobust.attacks.AdaptiveMixAttack`: APGD-CE, APGD-DLR,
+  then targeted APGD-DLR, early exit), one run per alpha: within a point of AutoAttack on the digits and
+  MNIST mixtures at a fraction of its cost; for a mixture, also the same attack's images on g and on h
+  alone (the log-mixture, and a saturating map on h more so, can flatten the mixture's gradient);
 - ``autoattack``: AutoAttack (standard version) on the mixture, one run per alpha;
 - ``worst``: the per-example worst case over clean and every attack run.
 """

@@ -328,7 +328,8 @@ def attack_labels(attack, autoattack=None, adaptive=None) -> dict[str, str]:
     pgd = f"{attack_label(attack)} ({attack.loss})" if isinstance(attack, PGD) else type(attack).__name__
     out = {"std": f"{pgd} on g", "rob": f"{pgd} on h", "mix": f"{pgd} on the mixture (the paper's)"}
     if adaptive is not None:
-        out["apgd"] = f"{getattr(adaptive, 'label', type(adaptive).__name__)} on the model itself"
+        out["apgd"] = (f"{getattr(adaptive, 'label', type(adaptive).__name__)} on the model itself "
+                       "(a mixture: and its points on g and on h)")
     if autoattack is not None:
         out["autoattack"] = f"AutoAttack standard ({getattr(autoattack, 'provenance', type(autoattack).__name__)})"
     return out
@@ -448,7 +449,8 @@ def run_sweep(
     mixture); `attacks` chooses which of std, rob, mix, apgd, autoattack count for the mixtures' rows
     and worst case (g's and h's own PGD always run: base rows, margins and the alpha 0/1 reuse).
     `adaptive` is the adaptive attack when ``apgd`` is among `attacks` (it then also runs on g and
-    on h alone, for their rows and the mixture's at alpha 0 / 1), `autoattack` the AutoAttack
+    on h alone, for their rows and the mixture's at alpha 0 / 1; a mixture's apgd column also counts those
+    points, judged by the mixture), `autoattack` the AutoAttack
     instance when ``autoattack`` is. Everything is
     validated before the first attack. g and h are frozen (eval mode, no parameter gradients);
     `x` and `y` stay on their device, chunks of `batch_size` go to the models' device.
@@ -469,8 +471,10 @@ def run_sweep(
         g, h = g.to(device), h.to(device)
     alphas, options, attacks = _validate(g, h, x, y, alphas, options, attacks, autoattack, adaptive, batch_size)
     kernels = accelerate(g, h, channels_last, compile)
-    if skip_misclassified and attack.random_start:
-        log.warning("skip_misclassified is ignored with random_start: skipping would change the random starts")
+    random_apgd = AttackName.APGD in attacks and getattr(adaptive, "random_start", False)
+    if skip_misclassified and (attack.random_start or random_apgd):
+        log.warning("skip_misclassified is ignored with random_start (attack or adaptive): skipping would change "
+                    "the random starts")
         skip_misclassified = False
     y = y.long()
     sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache, kernels)
@@ -526,10 +530,10 @@ def run_sweep(
                 correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
                 if parts:
                     correct[idx], gap[idx] = (np.concatenate(p) for p in zip(*parts))
-                if name is AttackName.APGD and not option.h_map.identity:
-                    # a map keeps h's decisions but can flatten the gradient an attack on the mixture follows
-                    # (a large scale or power saturates the softmax): the adaptive attack's images on g and on h
-                    # alone count against the mapped mixture too
+                if name is AttackName.APGD:
+                    # the log-mixture (and a map on h's logits, more so) can flatten the gradient an attack on the
+                    # mixture follows: the adaptive attack's images on g and on h alone, judged by this mixture
+                    # already, count against it too
                     correct &= own["g"].correct[m, a] & own["h"].correct[m, a]
                 log.info("%s %s alpha=%g: accuracy %.4f", name.value.upper(), option.label, alpha,
                          float((correct & clean.correct[m, a]).mean()) if correct.size else float("nan"))
