@@ -70,6 +70,7 @@ def pgd_l2_per_example(g, smoothed, x, y, alpha, eps, steps: int, step_factor: f
     view = (-1,) + (1,) * (x.ndim - 1)
     radius, step = eps.view(view), (step_factor * eps / steps).view(view)
     x_adv, best, best_margin = x.clone(), x.clone(), torch.full_like(eps, -math.inf)
+    start_margin = None  # the margin at x, set by the first pass
     for it in range(steps + 1):  # the last pass only scores the final iterate
         last = it == steps
         with torch.set_grad_enabled(not last):
@@ -78,7 +79,8 @@ def pgd_l2_per_example(g, smoothed, x, y, alpha, eps, steps: int, step_factor: f
             z_y = z.gather(1, y[:, None]).squeeze(1)
             margin = z.scatter(1, y[:, None], -math.inf).amax(dim=1) - z_y  # (N,)
         with torch.no_grad():
-            start_margin = margin.detach() if it == 0 else start_margin
+            if it == 0:
+                start_margin = margin.detach()
             better = margin > best_margin
             best[better], best_margin[better] = x_adv[better].detach(), margin[better].detach()
         if last:

@@ -297,7 +297,7 @@ def test_plugin_radii_match_the_theorems():
 
 
 def test_plugin_infinite_radius_is_warned():
-    """Plug-in Theorem 5 at alpha 1 on unanimous votes: (sigma/2)(Phi^-1(1) - Phi^-1(0)) is infinite; said, not hidden."""
+    """Plug-in Theorem 5 at alpha 1 on unanimous votes: (sigma/2)(Phi^-1(1) - Phi^-1(0)) is infinite; said."""
     from mixrobust.certify.mixture import Votes, certify_mixture
 
     votes = Votes(None, np.array([[100.0, 0, 0], [90, 10, 0]]), 100, "hard")

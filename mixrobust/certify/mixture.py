@@ -128,9 +128,10 @@ class MixtureCertificate:
 
     `h_pred` (N,) is h's class (sound mode: from the selection samples, -1 where h's own prediction
     is not established); `p_y`, `p_runner_up` (N,) are h_y and max_{i != y} h_i (sound mode: the
-    lower and upper confidence bounds the radii use; with the ``complement`` bound `p_runner_up` is 1 - `p_y`,
-    a bound on all other classes together, not an estimate of the runner-up); `mix_pred` (A, N) the mixture's prediction on
-    the clean image; `lipschitz_radius`, `rs_radius` (A, N) Theorems 4 and 5, 0 where h is wrong.
+    lower and upper confidence bounds the radii use; with the ``complement`` bound `p_runner_up` is
+    1 - `p_y`, a bound on all other classes together, not an estimate of the runner-up); `mix_pred`
+    (A, N) the mixture's prediction on the clean image; `lipschitz_radius`, `rs_radius` (A, N)
+    Theorems 4 and 5, 0 where h is wrong.
     """
 
     alphas: np.ndarray
@@ -215,9 +216,10 @@ def certify_mixture(
     wrong = h_pred != labels
     r4[:, wrong], r5[:, wrong] = 0.0, 0.0
     if mode == "plugin" and np.isinf(r5).any():
-        warnings.warn(f"plug-in Theorem 5 radius is infinite on {int(np.isinf(r5).any(axis=0).sum())} of {num} images "
-                      "(alpha 1, every vote for one class): they count as certified at every radius; certify.mode=sound "
-                      "gives finite radii that hold with probability 1 - failure_prob", stacklevel=2)
+        infinite = int(np.isinf(r5).any(axis=0).sum())
+        warnings.warn(f"plug-in Theorem 5 radius is infinite on {infinite} of {num} images (alpha 1, every vote "
+                      "for one class): they count as certified at every radius; certify.mode=sound gives finite "
+                      "radii that hold with probability 1 - failure_prob", stacklevel=2)
     return MixtureCertificate(
         alphas=alphas, labels=labels, h_pred=h_pred,
         mix_pred=mixture_predictions(g_log_probs, votes.probs, alphas),

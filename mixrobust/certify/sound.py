@@ -97,9 +97,10 @@ def sound_radii(
       every other class at failure_prob / (2 (K - 1)) each; the max of them bounds the runner-up.
     - ``runner_up``: lower bound on h_y at failure_prob / 2 and one upper bound at failure_prob / 2,
       the largest of the per-class upper bounds over i != y (for Clopper-Pearson the bound at the
-      largest other count; an empirical Bernstein bound also depends on each class's variance). Sound because y is fixed by the selection samples: the truly largest other
-      class i* is then fixed, it fails its own bound with probability <= failure_prob / 2, and
-      the max over i != y is at least i*'s bound. The radius uses this bound for every i != y.
+      largest other count; an empirical Bernstein bound also depends on each class's variance).
+      Sound because y is fixed by the selection samples: the truly largest other class i* is then
+      fixed, it fails its own bound with probability <= failure_prob / 2, and the max over i != y
+      is at least i*'s bound. The radius uses this bound for every i != y.
 
     The returned y is the selection class; `abstain` where p_lower <= p_upper_other.
     """
