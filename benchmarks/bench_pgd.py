@@ -139,7 +139,8 @@ def main() -> None:
         return ref_cls(model, eps=eps, alpha=step_size, steps=steps, random_start=False)
 
     ref = make_ref(args.steps)
-    runs = {"mixrobust PGD" + (" (bf16)" if args.bf16 else "") + (" early exit" if args.early_exit else ""):
+    exits = args.early_exit and not args.bf16  # early exit is float32-only: under autocast PGD runs the full search
+    runs = {"mixrobust PGD" + (" (bf16)" if args.bf16 else "") + (" early exit" if exits else ""):
             lambda: ours(model, x, y),
             f"torchattacks {ref_cls.__name__}": lambda: ref(x, y)}
 

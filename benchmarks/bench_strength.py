@@ -5,7 +5,7 @@ it is right on the clean image and on the attack's image) and the attack's wall 
 
 - ``PGD-20``: the paper's MIX attack (cross-entropy on the mixture's outputs, no random start);
 - ``apgd``: mixrobust's default adaptive attack (`AdaptiveMixAttack`: APGD-CE, then APGD-DLR, then targeted
-  APGD-DLR towards the 5 next-ranked classes, on the mixture's outputs, early exit; ``--losses``, ``--targets``
+  APGD-DLR towards the 5 highest-ranked classes other than the label, on the mixture's outputs, early exit; ``--losses``, ``--targets``
   and ``--surrogate`` change it);
 - ``AutoAttack``: the authors' standard version (pyautoattack, or whichever implementation is installed).
 

@@ -10,6 +10,13 @@ AutoAttack's ``n_iter`` does: a search evaluates the start and `steps` iterates.
 and ``dlr_targeted`` (towards one class; with ``targets=T`` the search runs once for each of the T
 classes ranked highest on the clean image, the label left out).
 
+Where it departs from the authors' code (fra31/auto-attack): the checkpoints are the paper's ceil(p_j steps),
+which equal the code's integer schedule at 100 steps (the default) and 200, not at every budget (20 steps: the
+paper's 5, 9, 12, 14, 16, 18, 19; the code's 4, 7, 9, then every step); the step after a halving carries no
+momentum and counts its rise against the best loss (the code keeps x_best - x_(k-1) as momentum and compares
+with the abandoned iterate); without ``random_start`` (the default) a search starts at x, where the code
+always draws a random start.
+
 Surrogate gradients (``surrogate=True``): when the model has a method ``outputs_and_surrogate(x) ->
 (outputs, surrogate)`` (`mixrobust.mixing.MixedClassifier` does: the logit-space mixture), the loss
 and its gradient come from the surrogate and success is judged on the outputs; only a point the true
@@ -54,7 +61,7 @@ MOMENTUM = 0.75  # weight of the new step; 1 - MOMENTUM on the previous one (Cro
 
 def checkpoints(steps: int) -> list[int]:
     """The iterations where APGD may halve its step: ceil(p_j * steps) for p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), below `steps`."""
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), below `steps` (the paper's schedule; see the module doc)."""
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
@@ -292,8 +299,8 @@ class APGD:
 
 class AdaptiveMixAttack:
     """APGD stages chained on the examples each leaves robust: by default APGD-CE, then APGD-DLR, then targeted
-    APGD-DLR on the `targets` classes ranked highest after the label, on the mixture's own outputs (``surrogate=True``: on
-    its logit-space surrogate; weaker on the digits mixtures, see README "Attack strength").
+    APGD-DLR on the `targets` highest-ranked classes other than the label, on the mixture's own outputs
+    (``surrogate=True``: on its logit-space surrogate; weaker on the digits mixtures, see README "Attack strength").
 
     The attack contract of `mixrobust.attacks.pgd`; its accuracy is the per-example worst case over the
     stages (each stage attacks only what the previous ones left robust, keeping their points).

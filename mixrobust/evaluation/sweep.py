@@ -520,20 +520,19 @@ def run_sweep(
                 if (m, a) not in kept:  # alpha 0 / 1: the mixture is g / h (unmapped), attacked as g / h already
                     src = alpha0 if alpha == 0.0 else alpha1
                     correct[:], gap[:] = src.correct[m, a], src.gap[m, a]
-                    continue
-                keep = kept[m, a]
-                sweep.single[m].alpha = alpha
-                shown.detail = f"alpha {alpha:g}, {option.label}"
-                idx = sweep.indices(keep)
-                parts = sweep.run_attack(on_mixture[name], sweep.single[m], idx, shown,
-                                         functools.partial(sweep.judge_single, m, alpha))
-                correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
-                if parts:
-                    correct[idx], gap[idx] = (np.concatenate(p) for p in zip(*parts))
+                else:
+                    sweep.single[m].alpha = alpha
+                    shown.detail = f"alpha {alpha:g}, {option.label}"
+                    idx = sweep.indices(kept[m, a])
+                    parts = sweep.run_attack(on_mixture[name], sweep.single[m], idx, shown,
+                                             functools.partial(sweep.judge_single, m, alpha))
+                    correct[:], gap[:] = clean.correct[m, a], clean.gap[m, a]
+                    if parts:
+                        correct[idx], gap[idx] = (np.concatenate(p) for p in zip(*parts))
                 if name is AttackName.APGD:
                     # the log-mixture (and a map on h's logits, more so) can flatten the gradient an attack on the
                     # mixture follows: the adaptive attack's images on g and on h alone, judged by this mixture
-                    # already, count against it too
+                    # already, count against it too (at every alpha, reused or attacked)
                     correct &= own["g"].correct[m, a] & own["h"].correct[m, a]
                 log.info("%s %s alpha=%g: accuracy %.4f", name.value.upper(), option.label, alpha,
                          float((correct & clean.correct[m, a]).mean()) if correct.size else float("nan"))
