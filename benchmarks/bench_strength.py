@@ -5,8 +5,8 @@ it is right on the clean image and on the attack's image) and the attack's wall 
 
 - ``PGD-20``: the paper's MIX attack (cross-entropy on the mixture's outputs, no random start);
 - ``apgd``: mixrobust's default adaptive attack (`AdaptiveMixAttack`: APGD-CE, then APGD-DLR, then targeted
-  APGD-DLR towards the 5 highest-ranked classes other than the label, on the mixture's outputs, early exit; ``--losses``, ``--targets``
-  and ``--surrogate`` change it);
+  APGD-DLR towards the 5 highest-ranked classes other than the label, on the mixture's outputs,
+  early exit; ``--losses``, ``--targets`` and ``--surrogate`` change it);
 - ``AutoAttack``: the authors' standard version (pyautoattack, or whichever implementation is installed).
 
 Acceptance (issue 14): apgd within 1 point of AutoAttack (or below it) at every alpha, in at most 1/3 of its
