@@ -74,25 +74,13 @@ def test_targeted_searches_never_aim_at_the_label_under_a_surrogate(trained_pair
     assert len(seen) >= 4 and not any(seen)  # the first target's start and 3 steps at least
 
 
-class Counted(torch.nn.Module):
-    """A model that counts its forward passes."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.model(x)
-
-
 def test_steps_counts_gradient_steps_as_autoattack_does():
     """``steps=N``: the start and N iterates are evaluated (AutoAttack's n_iter); one step from x moves by the
     initial step 2 eps along the gradient sign, projected onto the eps box."""
-    model = Counted(mlp())
+    model = BatchSizes(mlp())
     x, y = torch.full((6, 3, 4, 4), 0.5), torch.arange(6) % 5
     APGD(eps=0.01, steps=4, early_exit=False)(model, x, y)
-    assert model.calls == 1 + 5  # the clean pass, then x_0 .. x_4
+    assert len(model.sizes) == 1 + 5  # the clean pass, then x_0 .. x_4
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
     with torch.no_grad():

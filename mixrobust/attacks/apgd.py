@@ -182,11 +182,10 @@ class APGD:
             if self.loss == "dlr_targeted" and self.targets > surrogate.shape[1] - 1:
                 raise ConfigError(f"targets={self.targets}, but the model has {surrogate.shape[1]} classes: at most "
                                   f"{surrogate.shape[1] - 1} other classes to target")
-            targets = self.targets if self.loss == "dlr_targeted" else 1
-            ranked = target_classes(surrogate, y, targets) if self.loss == "dlr_targeted" else None  # (N, T)
+            ranked = target_classes(surrogate, y, self.targets) if self.loss == "dlr_targeted" else None  # (N, T)
             best = torch.full(y.shape, -math.inf, device=x.device)  # the highest loss of the unfooled examples
             for _ in range(self.restarts):
-                for t in range(targets):
+                for t in range(1 if ranked is None else self.targets):
                     if active.numel() == 0:
                         break
                     target = None if ranked is None else ranked[:, t]
