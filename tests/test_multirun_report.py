@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 from hydra.errors import CompactHydraException
 
 from mixrobust.errors import ConfigError
+from mixrobust.evaluation import multirun
 from mixrobust.evaluation.multirun import combine, dedupe_for_plots, find_jobs, make_report, write_report
 from mixrobust.evaluation.outcomes import COLUMNS
+from mixrobust.evaluation.plots import models_line
 from mixrobust.evaluation.report import rows_to_csv
 from mixrobust.pipelines import report as report_pipeline
 from mixrobust.pipelines.report import ReportResult, SweepReport
@@ -219,6 +221,37 @@ def test_eps_sweep_writes_plots_per_setting(tmp_path):
     # the single-setting plots of the earlier report would be stale: removed
     assert not (sweep / "report" / "accuracy_vs_alpha.png").exists()
     assert not (sweep / "report" / "tradeoff.png").exists()
+
+
+def test_a_checkpoint_sweep_gets_plots_per_model_pair(tmp_path, caplog, monkeypatch):
+    sweep = tmp_path / "sweep"
+    other = {**MODELS, "h_model": "h2/best.ckpt sha256:fedcba987654"}
+    for i, models in enumerate((MODELS, other)):  # the same alphas, another h: no conflict, a second pair
+        for j, alpha in enumerate((0.5, 1.0)):
+            overrides, rows = alpha_job(alpha)
+            make_job(sweep, str(2 * i + j), overrides + [f"h_ckpt=h{i}"],
+                     [{**r, **models, "accuracy": r["accuracy"] - i / N} for r in rows])
+    drawn, real = {}, multirun.plot_accuracy_vs_alpha
+
+    def spy(rows, path):
+        drawn[Path(path).name] = rows
+        return real(rows, path)
+
+    monkeypatch.setattr(multirun, "plot_accuracy_vs_alpha", spy)
+    with caplog.at_level(logging.WARNING):
+        files = write_report(sweep)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert set(files) == {"combined.csv", "jobs.json"} | {f"{stem}_pair{k}.png" for stem in ("accuracy_vs_alpha",
+                                                                                               "tradeoff") for k in (1, 2)}
+    for k, models in ((1, MODELS), (2, other)):
+        rows = drawn[f"accuracy_vs_alpha_pair{k}.png"]
+        assert {(r["g_model"], r["h_model"]) for r in rows} == {(models["g_model"], models["h_model"])}
+        mix = {(r["alpha"], r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] for r in rows if r["model"] == "mix"}
+        expected = {(a, r["r_option"], r["mix_space"], r["attack"]): r["accuracy"] - (k - 1) / N
+                    for a in (0.5, 1.0) for r in mix_rows(a)}
+        assert mix == expected
+    assert models_line(drawn["accuracy_vs_alpha_pair2.png"]) == f"\ng: {MODELS['g_model']}, h: {other['h_model']}"
+    assert models_line(combine(find_jobs(sweep)[0])) == ""  # two pairs: no single line
 
 
 def test_callback_writes_the_report(tmp_path):

@@ -25,8 +25,10 @@ job numbers compared as numbers (``2_alphas=0.5,r_options=one``, or ``2`` from e
   repeat in every job of an alpha sweep): ``accuracy_vs_alpha.png`` and ``tradeoff.png`` (the
   paper's Figures 2 and 1). If the rows span several (norm, eps) threat settings, one pair per
   setting instead, e.g. ``accuracy_vs_alpha_linf_eps0.3.png``, plus ``robust_vs_eps.png``
-  (``robust_vs_eps_<norm>.png`` when several norms) for each norm with two or more eps values.
-  Plots of an earlier report that this one no longer writes are removed.
+  (``robust_vs_eps_<norm>.png`` when several norms) for each norm with two or more eps values. If
+  the jobs evaluate several base-model pairs (``g_model`` / ``h_model``), every figure is drawn per
+  pair, its name ending in ``_pair<k>`` (k counts the pairs in job order) and its title naming the
+  models. Plots of an earlier report that this one no longer writes are removed.
 
 The Hydra callback that writes the report when a multirun ends lives with the report task
 (`mixrobust.pipelines.report.SweepReport`).
@@ -59,8 +61,9 @@ REPORT_DIR = "report"
 MARKERS = {"run.json": "mix", "certify_summary.json": "certify"}
 #: Columns of combined.csv, in order.
 COMBINED_COLUMNS = ("job", "overrides", *COLUMNS)
-#: What identifies a result row across jobs (everything but the accuracy).
-ROW_KEY = ("model", "alpha", "r_option", "mix_space", "h_map", "norm", "eps", "attack", "steps", "n")
+#: What identifies a result row across jobs (everything but the accuracy and the implementation).
+ROW_KEY = ("model", "alpha", "r_option", "mix_space", "h_map", "norm", "eps", "attack", "steps", "n", "g_model",
+           "h_model")
 PLOT_PREFIXES = ("accuracy_vs_alpha", "tradeoff", "robust_vs_eps", "certified_accuracy_")
 #: Columns of combined_certified.csv, in order.
 CERTIFIED_COLUMNS = ("job", "overrides", "sigma", *CURVE_COLUMNS)
@@ -162,7 +165,7 @@ def _same(a: float | None, b: float | None) -> bool:
 
 def dedupe_for_plots(rows: list[dict]) -> list[dict]:
     """One row per `ROW_KEY`, the first seen. Rows with the same key but different accuracies (jobs
-    that differ in something else than alpha / eps, e.g. seed or checkpoints) give one warning per
+    that differ in something else than alpha, eps or the base models, e.g. the seed) give one warning per
     pair of jobs."""
     kept: dict[tuple, dict] = {}
     conflicts: dict[tuple[str, str], list[tuple]] = {}
@@ -175,7 +178,7 @@ def dedupe_for_plots(rows: list[dict]) -> list[dict]:
     for (job_a, job_b), items in conflicts.items():
         key, acc_a, acc_b = items[0]
         log.warning("jobs %s and %s disagree on %d result row(s), e.g. %s: accuracy %r vs %r; the plots use "
-                    "job %s's (do the jobs differ in more than alpha / eps, e.g. seed or checkpoints?)",
+                    "job %s's (do the jobs differ in more than alpha, eps or the base models, e.g. the seed?)",
                     job_a, job_b, len(items), ", ".join(f"{k}={v}" for k, v in zip(ROW_KEY, key) if v is not None),
                     acc_a, acc_b, job_a)
     return list(kept.values())
@@ -187,9 +190,27 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.6g}"
 
 
+def _pair(row: dict) -> tuple[str | None, str | None]:
+    return row.get("g_model"), row.get("h_model")
+
+
 def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """The report's figures from deduplicated rows (see the module docstring); name -> path."""
-    out = Path(out_dir)
+    """The report's figures from deduplicated rows (see the module docstring); name -> path. Rows of several
+    base-model pairs (jobs that sweep the checkpoints) get one set of figures per pair, ``..._pair2.png`` for
+    the second pair in job order, each titled with its models."""
+    pairs = list(dict.fromkeys(_pair(r) for r in rows))
+    if len(pairs) == 1:
+        return _threat_plots(rows, Path(out_dir), "")
+    paths: dict[str, Path] = {}
+    for k, pair in enumerate(pairs, 1):
+        log.info("plots *_pair%d.png: g %s, h %s", k, *(m or "(not recorded)" for m in pair))
+        paths.update(_threat_plots([r for r in rows if _pair(r) == pair], Path(out_dir), f"_pair{k}"))
+    return paths
+
+
+def _threat_plots(rows: list[dict], out: Path, tail: str) -> dict[str, Path]:
+    """The accuracy-vs-alpha and trade-off figures per (norm, eps) setting and the accuracy-vs-eps figures of
+    rows of one model pair; `tail` ends every file stem."""
     settings = sorted({(r["norm"], r["eps"]) for r in rows}, key=lambda s: (str(s[0]), s[1] or 0.0))
     labels = [_eps_label(eps) if eps is not None else "none" for _, eps in settings]
     if len({(n, lab) for (n, _), lab in zip(settings, labels)}) < len(settings):
@@ -207,14 +228,14 @@ def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> dict[str, Path]
                 log.warning("the %s eps=%s rows come from jobs with different %s (%s): the plots overlay them",
                             norm, label, column, ", ".join(map(str, sorted(values))))
         for stem, plot in (("accuracy_vs_alpha", plot_accuracy_vs_alpha), ("tradeoff", plot_tradeoff)):
-            name = f"{stem}{suffix}.png"
+            name = f"{stem}{suffix}{tail}.png"
             paths[name] = plot(part, out / name)
     if len(settings) > 1:
         norms = sorted({str(n) for n, _ in settings})
         for norm in norms:
             part = [r for r in rows if str(r["norm"]) == norm]
             if len({r["eps"] for r in part}) > 1:
-                name = "robust_vs_eps.png" if len(norms) == 1 else f"robust_vs_eps_{norm}.png"
+                name = ("robust_vs_eps" if len(norms) == 1 else f"robust_vs_eps_{norm}") + f"{tail}.png"
                 paths[name] = plot_accuracy_vs_eps(part, out / name)
     return paths
 

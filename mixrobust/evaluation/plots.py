@@ -86,6 +86,16 @@ def _title(rows: list[dict]) -> str:
     return f"{r['norm']} eps={r['eps']:.4g}" + (f", PGD-{steps}" if steps else "") + f", n={r['n']}"
 
 
+def models_line(rows: list[dict]) -> str:
+    """A title line naming the base models, ``\ng: <g_model>, h: <h_model>``, when the rows hold exactly one pair
+    (empty otherwise: rows of an earlier version, or of several pairs)."""
+    pairs = {(r.get("g_model"), r.get("h_model")) for r in rows}
+    if len(pairs) != 1:
+        return ""
+    g, h = pairs.pop()
+    return f"\ng: {g}, h: {h}" if g and h else ""
+
+
 def _zoomed(values: list[float], span: float) -> tuple[float, float]:
     """Axis limits around `values` at least `span` wide, padded by 10%, inside [0, 1] plus the padding."""
     low, high = min(values), max(values)
@@ -134,7 +144,8 @@ def plot_accuracy_vs_alpha(rows: list[dict], path: str | os.PathLike) -> Path:
     for i in range(len(options), nrows * cols):
         axes[2 * (i // cols), i % cols].axis("off")
         axes[2 * (i // cols) + 1, i % cols].axis("off")
-    fig.suptitle(f"Accuracy of the mixture vs alpha ({_title(rows)})", fontsize=10)
+    fig.suptitle(f"Accuracy of the mixture vs alpha ({_title(rows)}){models_line(rows)}", fontsize=10, y=0.99,
+                 va="bottom")  # above the panels however many lines
     return _save(fig, path)
 
 
@@ -187,7 +198,7 @@ def plot_tradeoff(rows: list[dict], path: str | os.PathLike, attacked: str = "wo
     if xs and max(xs) - min(xs) < MIN_CLEAN_SPAN:
         ax.set_xlim(*_zoomed(xs, MIN_CLEAN_SPAN))
     ax.set(xlabel="clean accuracy", ylabel=f"attacked accuracy ({attack_legend(rows, attacked)})",
-           title=f"Trade-off as alpha varies ({_title(rows)})")
+           title=f"Trade-off as alpha varies ({_title(rows)}){models_line(rows)}")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -229,7 +240,8 @@ def plot_accuracy_vs_eps(rows: list[dict], path: str | os.PathLike) -> Path:
     if handles:
         axes[0, 0].legend(fontsize=6, loc="best")
     ns = sorted({r["n"] for r in rows if r["n"] is not None})
-    fig.suptitle(f"Accuracy vs eps ({rows[0]['norm']}" + (f", n={ns[0]}" if len(ns) == 1 else "") + ")", fontsize=10)
+    fig.suptitle(f"Accuracy vs eps ({rows[0]['norm']}" + (f", n={ns[0]}" if len(ns) == 1 else "") + ")"
+                 + models_line(rows), fontsize=10)
     return _save(fig, path)
 
 
