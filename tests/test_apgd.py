@@ -104,15 +104,16 @@ def test_dlr_losses_against_hand_computed_values():
 
 @pytest.fixture(scope="module")
 def trained_pair(one_thread):
-    """Small digits CNNs: g fitted on clean images, h adversarially (PGD-2 at l_inf 0.2, full batch); 120 test images."""
+    """Small digits CNNs: g fitted on clean images, h adversarially (PGD-2 at l_inf 0.15, 80 full-batch steps; at 0.2
+    this small CNN does not learn); 120 test images. h: 80% clean, 19% under PGD-20 at 0.2."""
     from mixrobust.data import DigitsDataModule
 
     xt, yt = DigitsDataModule().eval_tensors("train")
     g = fit_cnns()[0]
     h = cnn(2, width=8).train()
     opt = torch.optim.Adam(h.parameters(), lr=1e-2)
-    pgd = PGD(eps=0.2, step_size=0.1, steps=2)
-    for _ in range(40):
+    pgd = PGD(eps=0.15, step_size=0.075, steps=2)
+    for _ in range(80):
         loss = torch.nn.functional.cross_entropy(h(pgd(h, xt, yt)), yt)
         opt.zero_grad()
         loss.backward()

@@ -171,7 +171,7 @@ def test_search_runs_in_eval_mode_and_restores_modes(start_mode):
     running_mean = model.bn.running_mean.clone()
     x, y = _images(0, 8)
     PGD(eps=0.1, step_size=0.05, steps=3)(model, x, y)
-    assert model.seen == [False] * 3  # 3 gradient passes (one search: no final check), all in eval mode
+    assert model.seen == [False] * 4  # 3 gradient passes and the final iterate's check, all in eval mode
     assert {name: m.training for name, m in model.named_modules()} == before
     assert torch.equal(model.bn.running_mean, running_mean)
 
@@ -442,6 +442,31 @@ def test_broken_examples_are_those_any_torchattacks_iterate_breaks(digits, norm,
         with torch.no_grad():
             robust = model(ours).argmax(1) == y
         assert int((robust != robust_ref).sum()) <= len(y) // 200, "float rounding may flip at most 0.5% of examples"
+
+
+def test_the_point_returned_is_the_highest_loss_visited_one(digits):
+    """Per example, of the points torchattacks' search visits (its runs of 0 .. steps steps): the fooling one of
+    highest loss if any fools, else the one of highest loss; the final iterate included (a PGD-K training example
+    is never weaker than Madry et al.'s K-th iterate). l_inf: sign steps make the two searches' points equal (l_2
+    steps of near-zero gradients, normalized, drift apart in float rounding)."""
+    import torchattacks
+
+    model, x, y, _, _ = digits
+    eps, step, steps = 0.1, 0.05, 10
+    iterates = [x] + [torchattacks.PGD(model, eps=eps, alpha=step, steps=k, random_start=False)(x, y)
+                      for k in range(1, steps + 1)]
+    with torch.no_grad():
+        logits = [model(point) for point in iterates]
+        loss = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])  # (steps + 1, N)
+        fooled = torch.stack([z.argmax(1) != y for z in logits])
+        any_fooled = fooled.any(0)  # (N,) then only fooling points compete
+        chosen = torch.where(any_fooled, torch.where(fooled, loss, -math.inf).argmax(0), loss.argmax(0))  # (N,)
+        expected = loss.gather(0, chosen[None]).squeeze(0)
+        got = F.cross_entropy(model(PGD(eps=eps, step_size=step, steps=steps)(model, x, y)), y, reduction="none")
+    assert bool(((chosen == steps) & fooled[-1]).any()), "some fooled example's best point is the final iterate"
+    assert bool(((chosen < steps) & ~fooled.any(0)).any()), "some robust example's best point is not the last"
+    moved = ~torch.isclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert int(moved.sum()) <= len(y) // 200, "float rounding may move at most 0.5% of examples"
 
 
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])

@@ -106,13 +106,15 @@ def test_inf_at_a_visited_point_only_still_raises():
 
 
 # (sum of x_adv, sum of x_adv weighted by linspace(-1, 1), examples misclassified at x_adv) of
-# each attack on `_mlp`, recorded with the attacks before the non-finite check existed.
+# each attack on `_mlp`, recorded with the attacks before the non-finite check existed; the single
+# searches' again when their final iterate came to be judged too (the highest-loss point kept, no
+# longer the final iterate: the same 13 examples fooled).
 SEEDED = [
     (lambda: PGD("linf", eps=0.02, step_size=0.008, steps=4, random_start=True, restarts=2, seed=3),
      (378.324792, -2.219237, 13)),
     (lambda: PGD("l2", eps=0.1, step_size=0.04, steps=4, loss="margin", random_start=True, seed=3),
-     (379.062665, -1.949724, 13)),
-    (lambda: FGSM("linf", eps=0.02), (378.123274, -2.681810, 13)),
+     (379.124283, -1.926137, 13)),
+    (lambda: FGSM("linf", eps=0.02), (378.262017, -2.163628, 13)),
 ]
 
 

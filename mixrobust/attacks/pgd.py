@@ -125,14 +125,17 @@ class PGD:
     ``torch.use_deterministic_algorithms(True)``); `seed=None` uses torch's global generator.
     Without `random_start` a search starts at x.
 
-    Returned per example: of the points the search evaluated (every restart's start and
-    iterates), a misclassified one if there is any, the one with the highest loss among those;
-    an example no evaluated point fools gets its final iterate (one search) or, with several
-    restarts, the highest-loss point over all restarts' iterates and final iterates (one
-    gradient-free forward pass per restart evaluates each final iterate). So an example is never
-    reported robust if a visited point fooled the model: on a fixed seed, accuracy can only drop
-    with more steps or restarts, and robust accuracy never exceeds clean accuracy without random
-    start. Preferring the highest loss among fooling points keeps the chosen point away from the
+    Returned per example: of the points the search visited (every restart's start, iterates and
+    final iterate, the last judged by one gradient-free forward pass per restart), a misclassified
+    one if there is any, the one with the highest loss among those; an example no visited point
+    fools gets its highest-loss point. So an example is never reported robust if a visited point
+    fooled the model: on a fixed seed, accuracy can only drop with more steps or restarts, and
+    robust accuracy never exceeds clean accuracy without random start. The point is never weaker
+    than the final iterate plain PGD returns: it fools the model whenever that one does, with at
+    least its loss, and otherwise fools the model or has at least its loss. So a PGD-K training
+    example is at least as strong as Madry et al.'s K-th iterate, and a fixed-step search that
+    oscillates (e.g. under the margin loss) gives its lowest-margin point, not its last.
+    Preferring the highest loss among fooling points keeps the chosen point away from the
     decision boundary, so it still fools the model when re-evaluated at another precision (e.g.
     a bf16 search checked in float32).
 
@@ -268,13 +271,7 @@ class PGD:
                 with torch.no_grad():
                     _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
                     self._step(x_adv, grad, x, lo, hi)
-            with torch.no_grad():
-                if self.restarts == 1:
-                    # Single search: no extra forward pass for the final iterate. Examples fooled
-                    # at a visited point keep that point; the others take the final iterate, as a
-                    # plain PGD would (so never weaker than returning the final iterate).
-                    keep = best_fooled.view((-1,) + (1,) * (x.ndim - 1))
-                    return torch.where(keep, best, x_adv.detach()), nonfinite
+            with torch.no_grad():  # the final iterate, judged by one gradient-free forward pass
                 loss, fooled = self._forward(model, x_adv, y, nonfinite)
                 _keep_worst(best, best_loss, best_fooled, x_adv, loss, fooled)
         return best, nonfinite
@@ -282,8 +279,9 @@ class PGD:
     def _search_early_exit(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> tuple[Tensor, Tensor]:
         """`_search` that takes each example out of the search at its first visited point that the model
         misclassifies (kept as its adversarial example). The batch shrinks to `shrink`'s ladder sizes, its
-        decided rows still searched but ignored; the unfooled examples get the final iterate (one search, as
-        `_search` gives them) or the highest-loss final iterate of the restarts."""
+        decided rows still searched but ignored; the unfooled examples get the final iterate (one search: not
+        judged here, the caller's judgement of it decides, as `_search`'s of it would) or the highest-loss final
+        iterate of the restarts."""
         linf = self.norm is Norm.LINF
         out = x.clone()  # (N, C, H, W)
         best_loss = torch.full(y.shape, -math.inf, device=x.device)  # unfooled examples, over restarts
@@ -325,7 +323,7 @@ class PGD:
                         break
                 with torch.no_grad():
                     self._step(x_adv, grad, xs, lo, hi)
-            else:  # one search: the unfooled take the final iterate, as `_search` gives them
+            else:  # one search: the unfooled take the final iterate, which `_search` would judge last
                 put_rows(out, idx, live, x_adv)
         return out, nonfinite
 
@@ -385,8 +383,8 @@ class PGD:
 class FGSM(PGD):
     """Fast gradient (sign) method: one step of size `eps`, no random start.
 
-    Same call contract and worst-case selection as `PGD` (so a misclassified clean x is
-    returned as is).
+    Same call contract and worst-case selection as `PGD`: of x and its step, a misclassified one if
+    either is (the higher-loss one if both are), else the higher-loss one.
     """
 
     def __init__(
