@@ -415,6 +415,10 @@ def test_optimizer_spec():
     sgd.step()  # no gradients: changes no parameter
     scheduler.step()  # lowers lr to 0.01; the spec keeps the initial 0.1
     assert optimizer_spec(sgd) == {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9, "nesterov": True}
+    cycled = make_optimizer(params, name="sgd", lr=0.1, weight_decay=5e-4, momentum=0.9)
+    torch.optim.lr_scheduler.OneCycleLR(cycled, max_lr=0.1, total_steps=10)  # starts at lr 0.1 / 25, momentum 0.95
+    assert optimizer_spec(cycled) == {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.95,
+                                      "nesterov": False}  # the configured peak, not the starting lr of 0.004
     adamw = make_optimizer(params, name="adamw", lr=1e-3, weight_decay=0.05, betas=(0.8, 0.99))
     assert optimizer_spec(adamw) == {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.8, 0.99]}
     assert optimizer_spec(torch.optim.Adam(params))["name"] == "adam"

@@ -56,6 +56,25 @@ def test_metrics_json_and_checkpoint(trained, objective, keys):
     assert record["model"]["arch"] == "small_cnn" and record["model"]["input_shape"] == [1, 8, 8]
     assert record["threat"] == {"norm": "linf", "eps": 0.25, "step_size": 0.0625}
     assert record["sigma"] == (0.25 if objective == "gaussian_noise" else None)
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (best,) = [v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint")]
+    assert on_disk["val/selection"] == float(best)  # train.py's default optimized_metric: a validation score
+
+
+def test_evaluation_runs_in_float32_under_a_bf16_trainer():
+    """val/ and test/ metrics (model selection, reported robust accuracy) never come from a bf16 search."""
+    from mixrobust.models import create_model
+    from mixrobust.training.module import ClassifierModule
+    from mixrobust.training.objectives import PGDAT
+
+    seen = []
+    model = create_model("small_cnn", 10, (1, 8, 8), [0.5], [0.25], width=4, hidden=8)
+    model.register_forward_hook(lambda m, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    module = ClassifierModule(model, PGDAT("linf", eps=0.25, step_size=0.1, steps=2), optimizer=None)
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="self.log"):
+        module.validation_step((x, y), 0)
+    assert len(seen) == 1 + 10 + 1 + 1 and set(seen) == {(False, torch.float32)}  # clean, PGD-10 + final, judged
 
 
 def test_robust_accuracy_is_below_clean(trained):
@@ -143,6 +162,8 @@ def test_resume_continues_its_own_folder_with_its_own_schedule(trained, make_cfg
         (["threat.eps=-0.1"], ConfigError, r"threat.eps must be a number >= 0, got -0.1"),
         (["objective=pgd_at", "threat.eps=-0.1"], ConfigError, r"threat.eps must be a number >= 0, got -0.1"),
         (["objective=pgd_at", "objective.eps=-0.1"], ConfigError, r"objective.eps must be a finite number >= 0"),
+        (["objective=trades", "objective.eps=0.1"], ConfigError,
+         r"the objective trains in the linf ball of eps 0.1 but threat is linf eps 0.25.*set threat.norm / threat.eps"),
         (["objective=gaussian_noise", "objective.sigma=0"], ConfigError, "sigma must be > 0"),
         (["threat.norm=l3"], ConfigError, "unknown threat.norm 'l3'; valid values: linf, l2"),
         (["trainer.max_epochs=0"], ConfigError, "trainer.max_epochs must be a whole number >= 1, got 0"),
@@ -153,6 +174,19 @@ def test_bad_input_fails_before_training(make_cfg, monkeypatch, overrides, error
     monkeypatch.setattr(train.L.Trainer, "__init__", lambda *a, **k: pytest.fail("trainer built"))
     with pytest.raises(error, match=match):
         train.run(make_cfg([*FAST, *overrides]))
+
+
+def test_pretrained_imagenet_weights_get_imagenet_normalization(make_cfg, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    imagenet = [*FAST, "model=resnet50", "model.arch=resnet18_imagenet", "model.resize=32"]
+    pretrained = train.settings(make_cfg([*imagenet, f"model.pretrained={weights}"])).model
+    assert pretrained.spec["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])  # digits: 1 channel
+    assert pretrained.spec["std"] == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
+    fresh = train.settings(make_cfg(imagenet)).model
+    assert fresh.spec["mean"] == pytest.approx([0.3054], abs=1e-4)  # the data set's own
 
 
 def test_empty_data_folder(make_cfg, tmp_path, monkeypatch):

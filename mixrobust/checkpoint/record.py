@@ -25,14 +25,15 @@ def optimizer_spec(optimizer: torch.optim.Optimizer) -> dict:
 
     ``{"name", "lr", "weight_decay"}`` from the first parameter group, plus ``momentum``/``nesterov``
     for SGD or ``betas`` for the Adam family. Values a scheduler moves during training are recorded as
-    configured: ``lr`` is the scheduler's ``initial_lr`` when one set it, and the momentum (beta1) a
-    one-cycle schedule cycles is its peak, ``max_momentum``, so a spec taken mid-run equals the run's.
+    configured: ``lr`` is a one-cycle schedule's peak ``max_lr`` (``optimizer.lr`` in the config), else the
+    scheduler's ``initial_lr`` when one set it, and the momentum (beta1) a one-cycle schedule cycles is its
+    peak, ``max_momentum``, so a spec taken mid-run equals the run's.
     ``name`` is the lowercased class name: ``"sgd"``, ``"adamw"``, ``"adam"``, ...
     """
     group = optimizer.param_groups[0]
     spec = {
         "name": type(optimizer).__name__.lower(),
-        "lr": float(group.get("initial_lr", group["lr"])),
+        "lr": float(group.get("max_lr", group.get("initial_lr", group["lr"]))),
         "weight_decay": float(group.get("weight_decay", 0.0)),
     }
     peak = group.get("max_momentum")  # a one-cycle schedule cycles the momentum (or beta1) from this peak

@@ -21,6 +21,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def imagenet_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std for images of `channels` channels: per channel for 3; for 1, their channel
+    averages (a grayscale image that a pretrained network sees repeated to 3 channels)."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if channels == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    raise ConfigError(f"ImageNet's normalization is defined for 1- or 3-channel images, not {channels}")
+
+
 def _class_names(folder: Path) -> list[str]:
     """Sorted sub-folder names, as torchvision's ImageFolder indexes them."""
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())

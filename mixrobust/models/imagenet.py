@@ -15,8 +15,8 @@ Pretrained backbones (``pretrained``):
   ``.safetensors`` file), loaded with ``weights_only=True``. The classification head in the file
   is skipped (it has ImageNet's 1000 classes); every other tensor must match.
 
-Pretrained weights expect ImageNet normalization: set the data mean/std accordingly (for
-1-channel data, the channel mean/std of the grayscale images).
+Pretrained weights expect ImageNet normalization: train.py puts ImageNet's mean/std in front of a
+model built with ``pretrained`` (for 1-channel data, their channel averages), not the data set's.
 
 The spec of a model stores ``pretrained``; a checkpoint restorer should rebuild with
 ``pretrained=False`` and load the checkpoint's own weights.

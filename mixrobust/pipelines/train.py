@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from mixrobust import zoo
 from mixrobust.checkpoint import check_resume, optimizer_spec
+from mixrobust.data.imagefolder import imagenet_normalization
 from mixrobust.errors import ConfigError, MixrobustError, StoppedError
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, check_arguments, parse, plain
@@ -55,7 +56,7 @@ class TrainKeys:
     init_from: str | None = None
     val_attack_steps: int = bounded(10, ge=1)
     test_attack_steps: int = bounded(20, ge=1)
-    optimized_metric: str = "test/acc"
+    optimized_metric: str = "val/selection"
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,18 @@ class TrainSettings:
 
 
 def _model(cfg: DictConfig, data, seed: int):
-    """The model, built by its factory with its weights initialized from `seed` (the global RNG untouched)."""
+    """The model, built by its factory with its weights initialized from `seed` (the global RNG untouched), behind
+    the data set's normalization, or ImageNet's when it starts from ImageNet weights (``model.pretrained``)."""
     factory = build(cfg.model, "model")
+    mean, std = data.mean, data.std
+    if cfg.model.get("pretrained") not in (None, False):
+        mean, std = imagenet_normalization(len(data.mean))
+        log.info("model.pretrained: normalizing with ImageNet's mean %s and std %s, which its weights expect, instead "
+                 "of %s's", [round(m, 4) for m in mean], [round(v, 4) for v in std], data.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return factory(num_classes=data.num_classes, input_shape=data.input_shape, mean=data.mean, std=data.std)
+            return factory(num_classes=data.num_classes, input_shape=data.input_shape, mean=mean, std=std)
         except MixrobustError:
             raise
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -169,6 +176,12 @@ def settings(cfg: DictConfig) -> TrainSettings:
     data = build(cfg.data, "data")
     threat = inputs.threat(cfg, data.input_shape)
     objective = build(cfg.objective, "objective")
+    trained = getattr(objective, "threat", None)
+    if objective.robust and (trained.norm, trained.eps) != (threat.norm, threat.eps):
+        raise ConfigError(f"the objective trains in the {trained.norm.value} ball of eps {trained.eps:g} but "
+                          f"threat is {threat.norm.value} eps {threat.eps:g}, which validation (the best checkpoint), "
+                          "test/robust_acc and the checkpoint's record use: set threat.norm / threat.eps, which the "
+                          "objective follows, instead of objective.norm / objective.eps")
     for key in ("val_attack_steps", "test_attack_steps") if objective.robust else ():  # val/ and test/robust_acc
         inputs.warn_unreachable(getattr(keys, key), threat.step_size, threat.eps, False, key)
     model = _initial_model(cfg, data) if keys.init_from is not None else _model(cfg, data, keys.seed)
@@ -256,6 +269,8 @@ def run(cfg: DictConfig) -> TrainResult:
         except SIGTERMException:  # Lightning's own exit on SIGTERM has exit code 0: a scheduler would see success
             raise _stopped(checkpoint, trainer) from None
         metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+        if checkpoint.best_model_score is not None:  # what a sweeper should optimize: never a test metric
+            metrics["val/selection"] = float(checkpoint.best_model_score)
         metrics["best_checkpoint"] = str(best)
         if trainer.is_global_zero:
             write_json(out / "metrics.json", metrics)
