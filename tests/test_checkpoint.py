@@ -230,6 +230,8 @@ def test_malicious_pickle_never_runs(nested, tmp_path):
         ({"sigma": 0}, "sigma must be None or a number > 0, got 0"),
         ({"sigma": "0.25"}, "sigma must be None or a number > 0, got '0.25'"),
         ({"data": 3}, "data must be None or a str, got 3"),
+        ({"split": {"seed": 0.5, "val_size": 0.1}}, "split must be None or a dict with a whole-number seed and a "
+                                                    "val_size, got {'seed': 0.5, 'val_size': 0.1}"),
         ({"optimizer": "sgd"}, "optimizer must be None or a dict with a str name, got 'sgd'"),
     ],
 )

@@ -363,12 +363,36 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path):
     assert mapped[0.0, "clean"] == linear[0.0, "clean"] and mapped[0.0, "worst"] == linear[0.0, "worst"]  # g alone
 
 
+def test_held_out_check_warns_where_no_setting_fixes_it(caplog):
+    from types import SimpleNamespace
+
+    from mixrobust.pipelines.fit_map import check_held_out
+
+    data = SimpleNamespace(seed=0, val_size=0.1)
+    model = lambda key, split: SimpleNamespace(key=key, record={"split": split})  # noqa: E731
+    ours, other = {"seed": 0, "val_size": 0.1}, {"seed": 1, "val_size": 0.1}
+    with caplog.at_level(logging.WARNING):
+        check_held_out("val", data, [model("g_ckpt", ours), model("h_ckpt", ours)])  # held out of both: silent
+        assert not caplog.records
+        check_held_out("val", data, [model("g_ckpt", ours), model("h_ckpt", other)])
+        check_held_out("val", data, [model("g_ckpt", None), model("h_ckpt", ours)])
+        check_held_out("train", data, [model("g_ckpt", ours), model("h_ckpt", ours)])
+    first, second, third = (r.getMessage() for r in caplog.records)
+    assert "in part training images of h_ckpt trained with seed=1 data.val_size=0.1" in first
+    assert second.startswith("g_ckpt: the record does not say which training images were held out")
+    assert third.startswith("fit.split=train: the fit's images are the models' training images")
+    with pytest.raises(ConfigError, match="pass seed=1 data.val_size=0.1"):
+        check_held_out("val", data, [model("g_ckpt", other), model("h_ckpt", other)])
+
+
 @pytest.mark.parametrize("overrides, pattern", [
     (["mix.h_map=[identity,no_such_fit]"], r"no fitted map at .*no_such_fit.json"),
     (["mix.h_map=[nonlinear]", "mix.h_map_params.scale=0"], r"mix.h_map_params.scale must be a number > 0"),
     (["mix.h_map=[nonlinear]", "mix.h_map_params.top_k=11"], r"top_k=11 exceeds the models' 10 classes"),
     (["task=fit_map", "fit.split=test"], r"fit.split.*'test'.*valid values: val, train"),
     (["task=fit_map", "fit.target=1.5"], r"fit.target must be a number > 0 and <= 1"),
+    (["task=fit_map", "seed=1"], r"the fit's validation images \(seed=1, data.val_size=0.1\) are not the ones the "
+                                 r"models held out \(g_ckpt trained with seed=0 .*\): .*pass seed=0 data.val_size=0.1"),
 ])
 def test_bad_map_settings_fail_before_any_attack(ckpts, tmp_path, no_attacks, overrides, pattern):
     from mixrobust.pipelines import fit_map

@@ -56,6 +56,7 @@ def test_metrics_json_and_checkpoint(trained, objective, keys):
     assert record["model"]["arch"] == "small_cnn" and record["model"]["input_shape"] == [1, 8, 8]
     assert record["threat"] == {"norm": "linf", "eps": 0.25, "step_size": 0.0625}
     assert record["sigma"] == (0.25 if objective == "gaussian_noise" else None)
+    assert record["split"] == {"seed": 0, "val_size": 0.1}  # the validation images it held out (a map fit checks)
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     (best,) = [v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint")]
     assert on_disk["val/selection"] == float(best)  # train.py's default optimized_metric: a validation score

@@ -5,10 +5,12 @@ record (only strings, numbers, lists and dicts)::
 
     {"format": 1, "model": {arch, num_classes, input_shape, mean, std, kwargs},
      "objective": {name, ...}, "threat": {norm, eps, step_size} | None, "sigma": float | None,
-     "data": "digits" | ... | None, "optimizer": {name, lr, weight_decay, ...} | None}
+     "data": "digits" | ... | None, "optimizer": {name, lr, weight_decay, ...} | None,
+     "max_epochs": int | None, "split": {seed, val_size} | None}
 
-and the weights under ``state_dict`` with the prefix ``model.``. ``optimizer`` is optional (older
-records lack it).
+and the weights under ``state_dict`` with the prefix ``model.``. ``optimizer``, ``max_epochs`` and
+``split`` (the validation images the run held out of the training split) are optional (older records
+lack them).
 
 Guarantees:
 

@@ -52,12 +52,15 @@ def make_record(
     data_name: str | None,
     optimizer: dict | torch.optim.Optimizer | None = None,
     max_epochs: int | None = None,
+    split: dict | None = None,
 ) -> dict:
     """The plain-dict record stored in a checkpoint beside the weights.
 
     `optimizer` is an `optimizer_spec` dict (an optimizer is converted with `optimizer_spec`) or
     None, which records ``"optimizer": None`` as older checkpoints implicitly do; `max_epochs` is the
-    length of the training schedule (its learning-rate schedule depends on it), None if unknown.
+    length of the training schedule (its learning-rate schedule depends on it), None if unknown;
+    `split` is how the run carved its validation images out of the training split, ``{"seed", "val_size"}``
+    (what a later map fit checks its held-out images against), None if unknown.
     """
     spec = objective.spec()
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -71,6 +74,7 @@ def make_record(
         "data": data_name,
         "optimizer": dict(optimizer) if optimizer is not None else None,
         "max_epochs": None if max_epochs is None else int(max_epochs),
+        "split": None if split is None else {"seed": int(split["seed"]), "val_size": split["val_size"]},
     }
 
 
@@ -129,6 +133,10 @@ def _record_problems(record: object) -> list[str]:
     epochs = record.get("max_epochs")
     if epochs is not None and not (_is_int(epochs) and epochs >= 1):
         problems.append(f"max_epochs must be None or a whole number >= 1, got {_show(epochs)}")
+    split = record.get("split")
+    if split is not None and not (isinstance(split, dict) and _is_int(split.get("seed"))
+                                  and _is_number(split.get("val_size"))):
+        problems.append(f"split must be None or a dict with a whole-number seed and a val_size, got {_show(split)}")
     return problems
 
 

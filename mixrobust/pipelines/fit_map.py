@@ -86,9 +86,44 @@ def settings(cfg: DictConfig) -> FitSettings:
     cfg, g, h, data, threat = inputs.mixture_inputs(cfg)
     if fit.top_k is not None and fit.top_k > g.num_classes:
         raise ConfigError(f"fit.top_k={fit.top_k} exceeds the models' {g.num_classes} classes")
+    check_held_out(fit.split, data, (g, h))
     return FitSettings(g=g, h=h, data=data, threat=threat, fit=fit, name=fit.name or data.name, seed=seed,
                        batch_size=job.batch_size, plots=job.plots, output_dir=job.output_dir,
                        fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg))
+
+
+def check_held_out(split: str, data, models) -> None:
+    """Refuse a fit on validation images the models trained on; warn where that cannot be checked.
+
+    Training carves its validation images out of the training split by ``seed`` and ``data.val_size``, which the
+    checkpoint records (``split``). Fit images a model trained on have wider margins than unseen ones: the
+    estimated robust accuracy rises and the fitted alpha comes out too small. A mismatch that one setting fixes
+    (every recorded split the same) is a ConfigError naming it; models of different splits, and models whose
+    record has no split (zoo models, which trained on the whole training split, and older checkpoints), a warning.
+    """
+    if split == "train":
+        log.warning("fit.split=train: the fit's images are the models' training images, where their margins are wider "
+                    "than on unseen images, so the fitted alpha may come out too small; fit.split=val holds them out")
+        return
+    here = {"seed": data.seed, "val_size": data.val_size}
+    trained = {f.key: f.record.get("split") for f in models}
+    other = {key: s for key, s in trained.items() if s is not None and s != here}
+    unknown = [key for key, s in trained.items() if s is None]
+    if other:
+        splits = {(s["seed"], s["val_size"]) for s in other.values()}
+        seen = ", ".join(f"{key} trained with seed={s['seed']} data.val_size={s['val_size']}" for key, s in other.items())
+        if len(splits) == 1 and len(other) == len(models):
+            seed, val_size = splits.pop()
+            raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are not "
+                              f"the ones the models held out ({seen}): some are their training images; pass "
+                              f"seed={seed} data.val_size={val_size}")
+        log.warning("the fit's validation images (seed=%s, data.val_size=%s) are in part training images of %s; no "
+                    "setting holds them out of every model, so the fitted alpha may come out too small",
+                    data.seed, data.val_size, seen)
+    if unknown:
+        log.warning("%s: the record does not say which training images were held out (a zoo model, trained on the "
+                    "whole training split, or a checkpoint of an earlier mixrobust), so the fit's validation images "
+                    "may be its training images and the fitted alpha too small", " and ".join(unknown))
 
 
 @dataclass

@@ -207,7 +207,8 @@ def build_module(s: TrainSettings) -> ClassifierModule:
     module = ClassifierModule(
         s.model, s.objective, optimizer=s.optimizer, scheduler=s.scheduler, threat=s.threat,
         val_attack_steps=s.keys.val_attack_steps, test_attack_steps=s.keys.test_attack_steps, seed=s.keys.seed,
-        channels_last=s.trainer.channels_last, data_name=s.data.name)
+        channels_last=s.trainer.channels_last, data_name=s.data.name,
+        data_split={"seed": s.data.seed, "val_size": s.data.val_size})
     if s.trainer.compile:
         module.model.compile()
     return module

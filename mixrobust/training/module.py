@@ -35,7 +35,8 @@ class ClassifierModule(L.LightningModule):
     ties broken by the lower clean validation cross-entropy (weight 1e-6, capped at 1e-5: below one example
     of accuracy on any validation set under 100,000 images), so a small validation set that saturates
     early does not freeze the choice at the first epoch that reaches 100%.
-    The checkpoint carries a self-describing record (see `mixrobust.checkpoint`), the optimizer's included.
+    The checkpoint carries a self-describing record (see `mixrobust.checkpoint`), the optimizer's included, and
+    `data_split` (``{"seed", "val_size"}``: which training images validation held out).
 
     Randomness: every training batch re-seeds torch's generators (`step_seed`: mixed from `seed`, the
     rank, the epoch and the batch index), so the random starts of adversarial training, the training
@@ -56,6 +57,7 @@ class ClassifierModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         data_name: str | None = None,
+        data_split: dict | None = None,
     ):
         super().__init__()
         self.model = model
@@ -65,7 +67,7 @@ class ClassifierModule(L.LightningModule):
         self.threat = threat or getattr(objective, "threat", None)
         self.seed = int(seed)
         self.channels_last = channels_last
-        self.data_name = data_name
+        self.data_name, self.data_split = data_name, data_split
         k = model.num_classes
         self.metrics = nn.ModuleDict(
             {
@@ -165,7 +167,8 @@ class ClassifierModule(L.LightningModule):
         optimizers = trainer.optimizers if trainer is not None else []
         checkpoint[CHECKPOINT_KEY] = make_record(self.model, self.objective, self.threat, self.data_name,
                                                  optimizer=optimizer_spec(optimizers[0]) if optimizers else None,
-                                                 max_epochs=trainer.max_epochs if trainer is not None else None)
+                                                 max_epochs=trainer.max_epochs if trainer is not None else None,
+                                                 split=self.data_split)
 
 
 def _needs_total_steps(factory) -> bool:
