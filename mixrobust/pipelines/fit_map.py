@@ -95,11 +95,13 @@ def settings(cfg: DictConfig) -> FitSettings:
 def check_held_out(split: str, data, models) -> None:
     """Refuse a fit on validation images the models trained on; warn where that cannot be checked.
 
-    Training carves its validation images out of the training split by ``seed`` and ``data.val_size``, which the
-    checkpoint records (``split``). Fit images a model trained on have wider margins than unseen ones: the
-    estimated robust accuracy rises and the fitted alpha comes out too small. A mismatch that one setting fixes
-    (every recorded split the same) is a ConfigError naming it; models of different splits, and models whose
-    record has no split (zoo models, which trained on the whole training split, and older checkpoints), a warning.
+    Training carves its validation images out of the training split by ``seed`` and ``data.val_size`` (the first
+    val_size of a permutation drawn with the seed), which the checkpoint records (``split``): the fit's are held out
+    of a model's training if the seed is the same and the fit's val_size at most the model's (both counts or both
+    fractions). Fit images a model trained on have wider margins than unseen ones: the estimated robust accuracy
+    rises and the fitted alpha comes out too small. A slice that some seed and val_size hold out of every model
+    with a record is a ConfigError naming them; models of different seeds, and models whose record has no split
+    (zoo models, which trained on the whole training split, and older checkpoints), a warning.
     """
     if split == "train":
         log.warning("fit.split=train: the fit's images are the models' training images, where their margins are wider "
@@ -107,23 +109,31 @@ def check_held_out(split: str, data, models) -> None:
         return
     here = {"seed": data.seed, "val_size": data.val_size}
     trained = {f.key: f.record.get("split") for f in models}
-    other = {key: s for key, s in trained.items() if s is not None and s != here}
-    unknown = [key for key, s in trained.items() if s is None]
+    recorded = [s for s in trained.values() if s is not None]
+    other = {key: s for key, s in trained.items() if s is not None and not _held_out(here, s)}
     if other:
-        splits = {(s["seed"], s["val_size"]) for s in other.values()}
         seen = ", ".join(f"{key} trained with seed={s['seed']} data.val_size={s['val_size']}" for key, s in other.items())
-        if len(splits) == 1 and len(other) == len(models):
-            seed, val_size = splits.pop()
-            raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are not "
-                              f"the ones the models held out ({seen}): some are their training images; pass "
-                              f"seed={seed} data.val_size={val_size}")
+        if len({(s["seed"], isinstance(s["val_size"], int)) for s in recorded}) == 1:
+            fix = min(recorded, key=lambda s: s["val_size"])
+            raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are in "
+                              f"part training images ({seen}); pass seed={fix['seed']} data.val_size={fix['val_size']}, "
+                              "which holds them out of every model")
         log.warning("the fit's validation images (seed=%s, data.val_size=%s) are in part training images of %s; no "
                     "setting holds them out of every model, so the fitted alpha may come out too small",
                     data.seed, data.val_size, seen)
+    unknown = [key for key, s in trained.items() if s is None]
     if unknown:
         log.warning("%s: the record does not say which training images were held out (a zoo model, trained on the "
                     "whole training split, or a checkpoint of an earlier mixrobust), so the fit's validation images "
                     "may be its training images and the fitted alpha too small", " and ".join(unknown))
+
+
+def _held_out(fit: dict, trained: dict) -> bool:
+    """Whether validation images `fit` ({seed, val_size}) lie inside the ones a run of split `trained` held out."""
+    if fit["seed"] != trained["seed"]:
+        return False
+    a, b = fit["val_size"], trained["val_size"]
+    return a == b or (isinstance(a, int) == isinstance(b, int) and a <= b)
 
 
 @dataclass
