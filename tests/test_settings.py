@@ -103,6 +103,8 @@ def test_swapped_models_and_threat_mismatch_warn(caplog):
         inputs.warn_if_swapped(_model("g_ckpt", "standard"), _model("h_ckpt", "pgd_at"))
         threat = inputs.threat(OmegaConf.create({"threat": {"norm": "l2", "eps": 0.5, "step_size": 0.1}}), (1, 8, 8))
         inputs.warn_threat_mismatch(_model("h_ckpt", "pgd_at", {"norm": "linf", "eps": 0.2}), threat)
+        # a Gaussian-noise h records the config's threat, which it did not train against: no warning
+        inputs.warn_threat_mismatch(_model("h_ckpt", "gaussian_noise", {"norm": "linf", "eps": 0.2}), threat)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "g_ckpt was trained with pgd_at and h_ckpt with standard training" in messages[0]

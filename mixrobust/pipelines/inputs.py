@@ -369,8 +369,10 @@ def warn_unreachable(steps: int, step_size: float, eps: float, random_start: boo
 
 
 def warn_threat_mismatch(h: ModelFile, threat: Threat) -> None:
+    """Warn when an adversarially trained h is evaluated in another ball than it trained in (the record of a standard
+    or Gaussian-noise model holds the config's threat, which it was not trained against: no warning)."""
     trained = h.record.get("threat")
-    if trained and (trained.get("norm") != threat.norm.value or abs(float(trained.get("eps", -1)) - threat.eps) > 1e-9):
+    if h.robust and trained and (trained.get("norm") != threat.norm.value or abs(float(trained.get("eps", -1)) - threat.eps) > 1e-9):
         log.warning("%s was trained against %s eps=%g but is evaluated at %s eps=%g", h.key, trained.get("norm"),
                     float(trained.get("eps", float("nan"))), threat.norm.value, threat.eps)
 
