@@ -337,7 +337,7 @@ def test_evaluate_script_with_wandb_offline(ckpts, tmp_path):
 FIT_GRID = ("fit.scales=[1,8]", "fit.powers=[1,2]", "fit.biases=[-0.5,0.5]", "fit.steps=5", "fit.n=100")
 
 
-def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path):
+def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path, caplog):
     from mixrobust.evaluation.matched import matched_rows
     from mixrobust.pipelines import fit_map
 
@@ -353,7 +353,11 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path):
     with open(tmp_path / "fit" / "fit_grid.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 8  # 2 x 2 x 2
 
-    result = mix.run(eval_cfg(ckpts, tmp_path / "mix", ALPHAS, *THREAT, f"fits_dir={fits}", "mix.h_map=[identity,tiny]"))
+    with caplog.at_level(logging.INFO, logger="mixrobust.pipelines.mix"):
+        result = mix.run(eval_cfg(ckpts, tmp_path / "mix", ALPHAS, *THREAT, f"fits_dir={fits}",
+                                  "mix.h_map=[identity,tiny]"))
+    assert f"h_map tiny was fitted at alpha {fit.fit.alpha:.6g}, which mix.alphas leaves out" in caplog.text
+    assert "fitted on other base models" not in caplog.text
     label = fit.fit.h_map.label
     assert {r["h_map"] for r in result.rows if r["model"] == "mix"} == {"identity", label}
     assert (tmp_path / "mix" / "matched.csv").is_file() and matched_rows(result.rows)
@@ -361,6 +365,21 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path):
     linear = {(r["alpha"], r["attack"]): r["accuracy"] for r in result.rows if r.get("h_map") == "identity"}
     mapped = {(r["alpha"], r["attack"]): r["accuracy"] for r in result.rows if r.get("h_map") == label}
     assert mapped[0.0, "clean"] == linear[0.0, "clean"] and mapped[0.0, "worst"] == linear[0.0, "worst"]  # g alone
+
+
+def test_a_map_fitted_on_other_models_is_warned(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from mixrobust.pipelines.mix import check_fits
+
+    fit = {"h_map": {"kind": "nonlinear", "scale": 2.0, "power": 1.0, "bias": 0.0}, "alpha": 0.9,
+           "models": {"g": {"sha256": "a"}, "h": {"sha256": "b"}}}
+    (tmp_path / "other.json").write_text(json.dumps(fit))
+    g, h = (SimpleNamespace(key=f"{k}_ckpt", identity={"sha256": k}) for k in "gh")
+    with caplog.at_level(logging.INFO, logger="mixrobust.pipelines.mix"):
+        check_fits(["identity", "other"], tmp_path, g, h, [0.5, 0.9])
+    assert "h_map other" in caplog.text and "was fitted on other base models than g_ckpt and h_ckpt" in caplog.text
+    assert "leaves out" not in caplog.text  # 0.9 is evaluated
 
 
 def test_held_out_check_warns_where_no_setting_fixes_it(caplog):

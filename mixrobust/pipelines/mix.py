@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from mixrobust.evaluation import AttackName, MixOption, format_table, mix_option
 from mixrobust.evaluation.matched import format_matched
 from mixrobust.evaluation.report import FILES
 from mixrobust.evaluation.sweep import merge_results
-from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas, parse_h_map
+from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas, load_fit, parse_h_map
 from mixrobust.evaluation.options import option_key, option_text
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, parse, plain
@@ -190,6 +191,7 @@ def settings(cfg: DictConfig) -> MixSettings:
     maps = tuple(dict.fromkeys(parse_h_map(m, dataclasses.asdict(mix.h_map_params), fits_dir) for m in mix.h_map))
     for m in maps:
         m.check_classes(g.num_classes)
+    check_fits(mix.h_map, fits_dir, g, h, alphas)
     options = mix_options(mix.r_options, mix.mix_spaces, maps)
     return MixSettings(
         g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack, adaptive=adaptive,
@@ -197,6 +199,24 @@ def settings(cfg: DictConfig) -> MixSettings:
         cache_dir=cache.dir if cache.enabled else None, device=inputs.device(cfg),
         processes=inputs.processes(cfg), logger=inputs.logger(cfg),
         config=plain(cfg))
+
+
+def check_fits(h_maps, fits_dir, g, h, alphas) -> None:
+    """For each fitted map that ``mix.h_map`` names: a warning if it was fitted on other base models (its alpha and
+    estimates are theirs), and a note if its fitted alpha is not among the evaluated ones."""
+    for name in h_maps:
+        if not isinstance(name, str) or name.lower() in ("identity", "nonlinear"):
+            continue
+        fit = load_fit(name, fits_dir)
+        fitted_on = fit.get("models")
+        if fitted_on and fitted_on != {"g": g.identity, "h": h.identity}:
+            log.warning("h_map %s (%s) was fitted on other base models than %s and %s: its map is evaluated as it is, "
+                        "but its alpha and estimates belong to those; fit it on these with task=fit_map", name,
+                        fit["path"], g.key, h.key)
+        alpha = fit.get("alpha")
+        if alpha is not None and not any(math.isclose(alpha, a, abs_tol=1e-9) for a in alphas):
+            log.info("h_map %s was fitted at alpha %.6g, which mix.alphas leaves out: add it to evaluate the fitted "
+                     "point", name, alpha)
 
 
 @dataclass
