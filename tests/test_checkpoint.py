@@ -407,6 +407,24 @@ def test_check_resume_infers_adamw_from_betas(real, tmp_path):
     refused(partial(check_resume, expected=sgd), path, r"optimizer 'adamw' \(this run: 'sgd'\)")
 
 
+def test_check_resume_reads_a_one_cycle_runs_peak_lr_and_compares_the_split(real, tmp_path):
+    """A record written before the spec held one-cycle's peak lr holds max_lr / 25; the optimizer state says the peak."""
+    sgd = {"name": "sgd", "lr": 0.1 / 25, "weight_decay": 5e-4, "momentum": 0.95, "nesterov": False}
+
+    def to_one_cycle(ckpt: dict) -> None:
+        ckpt["mixrobust"].update(optimizer=sgd, split={"seed": 0, "val_size": 0.1})
+        ckpt["optimizer_states"][0]["param_groups"][0]["max_lr"] = 0.1
+
+    path = resume_copy(real, tmp_path / "cycle.ckpt", to_one_cycle)
+    record = read_record(path)
+    same = {**sgd, "lr": 0.1}
+    check_resume(path, expected_of(record, optimizer=same, split={"seed": 0, "val_size": 0.1}))
+    message = refused(partial(check_resume, expected=expected_of(record, optimizer={**same, "lr": 0.2},
+                                                                 split={"seed": 1, "val_size": 0.2})), path, "cannot")
+    assert "optimizer.lr 0.1 (this run: 0.2)" in message
+    assert "seed 0 (this run: 1)" in message and "data.val_size 0.1 (this run: 0.2)" in message
+
+
 # ---------------------------------------------------------------- the optimizer entry
 
 

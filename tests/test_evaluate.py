@@ -356,7 +356,7 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mixrobust.pipelines.mix"):
         result = mix.run(eval_cfg(ckpts, tmp_path / "mix", ALPHAS, *THREAT, f"fits_dir={fits}",
                                   "mix.h_map=[identity,tiny]"))
-    assert f"h_map tiny was fitted at alpha {fit.fit.alpha:.6g}, which mix.alphas leaves out" in caplog.text
+    assert f"h_map tiny was fitted at alpha {fit.fit.alpha!r}, which the evaluated alphas leave out" in caplog.text
     assert "fitted on other base models" not in caplog.text
     label = fit.fit.h_map.label
     assert {r["h_map"] for r in result.rows if r["model"] == "mix"} == {"identity", label}
@@ -407,6 +407,15 @@ def test_held_out_check_warns_where_no_setting_fixes_it(caplog):
     with pytest.raises(ConfigError, match="pass seed=0 data.val_size=2000"):
         check_held_out("val", counts, [model("g_ckpt", {"seed": 0, "val_size": 5000}),
                                        model("h_ckpt", {"seed": 0, "val_size": 2000})])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_held_out("val", counts, [model("g_ckpt", {"seed": 0, "val_size": 0}), model("h_ckpt", None)])
+        check_held_out("val", counts, [model("g_ckpt", ours), model("h_ckpt", ours)])
+    nothing, unknown, incomparable, again = (r.getMessage() for r in caplog.records)
+    assert "in part training images of g_ckpt trained with seed=0 data.val_size=0; no setting" in nothing
+    assert unknown.startswith("h_ckpt: the record does not say")
+    assert "data.val_size=5000 here and 0.1 in g_ckpt's training: a count and a fraction" in incomparable
+    assert "pass data.val_size=0.1" in incomparable and "h_ckpt's training" in again
 
 
 @pytest.mark.parametrize("overrides, pattern", [

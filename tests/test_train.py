@@ -60,6 +60,7 @@ def test_metrics_json_and_checkpoint(trained, objective, keys):
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     (best,) = [v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint")]
     assert on_disk["val/selection"] == float(best)  # train.py's default optimized_metric: a validation score
+    assert train.TrainKeys.optimized_metric == "val/selection" in metrics
 
 
 def test_evaluation_runs_in_float32_under_a_bf16_trainer():

@@ -279,8 +279,8 @@ class PGD:
     def _search_early_exit(self, model: nn.Module, x: Tensor, y: Tensor, generator) -> tuple[Tensor, Tensor]:
         """`_search` that takes each example out of the search at its first visited point that the model
         misclassifies (kept as its adversarial example). The batch shrinks to `shrink`'s ladder sizes, its
-        decided rows still searched but ignored; the unfooled examples get the final iterate (one search: not
-        judged here, the caller's judgement of it decides, as `_search`'s of it would) or the highest-loss final
+        decided rows still searched but ignored; the unfooled examples get the final iterate (one search; where
+        `_search` returns their highest-loss point instead, the accuracy is the same) or the highest-loss final
         iterate of the restarts."""
         linf = self.norm is Norm.LINF
         out = x.clone()  # (N, C, H, W)

@@ -21,7 +21,8 @@ def check_resume(path: str | os.PathLike, expected: Mapping) -> dict:
     ``"max_epochs"`` (the schedule's length: a one-cycle or cosine schedule cannot be stretched). The
     checkpoint must hold Lightning's resume state (`RESUME_KEYS`), and its data set, objective name
     (and, for robust objectives, threat norm and eps), architecture, class count, input shape,
-    optimizer name and max_epochs must equal this run's. A None on either side (e.g. a record without an
+    optimizer name, max_epochs and validation split (``"split"``: seed and val_size) must equal this run's.
+    A None on either side (e.g. a record without an
     optimizer entry whose name cannot be inferred from its optimizer state) is not compared. All
     differences are listed in one `CheckpointError`.
     """
@@ -34,7 +35,7 @@ def check_resume(path: str | os.PathLike, expected: Mapping) -> dict:
             "(mixrobust.load_classifier) and drop ckpt_path"
         )
     record = ckpt[CHECKPOINT_KEY]
-    trained = {**record, "optimizer": record.get("optimizer") or _inferred_optimizer(ckpt)}
+    trained = {**record, "optimizer": _peak_lr(record.get("optimizer"), ckpt) or _inferred_optimizer(ckpt)}
     diffs = _resume_differences(trained, expected)
     if diffs:
         raise CheckpointError(
@@ -42,6 +43,16 @@ def check_resume(path: str | os.PathLike, expected: Mapping) -> dict:
             "resume with the settings it was trained with, or drop ckpt_path to start afresh"
         )
     return record
+
+
+def _peak_lr(spec: dict | None, ckpt: dict) -> dict | None:
+    """`spec` with a one-cycle run's configured peak lr, ``max_lr`` of the saved optimizer state: records written
+    before `optimizer_spec` recorded it hold the schedule's starting lr (max_lr / 25) instead."""
+    try:
+        peak = ckpt["optimizer_states"][0]["param_groups"][0]["max_lr"]
+    except (KeyError, IndexError, TypeError):
+        return spec
+    return {**spec, "lr": float(peak)} if spec else spec
 
 
 def _inferred_optimizer(ckpt: dict) -> dict | None:
@@ -98,6 +109,9 @@ def _resume_differences(trained: Mapping, expected: Mapping) -> list[str]:
         for key in sorted(set(optimizer) & set(other) - {"name"}):
             compare(f"optimizer.{key}", optimizer[key], other[key], show=str)
     compare("trainer.max_epochs", trained.get("max_epochs"), expected.get("max_epochs"), show=str)
+    split, want = trained.get("split") or {}, expected.get("split") or {}
+    for key in ("seed", "val_size"):  # the validation images it held out (model selection, a later map fit)
+        compare("seed" if key == "seed" else "data.val_size", split.get(key), want.get(key), show=str)
     return diffs
 
 

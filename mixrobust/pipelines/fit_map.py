@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,9 +100,11 @@ def check_held_out(split: str, data, models) -> None:
     val_size of a permutation drawn with the seed), which the checkpoint records (``split``): the fit's are held out
     of a model's training if the seed is the same and the fit's val_size at most the model's (both counts or both
     fractions). Fit images a model trained on have wider margins than unseen ones: the estimated robust accuracy
-    rises and the fitted alpha comes out too small. A slice that some seed and val_size hold out of every model
-    with a record is a ConfigError naming them; models of different seeds, and models whose record has no split
-    (zoo models, which trained on the whole training split, and older checkpoints), a warning.
+    rises and the fitted alpha comes out too small. A slice that some seed and val_size would hold out of every
+    model with a record is a ConfigError naming them; otherwise (models of different seeds, one that held nothing
+    out) a warning, as for a model whose record has no split (zoo models, which trained on the whole training
+    split; checkpoints of an earlier mixrobust or fine-tuned from other weights) and for a count compared with a
+    fraction.
     """
     if split == "train":
         log.warning("fit.split=train: the fit's images are the models' training images, where their margins are wider "
@@ -109,31 +112,42 @@ def check_held_out(split: str, data, models) -> None:
         return
     here = {"seed": data.seed, "val_size": data.val_size}
     trained = {f.key: f.record.get("split") for f in models}
-    recorded = [s for s in trained.values() if s is not None]
-    other = {key: s for key, s in trained.items() if s is not None and not _held_out(here, s)}
-    if other:
-        seen = ", ".join(f"{key} trained with seed={s['seed']} data.val_size={s['val_size']}" for key, s in other.items())
-        if len({(s["seed"], isinstance(s["val_size"], int)) for s in recorded}) == 1:
+    verdicts = {key: None if s is None else _held_out(here, s) for key, s in trained.items()}
+    outside = {key: trained[key] for key, held in verdicts.items() if held is False}
+    if outside:
+        seen = ", ".join(f"{key} trained with seed={s['seed']} data.val_size={s['val_size']}"
+                         for key, s in outside.items())
+        recorded = [s for s in trained.values() if s is not None]
+        if len({(s["seed"], isinstance(s["val_size"], numbers.Integral)) for s in recorded}) == 1:
             fix = min(recorded, key=lambda s: s["val_size"])
-            raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are in "
-                              f"part training images ({seen}); pass seed={fix['seed']} data.val_size={fix['val_size']}, "
-                              "which holds them out of every model")
+            if fix["val_size"] > 0:
+                raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are "
+                                  f"in part training images ({seen}); pass seed={fix['seed']} "
+                                  f"data.val_size={fix['val_size']}, which holds them out of every model")
         log.warning("the fit's validation images (seed=%s, data.val_size=%s) are in part training images of %s; no "
                     "setting holds them out of every model, so the fitted alpha may come out too small",
                     data.seed, data.val_size, seen)
     unknown = [key for key, s in trained.items() if s is None]
     if unknown:
         log.warning("%s: the record does not say which training images were held out (a zoo model, trained on the "
-                    "whole training split, or a checkpoint of an earlier mixrobust), so the fit's validation images "
-                    "may be its training images and the fitted alpha too small", " and ".join(unknown))
+                    "whole training split, or a checkpoint of an earlier mixrobust or fine-tuned from other weights), "
+                    "so the fit's validation images may be its training images and the fitted alpha too small",
+                    " and ".join(unknown))
+    for key in (k for k, held in verdicts.items() if held is None and trained[k] is not None):
+        log.warning("data.val_size=%s here and %s in %s's training: a count and a fraction cannot be compared "
+                    "without the split's size, so the fit's images may be its training images; pass data.val_size=%s",
+                    data.val_size, trained[key]["val_size"], key, trained[key]["val_size"])
 
 
-def _held_out(fit: dict, trained: dict) -> bool:
-    """Whether validation images `fit` ({seed, val_size}) lie inside the ones a run of split `trained` held out."""
+def _held_out(fit: dict, trained: dict) -> bool | None:
+    """Whether validation images `fit` ({seed, val_size}) lie inside the ones a run of split `trained` held out;
+    None when a count is compared with a fraction."""
     if fit["seed"] != trained["seed"]:
         return False
     a, b = fit["val_size"], trained["val_size"]
-    return a == b or (isinstance(a, int) == isinstance(b, int) and a <= b)
+    if a == b:
+        return True
+    return a <= b if isinstance(a, numbers.Integral) == isinstance(b, numbers.Integral) else None
 
 
 @dataclass
@@ -196,6 +210,7 @@ def _fit(s: FitSettings, device: torch.device) -> FitResult:
     seconds = {"attack": t1 - t0, "search": time.perf_counter() - t1}
     curves = fit_curves(g_clean, h_clean, h_adv, y, [HMap(), fit.h_map])
     record = {**fit.summary(), "name": s.name, "data": s.data.name, "split": s.fit.split, "seed": s.seed,
+              "val_size": s.data.val_size,
               "index_first": int(index[0]), "attack": repr(attack), "threat": s.threat.as_dict(),
               "models": {"g": s.g.identity, "h": s.h.identity}, "fit": keys, "seconds": seconds}
     out = s.output_dir

@@ -215,8 +215,8 @@ def check_fits(h_maps, fits_dir, g, h, alphas) -> None:
                         fit["path"], g.key, h.key)
         alpha = fit.get("alpha")
         if alpha is not None and not any(math.isclose(alpha, a, abs_tol=1e-9) for a in alphas):
-            log.info("h_map %s was fitted at alpha %.6g, which mix.alphas leaves out: add it to evaluate the fitted "
-                     "point", name, alpha)
+            log.info("h_map %s was fitted at alpha %r, which the evaluated alphas leave out: add it to mix.alphas to "
+                     "evaluate the fitted point", name, alpha)
 
 
 @dataclass

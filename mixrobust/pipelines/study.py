@@ -65,7 +65,7 @@ def _training_fingerprint(cfg: DictConfig) -> str:
     """sha256 of what the trained model depends on: the config without the job's and the loaders' settings. The
     code is not in it (a fix to a plot must not retrain every model): `run_training` warns when it changed."""
     unused = {"data": TRAINING_LOADER_KEYS, "trainer": ("enable_progress_bar", "log_every_n_steps")}
-    config = inputs.numbers_config(plain(cfg), ("ckpt_path",), unused)
+    config = inputs.numbers_config(plain(cfg), ("ckpt_path", "optimized_metric"), unused)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -182,13 +182,17 @@ def settings(cfg: DictConfig) -> TrainSettings:
                           f"threat is {threat.norm.value} eps {threat.eps:g}, which validation (the best checkpoint), "
                           "test/robust_acc and the checkpoint's record use: set threat.norm / threat.eps, which the "
                           "objective follows, instead of objective.norm / objective.eps")
+    if objective.robust and str(trainer.precision) in ("bf16-true", "16-true"):
+        log.warning("trainer.precision=%s casts the weights themselves to half precision, so val/robust_acc (the best "
+                    "checkpoint) and test/robust_acc come from a half-precision search; trainer.precision=bf16-mixed "
+                    "trains in bf16 and validates and tests in float32", trainer.precision)
     for key in ("val_attack_steps", "test_attack_steps") if objective.robust else ():  # val/ and test/robust_acc
         inputs.warn_unreachable(getattr(keys, key), threat.step_size, threat.eps, False, key)
     model = _initial_model(cfg, data) if keys.init_from is not None else _model(cfg, data, keys.seed)
     optimizer, scheduler, opt_spec = _optimizer(cfg, model)
     if keys.ckpt_path is not None:
         _check_resume(keys, {"data": data.name, "objective": objective.spec(), "model": dict(model.spec),
-                                      "optimizer": opt_spec, "max_epochs": trainer.max_epochs})
+                             "optimizer": opt_spec, "max_epochs": trainer.max_epochs, "split": data_split(keys, data)})
     trainer_args = {k: v for k, v in check_arguments(cfg.trainer, "trainer", TRAINER_EXTRAS).items()
                     if k not in TRAINER_EXTRAS}
     return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
@@ -202,13 +206,18 @@ class TrainResult:
     output_dir: Path
 
 
+def data_split(keys: TrainKeys, data) -> dict | None:
+    """The validation images the run holds out, for its record; None when it starts from other weights (``init_from``),
+    which may have trained on them (a zoo model trained on the whole training split)."""
+    return None if keys.init_from is not None else {"seed": data.seed, "val_size": data.val_size}
+
+
 def build_module(s: TrainSettings) -> ClassifierModule:
     """The LightningModule of the run: the settings' model, objective, optimizer and schedule."""
     module = ClassifierModule(
         s.model, s.objective, optimizer=s.optimizer, scheduler=s.scheduler, threat=s.threat,
         val_attack_steps=s.keys.val_attack_steps, test_attack_steps=s.keys.test_attack_steps, seed=s.keys.seed,
-        channels_last=s.trainer.channels_last, data_name=s.data.name,
-        data_split={"seed": s.data.seed, "val_size": s.data.val_size})
+        channels_last=s.trainer.channels_last, data_name=s.data.name, data_split=data_split(s.keys, s.data))
     if s.trainer.compile:
         module.model.compile()
     return module

@@ -28,9 +28,9 @@ class ClassifierModule(L.LightningModule):
     - gaussian_noise: `val/noise_acc` / `test/noise_acc`, accuracy on x + N(0, sigma^2 I) with seeded noise.
 
     Adversarial validation needs gradients, so the Trainer must run with ``inference_mode=False``.
-    Validation and test run in float32 whatever the Trainer's precision (autocast off, as for the sweep's
-    judgements): under ``bf16-mixed`` only training is in bf16, and no reported or model-selecting accuracy
-    comes from a bf16 search judged in bf16.
+    Validation and test run with autocast off (as the sweep's judgements do): under a mixed precision
+    (``bf16-mixed``) only training is in bf16, and no reported or model-selecting accuracy comes from a bf16
+    search judged in bf16. A ``*-true`` half precision casts the weights themselves (train.py warns).
     The best checkpoint is chosen on ``val/selection``: the objective's main metric (`objective.monitor`),
     ties broken by the lower clean validation cross-entropy (weight 1e-6, capped at 1e-5: below one example
     of accuracy on any validation set under 100,000 images), so a small validation set that saturates

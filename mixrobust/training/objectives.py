@@ -65,7 +65,12 @@ class _ThreatObjective(Objective):
 
 
 class PGDAT(_ThreatObjective):
-    """Madry et al.: cross-entropy on PGD examples (l_inf or l_2), found in eval mode from a random start."""
+    """Madry et al.: cross-entropy on PGD examples (l_inf or l_2), found in eval mode from a random start.
+
+    Each example trains on the point `PGD` returns: of the points its search visited (the final iterate
+    included), a misclassified one of highest loss if any, else the highest-loss one. That is never weaker
+    than Madry et al.'s final iterate (it fools the model whenever the final iterate does, with at least its
+    loss), and equal to it wherever the loss rises along the search."""
 
     name = "pgd_at"
 

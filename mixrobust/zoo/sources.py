@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from mixrobust.checkpoint import freeze
+from mixrobust.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.models import ImageClassifier, available_models, create_model
 from mixrobust.models.zoo import (
@@ -65,7 +66,6 @@ ROBUSTBENCH_DATA = {
     "cifar100": (100, (3, 32, 32), {"Linf": 8 / 255, "L2": 0.5}),
     "imagenet": (1000, (3, 224, 224), {"Linf": 4 / 255}),
 }
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ZOO_ENV = "MIXROBUST_ZOO_DIR"
 
 
@@ -247,8 +247,8 @@ def _torchvision(source: Source, state: dict, path: Path, data) -> _Native:
         weights = None
     transforms = weights.transforms() if weights is not None else None
     size = int(transforms.crop_size[0]) if transforms is not None else 224
-    mean = list(transforms.mean) if transforms is not None else IMAGENET_MEAN
-    std = list(transforms.std) if transforms is not None else IMAGENET_STD
+    mean = list(transforms.mean if transforms is not None else IMAGENET_MEAN)
+    std = list(transforms.std if transforms is not None else IMAGENET_STD)
     interpolation = transforms.interpolation.value if transforms is not None else "bilinear"
     skeleton = _skeleton(lambda: zoo_network(1000, (3, size, size), source.architecture))
     heads = [n for n, m in (skeleton.backbone.named_modules() if skeleton is not None else []) if isinstance(m, nn.Linear)]
