@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,15 @@ def test_pretrained_imagenet_weights_get_imagenet_normalization(make_cfg, tmp_pa
     assert pretrained.spec["std"] == pytest.approx([(0.229 + 0.224 + 0.225) / 3])
     fresh = train.settings(make_cfg(imagenet)).model
     assert fresh.spec["mean"] == pytest.approx([0.3054], abs=1e-4)  # the data set's own
+
+
+def test_half_precision_weights_of_a_robust_run_are_warned(make_cfg, caplog):
+    with caplog.at_level(logging.WARNING, logger="mixrobust"):
+        train.settings(make_cfg([*FAST, "objective=pgd_at", "trainer.precision=bf16-mixed"]))
+        assert not [r for r in caplog.records if "precision" in r.getMessage()]
+        train.settings(make_cfg([*FAST, "objective=pgd_at", "trainer.precision=bf16-true"]))
+    assert "trainer.precision=bf16-true casts the weights themselves to half precision" in caplog.text
+    assert "trainer.precision=bf16-mixed trains in bf16 and validates and tests in float32" in caplog.text
 
 
 def test_empty_data_folder(make_cfg, tmp_path, monkeypatch):
