@@ -370,6 +370,7 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path, caplog):
 def test_a_map_fitted_on_other_models_is_warned(tmp_path, caplog):
     from types import SimpleNamespace
 
+    from mixrobust.mixing import load_fit
     from mixrobust.pipelines.mix import check_fits
 
     fit = {"h_map": {"kind": "nonlinear", "scale": 2.0, "power": 1.0, "bias": 0.0}, "alpha": 0.9,
@@ -377,7 +378,7 @@ def test_a_map_fitted_on_other_models_is_warned(tmp_path, caplog):
     (tmp_path / "other.json").write_text(json.dumps(fit))
     g, h = (SimpleNamespace(key=f"{k}_ckpt", identity={"sha256": k}) for k in "gh")
     with caplog.at_level(logging.INFO, logger="mixrobust.pipelines.mix"):
-        check_fits(["identity", "other"], tmp_path, g, h, [0.5, 0.9])
+        check_fits({"other": load_fit("other", tmp_path)}, g, h, [0.5, 0.9])
     assert "h_map other" in caplog.text and "was fitted on other base models than g_ckpt and h_ckpt" in caplog.text
     assert "leaves out" not in caplog.text  # 0.9 is evaluated
 
@@ -387,7 +388,7 @@ def test_held_out_check_warns_where_no_setting_fixes_it(caplog):
 
     from mixrobust.pipelines.fit_map import check_held_out
 
-    data = SimpleNamespace(seed=0, val_size=0.1)
+    data = SimpleNamespace(val_split={"seed": 0, "val_size": 0.1})
     model = lambda key, split: SimpleNamespace(key=key, record={"split": split})  # noqa: E731
     ours, other, wider = {"seed": 0, "val_size": 0.1}, {"seed": 1, "val_size": 0.1}, {"seed": 0, "val_size": 0.2}
     with caplog.at_level(logging.WARNING):
@@ -403,7 +404,7 @@ def test_held_out_check_warns_where_no_setting_fixes_it(caplog):
     assert third.startswith("fit.split=train: the fit's images are the models' training images")
     with pytest.raises(ConfigError, match="pass seed=1 data.val_size=0.1"):
         check_held_out("val", data, [model("g_ckpt", other), model("h_ckpt", other)])
-    counts = SimpleNamespace(seed=0, val_size=5000)  # MNIST's default; h trained holding out 2,000 (a subset)
+    counts = SimpleNamespace(val_split={"seed": 0, "val_size": 5000})  # MNIST's default; h held out 2,000 of them
     with pytest.raises(ConfigError, match="pass seed=0 data.val_size=2000"):
         check_held_out("val", counts, [model("g_ckpt", {"seed": 0, "val_size": 5000}),
                                        model("h_ckpt", {"seed": 0, "val_size": 2000})])

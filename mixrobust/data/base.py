@@ -144,6 +144,12 @@ class ImageDataModule(L.LightningDataModule):
         self.check()
 
     # -- dataset-specific ------------------------------------------------------------------
+    @property
+    def val_split(self) -> dict:
+        """Which training images the validation split holds out: ``{"seed", "val_size"}`` (a checkpoint records it;
+        a map fit checks its images against it)."""
+        return {"seed": self.seed, "val_size": self.val_size}
+
     def check(self, allow_download: bool = True) -> None:
         """Raise DataNotFoundError unless the files are present; only tests existence (cheap).
 

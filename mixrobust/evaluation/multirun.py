@@ -49,7 +49,7 @@ from mixrobust.certify.report import read_rows as read_curve_rows
 from mixrobust.errors import ConfigError
 from mixrobust.evaluation.options import option_key
 from mixrobust.evaluation.outcomes import COLUMNS, OPTIONAL_COLUMNS
-from mixrobust.evaluation.plots import plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
+from mixrobust.evaluation.plots import model_pair, plot_accuracy_vs_alpha, plot_accuracy_vs_eps, plot_tradeoff
 from mixrobust.evaluation.report import read_results_csv
 from mixrobust.runtime.files import csv_text, write_json, write_text
 from mixrobust.runtime.jobs import find_job_folders, latest_launch, launch_jobs, read_overrides
@@ -190,21 +190,17 @@ def _eps_label(eps: float) -> str:
     return f"{eps:.6g}"
 
 
-def _pair(row: dict) -> tuple[str | None, str | None]:
-    return row.get("g_model"), row.get("h_model")
-
-
 def write_plots(rows: list[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
     """The report's figures from deduplicated rows (see the module docstring); name -> path. Rows of several
     base-model pairs (jobs that sweep the checkpoints) get one set of figures per pair, ``..._pair2.png`` for
     the second pair in job order, each titled with its models."""
-    pairs = list(dict.fromkeys(_pair(r) for r in rows))
+    pairs = list(dict.fromkeys(model_pair(r) for r in rows))
     if len(pairs) == 1:
         return _threat_plots(rows, Path(out_dir), "")
     paths: dict[str, Path] = {}
     for k, pair in enumerate(pairs, 1):
         log.info("plots *_pair%d.png: g %s, h %s", k, *(m or "(not recorded)" for m in pair))
-        paths.update(_threat_plots([r for r in rows if _pair(r) == pair], Path(out_dir), f"_pair{k}"))
+        paths.update(_threat_plots([r for r in rows if model_pair(r) == pair], Path(out_dir), f"_pair{k}"))
     return paths
 
 

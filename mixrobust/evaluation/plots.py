@@ -86,10 +86,15 @@ def _title(rows: list[dict]) -> str:
     return f"{r['norm']} eps={r['eps']:.4g}" + (f", PGD-{steps}" if steps else "") + f", n={r['n']}"
 
 
+def model_pair(row: dict) -> tuple[str | None, str | None]:
+    """The row's base models, (``g_model``, ``h_model``); None where it does not say."""
+    return row.get("g_model"), row.get("h_model")
+
+
 def models_line(rows: list[dict]) -> str:
     """A title line naming the base models, ``\ng: <g_model>, h: <h_model>``, when the rows hold exactly one pair
     (empty otherwise: rows of an earlier version, or of several pairs)."""
-    pairs = {(r.get("g_model"), r.get("h_model")) for r in rows}
+    pairs = {model_pair(r) for r in rows}
     if len(pairs) != 1:
         return ""
     g, h = pairs.pop()

@@ -185,6 +185,11 @@ def load_fit(value: str, fits_dir: str | os.PathLike | None = None) -> dict:
     return record
 
 
+def names_fit(value) -> bool:
+    """Whether a ``mix.h_map`` entry names a fitted map (by name or file), not ``identity`` / ``nonlinear`` / a dict."""
+    return not isinstance(value, (HMap, dict)) and str(value).lower() not in ("identity", "nonlinear")
+
+
 def parse_h_map(value, params: dict | None = None, fits_dir: str | os.PathLike | None = None) -> HMap:
     """One ``mix.h_map`` entry: an `HMap`, ``identity``, ``nonlinear`` (with `params`: scale, power, bias, top_k),
     or a fitted map by name (in `fits_dir`) or file."""
@@ -193,12 +198,12 @@ def parse_h_map(value, params: dict | None = None, fits_dir: str | os.PathLike |
     if isinstance(value, dict):
         return HMap.from_dict({"kind": "nonlinear", **value})
     text = str(value)
+    if names_fit(value):
+        return load_fit(text, fits_dir)["h_map"]
     if text.lower() == "identity":
         return HMap()
-    if text.lower() == "nonlinear":
-        params = dict(params or {})
-        unknown = set(params) - {"scale", "power", "bias", "top_k"}
-        if unknown:
-            raise ConfigError(f"unknown mix.h_map_params keys {sorted(unknown)}; valid: scale, power, bias, top_k")
-        return HMap("nonlinear", **params)
-    return load_fit(text, fits_dir)["h_map"]
+    params = dict(params or {})  # nonlinear
+    unknown = set(params) - {"scale", "power", "bias", "top_k"}
+    if unknown:
+        raise ConfigError(f"unknown mix.h_map_params keys {sorted(unknown)}; valid: scale, power, bias, top_k")
+    return HMap("nonlinear", **params)

@@ -110,7 +110,7 @@ def check_held_out(split: str, data, models) -> None:
         log.warning("fit.split=train: the fit's images are the models' training images, where their margins are wider "
                     "than on unseen images, so the fitted alpha may come out too small; fit.split=val holds them out")
         return
-    here = {"seed": data.seed, "val_size": data.val_size}
+    here = data.val_split
     trained = {f.key: f.record.get("split") for f in models}
     verdicts = {key: None if s is None else _held_out(here, s) for key, s in trained.items()}
     outside = {key: trained[key] for key, held in verdicts.items() if held is False}
@@ -121,12 +121,12 @@ def check_held_out(split: str, data, models) -> None:
         if len({(s["seed"], isinstance(s["val_size"], numbers.Integral)) for s in recorded}) == 1:
             fix = min(recorded, key=lambda s: s["val_size"])
             if fix["val_size"] > 0:
-                raise ConfigError(f"the fit's validation images (seed={data.seed}, data.val_size={data.val_size}) are "
-                                  f"in part training images ({seen}); pass seed={fix['seed']} "
+                raise ConfigError(f"the fit's validation images (seed={here['seed']}, data.val_size="
+                                  f"{here['val_size']}) are in part training images ({seen}); pass seed={fix['seed']} "
                                   f"data.val_size={fix['val_size']}, which holds them out of every model")
         log.warning("the fit's validation images (seed=%s, data.val_size=%s) are in part training images of %s; no "
                     "setting holds them out of every model, so the fitted alpha may come out too small",
-                    data.seed, data.val_size, seen)
+                    here["seed"], here["val_size"], seen)
     unknown = [key for key, s in trained.items() if s is None]
     if unknown:
         log.warning("%s: the record does not say which training images were held out (a zoo model, trained on the "
@@ -136,7 +136,7 @@ def check_held_out(split: str, data, models) -> None:
     for key in (k for k, held in verdicts.items() if held is None and trained[k] is not None):
         log.warning("data.val_size=%s here and %s in %s's training: a count and a fraction cannot be compared "
                     "without the split's size, so the fit's images may be its training images; pass data.val_size=%s",
-                    data.val_size, trained[key]["val_size"], key, trained[key]["val_size"])
+                    here["val_size"], trained[key]["val_size"], key, trained[key]["val_size"])
 
 
 def _held_out(fit: dict, trained: dict) -> bool | None:

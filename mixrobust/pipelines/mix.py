@@ -36,6 +36,7 @@ from mixrobust.evaluation.matched import format_matched
 from mixrobust.evaluation.report import FILES
 from mixrobust.evaluation.sweep import merge_results
 from mixrobust.mixing import MixSpace, ROption, alphas_from_gammas, load_fit, parse_h_map
+from mixrobust.mixing.maps import names_fit
 from mixrobust.evaluation.options import option_key, option_text
 from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, parse, plain
@@ -188,10 +189,12 @@ def settings(cfg: DictConfig) -> MixSettings:
                               f"{g.num_classes - 1} other classes to target; set adaptive.targets<={g.num_classes - 1}")
     alphas = mix.alphas if mix.alphas is not None else tuple(alphas_from_gammas(list(mix.gammas)))
     fits_dir = parse(FitsKeys, cfg, strict=False).fits_dir
-    maps = tuple(dict.fromkeys(parse_h_map(m, dataclasses.asdict(mix.h_map_params), fits_dir) for m in mix.h_map))
+    fits = {m: load_fit(m, fits_dir) for m in mix.h_map if names_fit(m)}  # each fit file read once
+    params = dataclasses.asdict(mix.h_map_params)
+    maps = tuple(dict.fromkeys(parse_h_map(fits[m]["h_map"] if names_fit(m) else m, params) for m in mix.h_map))
     for m in maps:
         m.check_classes(g.num_classes)
-    check_fits(mix.h_map, fits_dir, g, h, alphas)
+    check_fits(fits, g, h, alphas)
     options = mix_options(mix.r_options, mix.mix_spaces, maps)
     return MixSettings(
         g=g, h=h, data=data, examples=examples, threat=threat, attack=pgd, autoattack=autoattack, adaptive=adaptive,
@@ -201,13 +204,10 @@ def settings(cfg: DictConfig) -> MixSettings:
         config=plain(cfg))
 
 
-def check_fits(h_maps, fits_dir, g, h, alphas) -> None:
-    """For each fitted map that ``mix.h_map`` names: a warning if it was fitted on other base models (its alpha and
-    estimates are theirs), and a note if its fitted alpha is not among the evaluated ones."""
-    for name in h_maps:
-        if not isinstance(name, str) or name.lower() in ("identity", "nonlinear"):
-            continue
-        fit = load_fit(name, fits_dir)
+def check_fits(fits: dict[str, dict], g, h, alphas) -> None:
+    """For each fitted map that ``mix.h_map`` names (`fits`: name -> `load_fit` record): a warning if it was fitted
+    on other base models (its alpha and estimates are theirs), and a note if its fitted alpha is not evaluated."""
+    for name, fit in fits.items():
         fitted_on = fit.get("models")
         if fitted_on and fitted_on != {"g": g.identity, "h": h.identity}:
             log.warning("h_map %s (%s) was fitted on other base models than %s and %s: its map is evaluated as it is, "

@@ -209,7 +209,7 @@ class TrainResult:
 def data_split(keys: TrainKeys, data) -> dict | None:
     """The validation images the run holds out, for its record; None when it starts from other weights (``init_from``),
     which may have trained on them (a zoo model trained on the whole training split)."""
-    return None if keys.init_from is not None else {"seed": data.seed, "val_size": data.val_size}
+    return None if keys.init_from is not None else data.val_split
 
 
 def build_module(s: TrainSettings) -> ClassifierModule:
