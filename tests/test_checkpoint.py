@@ -192,6 +192,27 @@ def test_malicious_pickle_never_runs(nested, tmp_path):
     assert not marker.exists()
 
 
+def test_downloaded_torchvision_weights_never_unpickle_code(tmp_path, monkeypatch):
+    """`model.pretrained=true` and `zoo.download=true` read torch.hub's cache: a file planted there is refused."""
+    import torchvision.models
+
+    from mixrobust.models.imagenet import TORCHVISION_MODELS, _read_state_dict
+    from mixrobust.zoo.sources import Source, download
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    marker = tmp_path / "pwned"
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": Evil(marker)}, cached)
+    with pytest.raises(Exception, match="could not download torchvision's"):
+        _read_state_dict(True, TORCHVISION_MODELS["resnet18_imagenet"])
+    with pytest.raises(Exception, match="the download failed"):
+        download(Source("torchvision", "resnet18", None), tmp_path / "zoo" / "resnet18.safetensors")
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------- invalid records
 
 

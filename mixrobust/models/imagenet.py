@@ -90,7 +90,7 @@ def _read_state_dict(pretrained: bool | str | Path, arch: TorchvisionArch) -> Ma
 
         weights = torchvision.models.get_model_weights(arch.tv_name).DEFAULT
         try:
-            return weights.get_state_dict(progress=False, check_hash=True)
+            return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)  # no pickled code
         except Exception as err:  # URLError, OSError, hash mismatch, ... all mean "no weights here"
             raise ConfigError(
                 f"could not download torchvision's {weights} for {arch.tv_name} ({type(err).__name__}: {err}); "

@@ -433,7 +433,8 @@ def download(source: Source, path: Path) -> Path:
         elif source.kind == "torchvision":
             import torchvision.models
 
-            state = torchvision.models.get_model_weights(source.name).DEFAULT.get_state_dict(progress=False)
+            weights = torchvision.models.get_model_weights(source.name).DEFAULT
+            state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)  # no pickled code
         else:
             raise ConfigError(f"{source}: arch: weights are your own files; there is nothing to download")
     except ConfigError:
