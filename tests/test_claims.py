@@ -25,9 +25,11 @@ def row(model: str, attack: str, accuracy: float | None, alpha: float = NAN, opt
 
 
 def fig2(clean: dict, mix: dict | None = None, worst: dict | None = None, g: float = 0.95, h: float = 0.83,
-         rob: float = 0.45) -> list[dict]:
-    """Figure 2 rows: g and h (clean, own PGD), then the mixture's clean / mix / worst accuracy per alpha."""
+         rob: float = 0.45, h_worst: float | None = None) -> list[dict]:
+    """Figure 2 rows: g and h (clean, own PGD, worst case if given), then the mixture's clean / mix / worst accuracy
+    per alpha."""
     rows = [row("g", "clean", g), row("g", "std", 0.0), row("h", "clean", h), row("h", "rob", rob)]
+    rows += [row("h", "worst", h_worst)] if h_worst is not None else []
     for attack, curve in (("clean", clean), ("mix", mix or {}), ("worst", worst or {})):
         rows += [row("mix", attack, acc, alpha) for alpha, acc in curve.items()]
     return rows
@@ -112,6 +114,23 @@ def test_mix_jump_without_jump_does_not_hold():
 def test_mix_jump_falling_back_does_not_hold():
     claim = by_key(check_claims(fig2(CLEAN, {**MIX, 0.75: 0.20}, WORST)))["mix_jump"]  # 20% < 33.75%
     assert claim.verdict == "does not hold" and "falls to 20.0%" in claim.reason
+
+
+def test_mix_jump_from_well_above_zero_does_not_hold():
+    # jump 0.25 >= 0.225 and the rest holds, but 15% at alpha 0.4 is not near 0 (> 0.25 * 45%)
+    claim = by_key(check_claims(fig2(CLEAN, {**MIX, 0.4: 0.15, 0.6: 0.40}, WORST)))["mix_jump"]
+    assert claim.verdict == "does not hold" and "MIX at alpha=0.4 is 15.0%, not near 0" in claim.reason
+
+
+def test_mix_jump_judges_the_worst_cases_too():
+    # under the paper's PGD it holds (38% >= 0.75 * 45%); the mixture's worst case keeps 30% of h's worst 44%:
+    # 30% < 0.75 * 44% = 33%
+    rows = fig2(CLEAN, MIX, {**WORST, 0.6: 0.30}, h_worst=0.44)
+    claim = by_key(check_claims(rows))["mix_jump"]
+    assert claim.verdict == "does not hold" and "under the paper's PGD only" in claim.reason
+    assert "worst case: min over alpha>=0.6 30.0%, h 44.0%" in claim.numbers
+    holds = by_key(check_claims(fig2(CLEAN, MIX, WORST, h_worst=0.44)))["mix_jump"]  # 36% >= 33%
+    assert holds.verdict == "holds" and "the worst cases too" in holds.reason
 
 
 def test_mix_jump_without_robust_h_is_inconclusive():
@@ -287,15 +306,29 @@ def test_certified_small_radii_on_few_images_is_a_tie():
 
 
 def test_certified_small_radii_falls_back_to_the_smallest_radius():
-    # sigma 0.12: no report radius <= 0.06, so the smallest positive one (0.125) is compared
-    [claim] = certified({"plugin": summary(MIX_CERT, BASE_CERT, sigma=0.12)})
+    # sigma 0.12: no report radius <= 0.06, so the smallest positive one (0.125, below 0.12 Phi^-1(0.9) = 0.154)
+    [claim] = certified({"plugin": summary(MIX_CERT, BASE_CERT, sigma=0.12, alpha=0.9)})
     assert claim.verdict == "holds" and claim.numbers.endswith("r=0.125: 70.0% vs 65.0%")
+    assert "plug-in radii (no confidence bound) against the baseline's sound CERTIFY radii" in claim.reason
+
+
+def test_certified_small_radii_only_below_theorem_5s_largest_radius():
+    # alpha 0.6: Theorem 5 certifies nothing beyond 0.5 Phi^-1(0.6) = 0.127, so r = 0.25 (0% by construction) is
+    # not a small radius there; at r = 0.125 the mixture beats the baseline
+    [claim] = certified({"sound": summary({**MIX_CERT, 0.25: 0.0}, BASE_CERT, alpha=0.6)})
+    assert claim.verdict == "holds" and claim.numbers.endswith("r=0.125: 70.0% vs 65.0%")
+    assert "< sigma * Phi^-1(alpha) = 0.127" in claim.reason and "plug-in" not in claim.reason
+    # alpha 0.55: 0.5 Phi^-1(0.55) = 0.063, below every positive report radius
+    [claim] = certified({"sound": summary(MIX_CERT, BASE_CERT, alpha=0.55)})
+    assert claim.verdict == "inconclusive" and "no positive report radius below sigma * Phi^-1(alpha) = 0.0628" in \
+        claim.reason
 
 
 @pytest.mark.parametrize("kwargs, why", [
     (dict(base=None), "no RS baseline"),
     (dict(base=BASE_CERT, alpha=None, reason="no alpha reaches the target 0.9"), "no alpha reaches the target 0.9"),
     (dict(base=BASE_CERT, clean=0.85), "not matched"),
+    (dict(base=BASE_CERT, alpha=1.0), "the selected alpha is 1: the mixture is h alone"),
 ])
 def test_certified_small_radii_inconclusive(kwargs, why):
     [claim] = certified({"sound": summary(MIX_CERT, **kwargs)})

@@ -48,7 +48,7 @@ def stage_times(folder) -> dict:
     return json.loads((folder / "stages.json").read_text())
 
 
-def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, one_thread):
+def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, one_thread, monkeypatch):
     cfg = study_config(tmp_path, study=TINY_DIGITS)
     first = pipelines.run(cfg)
     folder = tmp_path / "study"
@@ -94,6 +94,19 @@ def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, o
     (folder / "fig2" / "run.json").unlink()
     third = pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
     assert [n for n, s in third.stages.items() if s["status"] == "ran"] == ["fig2"]
+
+    # a stage stopped part way (Ctrl-C): the report it leaves reads nothing of that stage or the later ones,
+    # whose files (older models, older settings) are still on disk to resume from
+    (folder / "fig2" / "run.json").unlink()
+    monkeypatch.setattr(pipelines.module("mix"), "run", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        pipelines.run(study_config(tmp_path, study=TINY_DIGITS))
+    assert (folder / "fig2" / "results.csv").is_file() and (folder / "fig1" / "results.csv").is_file()
+    stopped = {c["key"]: c for c in json.loads((folder / "claims.json").read_text())}
+    for key, stage in (("clean_moves", "Figure 2 sweep"), ("mix_jump", "Figure 2 sweep"),
+                       ("r_one_prob_best", "Figure 1 sweep"), ("attack_strength", "AutoAttack stage")):
+        assert stopped[key]["verdict"] == "inconclusive" and f"the {stage} did not run" in stopped[key]["reason"]
+    assert "The fig2 stage has not finished." in (folder / "report.md").read_text()
 
 
 def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_thread, monkeypatch):
@@ -257,3 +270,18 @@ def test_paper_numbers_only_beside_the_papers_setting(tmp_path):
     with pytest.raises(ConfigError, match=r"study\.paper_setting=true .*train/g is not on CIFAR-10.*"
                                           r"train/g trains small_cnn, not a ResNet-18.*study\.paper_setting=false"):
         pipelines.run(cfg)
+
+
+def test_paper_numbers_not_beside_cifar100(tmp_path, monkeypatch):
+    """CIFAR-100 is not the paper's data set, although its module's name contains CIFAR10."""
+    from mixrobust.pipelines import study
+
+    monkeypatch.setenv("MIXROBUST_DATA_ROOT", str(real_data_root()))
+    cfg = study_config(tmp_path, "study_cifar10", overrides=["device=cpu"])
+    with open_dict(cfg):
+        cfg.study.train.common = [o.replace("data=cifar10", "data=cifar100") for o in cfg.study.train.common
+                                  if not o.startswith("trainer")]
+        cfg.study.evaluate = [o.replace("data=cifar10", "data=cifar100") for o in cfg.study.evaluate]
+    with pytest.raises(ConfigError, match=r"study\.paper_setting=true .*train/g is not on CIFAR-10.*fig2 is not on "
+                                          r"CIFAR-10"):
+        study.settings(cfg)

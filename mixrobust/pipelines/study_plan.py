@@ -129,7 +129,7 @@ class Plan:
         differs = []
         for stage in self.stages:
             cfg = stage.cfg
-            if "cifar10" not in str(OmegaConf.select(cfg, "data._target_", default="")).lower().replace("_", ""):
+            if str(OmegaConf.select(cfg, "data._target_", default="")).rsplit(".", 1)[-1] != "CIFAR10DataModule":
                 differs.append(f"{stage.name} is not on CIFAR-10")
             if stage.task == "train" and stage.name in ("train/g", "train/h") and cfg.model.get("arch") != "resnet18":
                 differs.append(f"{stage.name} trains {cfg.model.get('arch')}, not a ResNet-18")

@@ -183,9 +183,14 @@ def _figure(plan: Plan, stage: str, name: str, caption: str) -> str:
     return f"![{caption}]({stage}/{name})" if path.is_file() else f"({caption}: no figure; the stage wrote none)"
 
 
-def gather(plan: Plan) -> dict:
-    """Every stage's results files that exist (None for a stage that has not run)."""
-    root, names = plan.root, {s.name for s in plan.stages}  # a folder of a stage left out of this study is stale
+def gather(plan: Plan, status: dict[str, dict]) -> dict:
+    """The results files of every stage this run ran or found finished (None for any other stage).
+
+    A stage left out of this study, or not reached because an earlier one failed or was stopped, may hold files
+    from older models or settings: none of them is read, although they stay on disk to resume from.
+    """
+    root = plan.root
+    names = {s.name for s in plan.stages if status.get(s.name, {}).get("status") in ("ran", "skipped")}
 
     def stage(name: str, read, file: str):
         return read(root / name / file) if name in names else None
@@ -285,7 +290,7 @@ def _to_wandb(plan: Plan, claims: list[Claim], page: str) -> None:
 
 def write_report(plan: Plan, status: dict[str, dict]) -> tuple[list[Claim], dict[str, Path]]:
     """Check the claims, write claims.json, report.md and report.html into the study folder (atomically)."""
-    data = gather(plan)
+    data = gather(plan, status)
     keys = plan.keys
     claims = check_claims(data["fig2"], data["fig1"], data["margins"], data["fig3"], data["autoattack"],
                           paper_setting=keys.paper_setting, tolerance=keys.tolerance, paper_alpha=keys.paper_alpha)
