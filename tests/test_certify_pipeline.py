@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,3 +397,28 @@ def test_plain_override_and_paper_preset(ckpts, tmp_path):
     assert paper.task == "certify" and paper.certify.mode == "plugin" and paper.certify.n == 10000 and paper.n == 500
     with pytest.raises(ConfigError, match="certify.baseline_ckpt"):
         certify.run(paper)
+
+
+def test_paper_fig3_pairs_each_rs_model_with_a_smaller_sigma_baseline():
+    """The mixture can match the clean accuracy only of a baseline more accurate than h (a smaller sigma): each of
+    the sweep's pairs, read from the checkpoint paths train_cifar10_rs writes, and every sigma they read is trained."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF_DIR
+
+    def sigma(path: str) -> float:
+        return float(path.split("/sigma", 1)[1].split("/", 1)[0])
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        sweep = compose("evaluate", ["experiment=paper_fig3", "g_ckpt=g.ckpt"], return_hydra_config=True)
+        pairs = sweep.hydra.sweeper.params.rs_pair.split(",")
+        jobs = [compose("evaluate", ["experiment=paper_fig3", "g_ckpt=g.ckpt", f"rs_pair={p}"]) for p in pairs]
+        trained = compose("train", ["experiment=train_cifar10_rs"], return_hydra_config=True)
+    got = [(sigma(job.h_ckpt), sigma(job.certify.baseline_ckpt)) for job in jobs]
+    assert got == [(0.25, 0.12), (0.5, 0.25), (1.0, 0.5)]
+    assert all(job.task == "certify" and job.certify.require_baseline for job in jobs)
+    assert {s for pair in got for s in pair} == {float(s) for s in trained.hydra.sweeper.params["objective.sigma"]
+                                                 .split(",")}
+    assert {p.stem for p in (Path(CONF_DIR) / "rs_pair").glob("*.yaml")} == set(pairs)
