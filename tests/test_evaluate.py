@@ -27,7 +27,7 @@ from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.evaluation import aggregate, load_outcomes, predict_correct, read_results_csv, rows_to_csv
 from mixrobust.evaluation.report import FILES
 from mixrobust.models import create_model
-from mixrobust.pipelines import mix, train
+from mixrobust.pipelines import inputs, mix, train
 from tests.conftest import compose_config
 
 TRAIN_FAST = ["trainer.enable_progress_bar=false", "logger=none"]
@@ -182,6 +182,12 @@ def test_finished_job_is_skipped_and_a_damaged_file_recomputed(evaluated, ckpts,
     assert "results.csv does not match the checksum recorded in run.json" in caplog.text
     assert not redone.skipped and redone.rows == result.rows
     assert (copy / "results.csv").read_text() == csv_text
+    # the same config on other images (the data folder's files replaced): recomputed, not skipped
+    select = inputs.Examples.select
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(inputs.Examples, "select", lambda self, data: (lambda x, y, i: (x.flip(-1), y, i))(*select(self, data)))
+        changed = mix.run(eval_cfg(ckpts, copy, ALPHAS, *THREAT))
+    assert not changed.skipped and "holds a run of a different configuration" in caplog.text
 
 
 # ---------------------------------------------------------------- bad input, before any attack

@@ -44,7 +44,7 @@ from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse, plain, require
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger, log_to_files
 from mixrobust.runtime.placement import placed_device
-from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
+from mixrobust.runtime.resume import clear_marker, finished, fingerprint, with_examples, write_marker
 from mixrobust.runtime.sharding import check_processes, map_shards
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,8 @@ def _log_probs(model, x: torch.Tensor, batch_size: int, key: str) -> np.ndarray:
 def run(cfg: DictConfig) -> CertifyResult:
     """Check, load, sample h once, certify every alpha (and the baseline), write the files."""
     s = settings(cfg)
-    out, fp = s.job.output_dir, s.fingerprint
+    x, y, index = s.examples.select(s.data)
+    out, fp = s.job.output_dir, with_examples(s.fingerprint, x, y, index)
     files = ["certify.csv", "certified_accuracy.csv"] + (["certified_accuracy.png"] if s.job.plots else []) + (
         ["baseline_certify.csv"] if s.baseline else [])
     if s.job.resume and (done := finished(out, MARKER, fp, files)):
@@ -261,7 +262,6 @@ def run(cfg: DictConfig) -> CertifyResult:
         g = s.g.load(device)
         where = device if s.processes == 1 else torch.device("cpu")  # several processes: each moves its copy
         smoothed = [(f, f.load(where)) for f in (s.h, s.baseline) if f is not None]
-        x, y, index = s.examples.select(s.data)
         check_processes(s.processes, device, len(y))
         log.info("certifying %s (%s split, %d examples) on %s: sigma=%g, %s mode, n0=%d, n=%d, failure_prob=%g",
                  s.data.name, s.examples.split, len(y), device, s.sigma, s.c.mode, s.c.n0, s.c.n, s.c.failure_prob)

@@ -43,7 +43,7 @@ from mixrobust.pipelines.fields import bounded, build, parse, plain
 from mixrobust.runtime.cache import DiskCache
 from mixrobust.runtime.loggers import is_wandb_logger, job_logger
 from mixrobust.runtime.placement import placed_device
-from mixrobust.runtime.resume import clear_marker, finished, fingerprint, write_marker
+from mixrobust.runtime.resume import clear_marker, finished, fingerprint, with_examples, write_marker
 from mixrobust.runtime.sharding import check_processes, map_shards
 from mixrobust.threat import Threat
 
@@ -255,7 +255,8 @@ def _sweep(s: MixSettings, device, cache: DiskCache | None):
 def run(cfg: DictConfig) -> MixResult:
     """Check, load, sweep, write the results files; a finished job of the same fingerprint is skipped."""
     s = settings(cfg)
-    out, fp, files = s.job.output_dir, s.fingerprint, _files(s)
+    x, y, index = s.examples.select(s.data)
+    out, fp, files = s.job.output_dir, with_examples(s.fingerprint, x, y, index), _files(s)
     if s.job.resume and finished(out, MARKER, fp, files):
         return inputs.logged(MixResult(read_results_csv(out / "results.csv"), {f: str(out / f) for f in files}, out,
                                        0.0, True), log)
@@ -263,7 +264,6 @@ def run(cfg: DictConfig) -> MixResult:
     cache = DiskCache(s.cache_dir) if s.cache_dir is not None else None
     with placed_device(s.device, s.processes) as device, job_logger(s.logger, out, "mix") as logger:
         sweep = _sweep(s, device, cache)
-        x, y, index = s.examples.select(s.data)
         check_processes(s.processes, device, len(y))
         log.info("evaluating %s (%s split, %d examples) on %s%s: %s", s.data.name, s.examples.split, len(y), device,
                  f" x {s.processes} processes" if s.processes > 1 else "", s.attack)

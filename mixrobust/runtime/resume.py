@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mixrobust.runtime.cache import code_digest, file_digest
+from mixrobust.runtime.cache import code_digest, file_digest, tensor_digest
 from mixrobust.runtime.files import sha256_file, write_json
 from mixrobust.runtime.hydra_job import current_job
 
@@ -32,6 +32,13 @@ def fingerprint(config: Mapping, inputs: Sequence[str | os.PathLike] = (), **ext
     blob = json.dumps({"config": config, "inputs": [file_digest(p) for p in inputs], "code": code_digest(),
                        **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def with_examples(fp: str, *tensors) -> str:
+    """`fp` extended by the digest of the examples the job evaluates (images, labels, their positions): a folder
+    whose data files changed since (another layout of the same data set, images added or removed) is recomputed,
+    whatever its config."""
+    return hashlib.sha256(f"{fp}|{tensor_digest(*tensors)}".encode()).hexdigest()
 
 
 def read_marker(folder: str | os.PathLike, marker: str) -> dict | None:
