@@ -531,3 +531,32 @@ def test_placed_trainer_outside_a_sweep_keeps_the_settings(monkeypatch):
     _fake_cuda(monkeypatch)
     with placement.placed_trainer({"accelerator": "gpu", "devices": 1}) as args:
         assert args == {"accelerator": "gpu", "devices": 1}
+
+
+# --- one run per folder ---------------------------------------------------------------------------
+
+
+def test_a_second_run_into_a_busy_folder_stops_before_any_work(tmp_path, monkeypatch):
+    """Two runs started into one folder (the same second, a job array) would mix their files: the second is refused
+    naming the first and the fix; the first's later ranks share its folder; the folder is free once it ends."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from mixrobust import pipelines
+    from tests.conftest import compose_config
+
+    for key in pipelines.RANK_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    cfg = compose_config("train", ["logger=none"], tmp_path)
+    with pipelines.own_folder(cfg):
+        monkeypatch.setattr(pipelines.module("train"), "settings", lambda cfg: pytest.fail("work started"))
+        with pytest.raises(ConfigError, match=rf"another run \(pid {os.getpid()} on .+\) is writing into {tmp_path}: "
+                                              r".*hydra\.run\.dir=<folder> \(with -m: hydra\.sweep\.dir=<folder>\)"):
+            pipelines.run(cfg)
+        monkeypatch.setenv("LOCAL_RANK", "1")  # DDP's second process: the same run
+        with pipelines.own_folder(cfg):
+            pass
+        monkeypatch.delenv("LOCAL_RANK")
+    with pipelines.own_folder(OmegaConf.create({"output_dir": str(tmp_path)})):
+        pass

@@ -55,6 +55,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
     return path
 
 
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An fd holding an exclusive, non-blocking ``flock`` on `path` (created if absent); None if another process
+    holds it. Close the fd to release it (the lock also ends with the process)."""
+    import errno
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=float))
 

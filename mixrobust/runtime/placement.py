@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import fcntl
 import logging
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from mixrobust.errors import ConfigError
+from mixrobust.runtime.files import try_lock
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.threads import usable_cores
 
@@ -146,22 +146,6 @@ def plan_placement(
     return Placement(resolved, threads)
 
 
-def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on `path`; None if another holder has it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return None
-        raise
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 @contextlib.contextmanager
 def lease_gpu(count: int, lock_dir: str | os.PathLike[str], job_num: int) -> Iterator[int]:
     """Hold a GPU index exclusively among the jobs that share `lock_dir`, for the ``with`` block.
@@ -180,7 +164,7 @@ def lease_gpu(count: int, lock_dir: str | os.PathLike[str], job_num: int) -> Ite
         lock_dir.mkdir(parents=True, exist_ok=True)
         for offset in range(count):
             k = (start + offset) % count
-            fd = _try_lock(lock_dir / f"gpu{k}.lock")
+            fd = try_lock(lock_dir / f"gpu{k}.lock")
             if fd is not None:
                 gpu = k
                 break
