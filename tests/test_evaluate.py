@@ -358,6 +358,16 @@ def test_fit_map_then_evaluate_it_by_name(ckpts, tmp_path, caplog):
     assert record["split"] == "val" and record["n"] == 100 and record["robust"] >= 0.985 * record["h_robust"] - 1e-12
     with open(tmp_path / "fit" / "fit_grid.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 8  # 2 x 2 x 2
+    # the name is taken: the same fit again may replace it; another fit (settings, models) under it may not
+    def fit_settings(*more):
+        return fit_map.settings(eval_cfg(ckpts, tmp_path / "next", "task=fit_map", f"fits_dir={fits}", "fit.name=tiny",
+                                         *FIT_GRID, *THREAT, *more))
+
+    fit_settings()
+    with pytest.raises(ConfigError, match=r"tiny\.json holds another fit named 'tiny' \(it differs from this run's in: "
+                                          r"fit\): .*fit\.name=<name>, or .* fit\.overwrite=true"):
+        fit_settings("fit.target=0.9")
+    fit_settings("fit.target=0.9", "fit.overwrite=true")
 
     with caplog.at_level(logging.INFO, logger="mixrobust.pipelines.mix"):
         result = mix.run(eval_cfg(ckpts, tmp_path / "mix", ALPHAS, *THREAT, f"fits_dir={fits}",

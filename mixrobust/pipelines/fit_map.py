@@ -14,6 +14,7 @@ evaluates the fitted map beside linear mixing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import numbers
 import time
@@ -35,7 +36,7 @@ from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, parse
 from mixrobust.pipelines.mix import FitsKeys
 from mixrobust.runtime import progress
-from mixrobust.runtime.files import csv_text, write_json, write_text
+from mixrobust.runtime.files import csv_text, read_json, write_json, write_text
 from mixrobust.runtime.placement import placed_device
 from mixrobust.threat import Threat
 
@@ -57,6 +58,7 @@ class FitKeys:
     powers: tuple[float, ...] = bounded(POWERS, gt=0, min_len=1)
     biases: tuple[float, ...] = bounded(BIASES, min_len=1)
     top_k: int | None = bounded(None, ge=2)
+    overwrite: bool = False  # replace <fits_dir>/<name>.json even when it holds another fit (`check_name_free`)
 
     def __post_init__(self):
         if self.name is not None and (not self.name or "/" in self.name or self.name.endswith(".json")):
@@ -88,9 +90,43 @@ def settings(cfg: DictConfig) -> FitSettings:
     if fit.top_k is not None and fit.top_k > g.num_classes:
         raise ConfigError(f"fit.top_k={fit.top_k} exceeds the models' {g.num_classes} classes")
     check_held_out(fit.split, data, (g, h))
-    return FitSettings(g=g, h=h, data=data, threat=threat, fit=fit, name=fit.name or data.name, seed=seed,
-                       batch_size=job.batch_size, plots=job.plots, output_dir=job.output_dir,
-                       fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg))
+    s = FitSettings(g=g, h=h, data=data, threat=threat, fit=fit, name=fit.name or data.name, seed=seed,
+                    batch_size=job.batch_size, plots=job.plots, output_dir=job.output_dir,
+                    fits_dir=parse(FitsKeys, cfg, strict=False).fits_dir, device=inputs.device(cfg))
+    check_name_free(s)
+    return s
+
+
+def _identity(s: FitSettings) -> dict:
+    """What makes two fits the same fit: the entries of the fit record (`_fit`) that this run's settings fix."""
+    fit = {k: v for k, v in dataclasses.asdict(s.fit).items() if k not in ("name", "overwrite")}
+    mine = {"models": {"g": s.g.identity, "h": s.h.identity}, "fit": fit, "data": s.data.name, "split": s.fit.split,
+            "seed": s.seed, "val_size": s.data.val_size, "threat": s.threat.as_dict()}
+    return json.loads(json.dumps(mine, default=str))  # as the record file holds it
+
+
+def _differs(saved, mine) -> bool:
+    """Whether `saved` and `mine` differ where both say something (an older record lacks some keys)."""
+    if isinstance(saved, dict) and isinstance(mine, dict):
+        return any(_differs(saved[k], v) for k, v in mine.items() if k in saved)
+    return saved != mine
+
+
+def check_name_free(s: FitSettings) -> None:
+    """Refuse to replace ``<fits_dir>/<name>.json`` when it holds a fit of other models or settings (a sweep over
+    fit settings under one name, or another pair's fit under the data set's name): ``mix.h_map=<name>`` would
+    evaluate the last one written, not the one asked for. The same fit again, or ``fit.overwrite=true``, replaces it."""
+    if s.fits_dir is None or s.fit.overwrite:
+        return
+    path = s.fits_dir / f"{s.name}.json"
+    saved = read_json(path)
+    if not isinstance(saved, dict):
+        return
+    differ = [k for k, v in _identity(s).items() if k in saved and _differs(saved[k], v)]
+    if differ:
+        raise ConfigError(f"{path} holds another fit named {s.name!r} (it differs from this run's in: "
+                          f"{', '.join(differ)}): give this one its own name with fit.name=<name>, or replace that one "
+                          "with fit.overwrite=true")
 
 
 def check_held_out(split: str, data, models) -> None:
@@ -203,7 +239,7 @@ def _fit(s: FitSettings, device: torch.device) -> FitResult:
         x_adv = attack_in_batches(attack, h, x, y, s.batch_size, on_batch=shown.advance)
     h_adv = model_outputs(h, x_adv, s.batch_size, device, "h (attacked)")
     t1 = time.perf_counter()
-    keys = dataclasses.asdict(s.fit)
+    keys = {k: v for k, v in dataclasses.asdict(s.fit).items() if k != "overwrite"}
     fit = fit_nonlinear_map(g_clean, h_clean, h_adv, y, scales=s.fit.scales, powers=s.fit.powers,
                             biases=s.fit.biases, top_k=s.fit.top_k, target=s.fit.target)
     fit.h_map = dataclasses.replace(fit.h_map, name=s.name)
