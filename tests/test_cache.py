@@ -465,3 +465,15 @@ def test_concurrent_writers_and_reader(tmp_path, caplog):
     assert final is not None and final["tag"][2].item() == ROUNDS - 1  # the last writer's last write
     assert os.listdir(tmp_path) == [path.name]  # no .tmp files left behind
     print(f"{reads} complete reads during {N_WRITERS * ROUNDS} writes")
+
+
+def test_code_digest_follows_the_model_libraries_versions(monkeypatch):
+    """An upgraded torch or timm may compute other outputs from the same weights: cached tensors and finished runs of
+    the old version are misses."""
+    monkeypatch.setattr(cache_mod, "_code_digest", None)
+    here = cache_mod.code_digest()
+    installed = cache_mod.library_versions()
+    assert installed["torch"] and torch.__version__.startswith(installed["torch"])
+    monkeypatch.setattr(cache_mod, "_code_digest", None)
+    monkeypatch.setattr(cache_mod, "library_versions", lambda: {**installed, "timm": "0.0.1"})
+    assert cache_mod.code_digest() != here

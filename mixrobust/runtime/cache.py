@@ -68,17 +68,36 @@ _file_digests_lock = threading.Lock()
 NOT_IN_CODE_DIGEST = ("study/", "pipelines/study.py", "pipelines/study_plan.py")
 
 
+#: The libraries whose code computes a model's outputs (torch's kernels; the zoo's networks): their versions join
+#: `code_digest`.
+MODEL_LIBRARIES = ("torch", "torchvision", "timm", "robustbench")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each of `MODEL_LIBRARIES` (None: not installed)."""
+    import importlib.metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in MODEL_LIBRARIES}
+
+
 def code_digest() -> str:
-    """sha256 of the mixrobust package's Python sources (paths and contents), computed once per process.
+    """sha256 of the mixrobust package's Python sources (paths and contents) and of `library_versions`, computed
+    once per process.
 
     Part of every cache key and run fingerprint: any change to the code that produced a result
-    (an attack, a model, the mixing) makes cached tensors and finished runs of the old code misses.
-    `NOT_IN_CODE_DIGEST` lists the sources left out.
+    (an attack, a model, the mixing, an upgraded torch or timm) makes cached tensors and finished runs of the old
+    code misses. `NOT_IN_CODE_DIGEST` lists the sources left out.
     """
     global _code_digest
     if _code_digest is None:
         root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
+        h = hashlib.sha256(json.dumps(library_versions(), sort_keys=True).encode())
         for path in sorted(root.rglob("*.py")):
             if path.relative_to(root).as_posix().startswith(NOT_IN_CODE_DIGEST):
                 continue
