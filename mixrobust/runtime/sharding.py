@@ -85,8 +85,12 @@ def map_shards(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], device: 
     if processes == 1:
         return [fn(*tensors, device=device)]
     from lightning.fabric import Fabric
+    from lightning.fabric.plugins.environments import LightningEnvironment
 
-    fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn")
+    # the processes are this job's own, spawned here: inside a SLURM or torchrun allocation Fabric would otherwise
+    # take ranks and world size from it (one task: rank 0 of 1 in every process)
+    fabric = Fabric(accelerator="gpu" if device.type == "cuda" else "cpu", devices=processes, strategy="ddp_spawn",
+                    plugins=[LightningEnvironment()])
     # arguments and results cross the process boundary as pickled bytes made here (never read from
     # disk): Fabric would otherwise walk them as collections, which frozen dataclasses do not allow
     shown = (progress.current_mode(), progress.current_interval())
