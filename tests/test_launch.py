@@ -53,6 +53,9 @@ def test_gpu_for_job_rejects_bad_input(job_num, count):
         # an explicit device is used as given
         (dict(device="cuda:1", multirun=True, gpu_count=4), Placement("cuda:1")),
         (dict(device="cuda", multirun=False, gpu_count=0), Placement("cuda")),
+        (dict(device="cuda", multirun=True, gpu_count=1), Placement("cuda")),
+        # ... but cuda names no GPU: in a multirun with several, each job leases its own as with auto
+        (dict(device="cuda", multirun=True, gpu_count=4), Placement(LEASE)),
         (dict(device="cpu", multirun=True, gpu_count=4), Placement("cpu")),
         # joblib on CPU: cores // n_jobs threads, never more than now, never below 1
         (dict(device="auto", multirun=True, gpu_count=0, n_jobs=2, cpu_count=8), Placement("cpu", 4)),
@@ -560,3 +563,22 @@ def test_a_second_run_into_a_busy_folder_stops_before_any_work(tmp_path, monkeyp
         monkeypatch.delenv("LOCAL_RANK")
     with pipelines.own_folder(OmegaConf.create({"output_dir": str(tmp_path)})):
         pass
+
+
+def test_several_devices_per_job_are_refused_when_jobs_run_at_once(tmp_path, monkeypatch):
+    """DDP training (trainer=ddp) and sharded evaluation put every job's processes on devices 0..k-1: a parallel joblib
+    sweep is refused before any work; one job at a time is not."""
+    from mixrobust.pipelines import train
+    from tests.conftest import compose_config
+
+    monkeypatch.setattr(placement, "available_cpus", lambda: 4)
+    monkeypatch.setattr(placement, "current_job", lambda: HydraJob(multirun=True, n_jobs=2))
+    cfg = compose_config("train", ["trainer=ddp", "logger=none"], tmp_path)
+    with placement.without_host_checks(), pytest.raises(ConfigError, match=r"trainer\.devices > 1 uses the devices "
+                                                                          r"0\.\.k-1 .* or trainer\.devices=1"):
+        train.settings(cfg)
+    with pytest.raises(ConfigError, match=r"distributed\.devices > 1 .* or distributed\.devices=1"):
+        placement.check_processes_launcher(2)
+    placement.check_processes_launcher(1)
+    monkeypatch.setattr(placement, "current_job", lambda: HydraJob(multirun=True, n_jobs=1))
+    placement.check_processes_launcher(2)

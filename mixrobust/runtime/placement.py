@@ -111,7 +111,8 @@ def plan_placement(
 ) -> Placement:
     """Decide where a job runs (pure; see the module docstring).
 
-    device: the config's device, ``auto`` or a torch device string (used as given).
+    device: the config's device, ``auto`` or a torch device string (used as given, but for ``cuda`` in a multirun
+        with >= 2 GPUs, which leases as ``auto`` does: it names no GPU, and every job would take GPU 0).
     multirun: whether this is a job of a Hydra ``-m`` sweep.
     gpu_count: visible CUDA devices.
     n_jobs: the launcher's ``n_jobs`` (joblib) or None (basic, SLURM: one job per process/allocation).
@@ -123,11 +124,10 @@ def plan_placement(
         raise ConfigError(f"device must be 'auto' or a torch device string, got {device!r}")
     _check_int("GPU count", gpu_count, 0)
     _check_int("CPU count", cpu_count, 1)
-    if device == "auto":
-        if multirun and gpu_count >= 2:
-            resolved = LEASE
-        else:
-            resolved = "cuda" if gpu_count else "cpu"
+    if device in ("auto", "cuda") and multirun and gpu_count >= 2:
+        resolved = LEASE  # "cuda" names no GPU: as auto, each job its own
+    elif device == "auto":
+        resolved = "cuda" if gpu_count else "cpu"
     else:
         import torch
 
@@ -210,7 +210,7 @@ def job_placement(device: str = "auto") -> Iterator[str]:
 
     Outside a Hydra multirun, with an explicit `device` or with fewer than 2 visible GPUs: ``cuda``
     if a GPU is visible else ``cpu`` for ``auto``, `device` unchanged otherwise. In a multirun job
-    with >= 2 GPUs and ``auto``: leases a GPU (`lease_gpu`, lock dir `gpu_lock_dir`), makes it the
+    with >= 2 GPUs and ``auto`` (or ``cuda``, which names no GPU): leases a GPU (`lease_gpu`, lock dir `gpu_lock_dir`), makes it the
     current CUDA device and yields ``cuda:<k>``; its cached memory is freed and the lease released
     on exit. On CPU in a joblib multirun with n_jobs > 1: at most ``cores // n_jobs`` torch
     threads for the block.
@@ -298,14 +298,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_processes_launcher(processes: int) -> None:
-    """Refuse several processes per job under a parallel joblib launcher (Fabric puts every job's processes
-    on devices 0..k-1, so jobs running at the same time would share them)."""
+def check_processes_launcher(processes: int, key: str = "distributed.devices") -> None:
+    """Refuse several processes per job under a parallel joblib launcher (Fabric and DDP put every job's processes
+    on devices 0..k-1, so jobs running at the same time would share them); `key` names the setting."""
     job = current_job()
     if processes > 1 and job.multirun and job.n_jobs is not None and effective_n_jobs(job.n_jobs, available_cpus()) > 1:
-        raise ConfigError("distributed.devices > 1 uses the devices 0..k-1 in every job, so jobs that run at the "
-                          "same time (joblib launchers) would share them: use the basic launcher (one job at a "
-                          "time) or SLURM with distributed.devices, or distributed.devices=1")
+        raise ConfigError(f"{key} > 1 uses the devices 0..k-1 in every job, so jobs that run at the same time "
+                          f"(joblib launchers) would share them: use the basic launcher (one job at a time) or SLURM "
+                          f"with {key}, or {key}=1")
 
 
 @contextlib.contextmanager
