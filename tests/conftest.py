@@ -63,10 +63,10 @@ def make_cfg(tmp_path):
 def real_data_root() -> Path:
     """The folder with MNIST/raw and CIFAR10/ from MIXROBUST_DATA_ROOT; skip (or fail in CI) without it."""
     root = os.environ.get("MIXROBUST_DATA_ROOT")
-    if root and (Path(root) / "MNIST" / "raw").is_dir():
+    if root and (Path(root) / "MNIST" / "raw").is_dir() and (Path(root) / "CIFAR10").is_dir():
         return Path(root)
     if os.environ.get("MIXROBUST_REQUIRE_DATA"):
-        pytest.fail(f"MIXROBUST_REQUIRE_DATA is set but MIXROBUST_DATA_ROOT={root!r} holds no MNIST/raw")
+        pytest.fail(f"MIXROBUST_REQUIRE_DATA is set but MIXROBUST_DATA_ROOT={root!r} lacks MNIST/raw or CIFAR10/")
     pytest.skip("set MIXROBUST_DATA_ROOT to a folder with MNIST/raw and CIFAR10/ to run real-data tests")
 
 
