@@ -157,6 +157,13 @@ def test_file_digest(tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
     file_digest(path)
     assert len(calls) == 1
+    # a same-size file put in its place with the same mtime (a coarse file system clock): another inode, rehashed
+    st = path.stat()
+    new = tmp_path / "new.ckpt"
+    new.write_bytes(b"0THER weights")
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert file_digest(path) == hashlib.sha256(b"0THER weights").hexdigest()
 
 
 def test_tensor_digest():

@@ -20,6 +20,7 @@ from torch import nn
 from mixrobust.checkpoint.record import _RECORD_FIX, CHECKPOINT_KEY, validate_record
 from mixrobust.errors import CheckpointError, ConfigError
 from mixrobust.models import ImageClassifier, create_model
+from mixrobust.runtime.files import file_version
 
 _PREFIX = "model."
 #: The non-container types a checkpoint may hold: MultiStepLR keeps its milestones in a Counter.
@@ -56,12 +57,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def read_record(path: str | os.PathLike) -> dict:
     """The validated ``"mixrobust"`` record of checkpoint `path` (a fresh copy the caller may change).
 
-    Memoized in-process by (resolved path, size, mtime_ns): validating many jobs that share a
+    Memoized in-process by the resolved path and `file_version`: validating many jobs that share a
     checkpoint reads the file once, and a rewritten file is read again.
     """
     resolved, st = stat_file(path)
     with _records_lock:
-        record = _records.get((str(resolved), st.st_size, st.st_mtime_ns))
+        record = _records.get((str(resolved), *file_version(st)))
     if record is None:
         record = read_checkpoint(path)[CHECKPOINT_KEY]
     return copy.deepcopy(record)
@@ -179,9 +180,9 @@ def _remember(resolved: Path, st: os.stat_result, record: dict) -> None:
         after = resolved.stat()
     except OSError:
         return
-    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if file_version(after) == file_version(st):
         with _records_lock:
-            _records[(str(resolved), st.st_size, st.st_mtime_ns)] = copy.deepcopy(record)
+            _records[(str(resolved), *file_version(st))] = copy.deepcopy(record)
 
 
 def _check_state_dict(state: object, path: str | os.PathLike) -> None:

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-from mixrobust.runtime.files import atomic_write, sha256_file
+from mixrobust.runtime.files import atomic_write, file_version, sha256_file
 from mixrobust.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,17 @@ _code_digest: str | None = None
 def file_digest(path: str | os.PathLike) -> str:
     """Return the sha256 hex digest of a file's content.
 
-    Memoized in-process by (resolved path, size, mtime_ns), so a large checkpoint is hashed once
-    per process; rewriting the file changes its mtime and hence the memo key.
+    Memoized in-process by the resolved path and `file_version`, so a large checkpoint is hashed once
+    per process; rewriting the file changes its version and hence the memo key.
     """
     path = Path(path).resolve()
     st = path.stat()
-    memo = (str(path), st.st_size, st.st_mtime_ns)
+    memo = (str(path), *file_version(st))
     with _file_digests_lock:
         if memo in _file_digests:
             return _file_digests[memo]
     digest = sha256_file(path)
-    after = path.stat()
-    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not changed while hashing
+    if file_version(path.stat()) == file_version(st):  # not changed while hashing
         with _file_digests_lock:
             _file_digests[memo] = digest
     return digest

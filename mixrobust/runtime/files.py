@@ -55,6 +55,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], mode: str 
     return path
 
 
+def file_version(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one version of a file from another without reading it: size, mtime and ctime in ns, inode and
+    device. An atomic rewrite is a new inode, and a rewrite in place changes ctime, even where a coarse file system
+    clock gives two versions within a second the same mtime."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
 def try_lock(path: str | os.PathLike) -> int | None:
     """An fd holding an exclusive, non-blocking ``flock`` on `path` (created if absent); None if another process
     holds it. Close the fd to release it (the lock also ends with the process)."""
