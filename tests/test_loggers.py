@@ -148,3 +148,18 @@ def test_log_to_files_without_a_file_handler_does_nothing(caplog):
     with caplog.at_level(logging.INFO):
         log_to_files(logging.getLogger("test_loggers_nofile"), logging.INFO, "not here")
     assert caplog.records == []
+
+
+def test_an_offline_job_leaves_later_jobs_of_the_process_free_to_go_online(tmp_path, wandb_env):
+    """Lightning sets WANDB_MODE=dryrun for an offline run; a sweep worker's next job asking for online must not
+    inherit it. A WANDB_MODE the user set stays."""
+    from mixrobust.runtime.loggers import job_logger
+
+    wandb_env.delenv("WANDB_MODE", raising=False)
+    with job_logger(node(offline=True), tmp_path / "a", "mix") as logger:
+        logger.log_metrics({"x": 1.0})
+    assert "WANDB_MODE" not in os.environ
+    wandb_env.setenv("WANDB_MODE", "offline")
+    with job_logger(node(offline=True), tmp_path / "b", "mix"):
+        pass
+    assert os.environ["WANDB_MODE"] == "offline"

@@ -195,8 +195,10 @@ def log_to_files(logger: logging.Logger, level: int, msg: str, *args: Any) -> No
 @contextlib.contextmanager
 def finish_wandb() -> Iterator[None]:
     """Always close the W&B run, also when the job fails (marked failed: exit code 1), so multirun jobs never
-    log into one run and a stopped job never shows as finished."""
-    failed = True
+    log into one run and a stopped job never shows as finished. ``WANDB_MODE`` is restored on exit: Lightning sets
+    it to ``dryrun`` for an offline run, which would keep every later job of this process (a sweep's worker)
+    offline, online ones included."""
+    failed, mode = True, os.environ.get("WANDB_MODE")
     try:
         yield
         failed = False
@@ -207,6 +209,10 @@ def finish_wandb() -> Iterator[None]:
             return
         if wandb.run is not None:
             wandb.finish(exit_code=1 if failed else 0)
+        if mode is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = mode
 
 
 @contextlib.contextmanager
