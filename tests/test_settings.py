@@ -219,3 +219,17 @@ def test_a_lipschitz_constant_below_the_smoothed_models_is_refused_when_sound(ha
     with caplog.at_level(logging.WARNING, logger="mixrobust"):
         assert settings("certify.lipschitz=3", "certify.mode=plugin").c.lipschitz == 3
     assert any("no guarantee" in r.getMessage() for r in caplog.records)
+
+
+def test_more_processes_than_gpus_is_refused_before_anything_loads(hand_ckpts, tmp_path, monkeypatch):
+    from mixrobust.pipelines import inputs, mix
+    from tests.conftest import compose_config
+
+    monkeypatch.setattr(inputs, "visible_gpus", lambda: 2)
+    cfg = compose_config("evaluate", [f"g_ckpt={hand_ckpts['g']}", f"h_ckpt={hand_ckpts['h']}", "logger=none",
+                                      "data=digits", "distributed.devices=4"], tmp_path)
+    with pytest.raises(ConfigError, match=r"distributed\.devices=4 but 2 GPU\(s\) are visible; lower "
+                                          r"distributed\.devices or pass device=cpu"):
+        mix.settings(cfg)
+    cfg.device = "cpu"  # CPU processes: as many as asked
+    assert mix.settings(cfg).processes == 4

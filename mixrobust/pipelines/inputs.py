@@ -26,7 +26,7 @@ from mixrobust.pipelines.fields import bounded, build, check_arguments, convert,
 from mixrobust.runtime.cache import file_digest
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.loggers import is_wandb, log_to_files, wandb_init_timeout
-from mixrobust.runtime.placement import check_processes_launcher, resolve_device
+from mixrobust.runtime.placement import check_processes_launcher, host_checks, resolve_device, visible_gpus
 from mixrobust.threat import Norm, Threat
 from mixrobust.training.objectives import OBJECTIVES
 
@@ -267,9 +267,15 @@ def logger(cfg: DictConfig):
 
 
 def processes(cfg: DictConfig) -> int:
-    """``distributed.devices``, refused under a parallel joblib launcher when above 1."""
+    """``distributed.devices``, refused under a parallel joblib launcher when above 1, and above the GPUs visible
+    when the job runs on GPUs (checked here, before the models and images are loaded)."""
     count = parse(DistributedKeys, cfg.distributed, "distributed").devices
     check_processes_launcher(count)
+    if count > 1 and host_checks():
+        name = convert(value_at(cfg, "device", ""), str, "device") if "device" in cfg else "auto"
+        if name.split(":")[0] in ("auto", "cuda") and 0 < (gpus := visible_gpus()) < count:
+            raise ConfigError(f"distributed.devices={count} but {gpus} GPU(s) are visible; lower "
+                              "distributed.devices or pass device=cpu")
     return count
 
 
