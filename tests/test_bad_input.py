@@ -292,22 +292,27 @@ def server():
 
 
 def test_every_bad_input_gives_one_clean_message(files, server, tmp_path):
-    ctx = server
+    """Every case in a forked process, those of `COLD` in a fresh interpreter too; two at a time (each is one
+    process doing little but Python)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     all_cases = cases(files)
     assert len({(c.script, c.args) for c in all_cases}) == len(all_cases) >= 40
-    failures, cold = [], 0
-    for i, case in enumerate(all_cases):
-        runs = [("forked", _run_forked)] + ([("fresh", _run_cold)] if set(case.args) & set(COLD) else [])
-        for kind, run in runs:
-            out = tmp_path / f"case{i:02d}-{kind}" / "run"
-            out.parent.mkdir()
-            problems = _problems(case, out, run(*([ctx] if kind == "forked" else []), case, out))
-            cold += kind == "fresh"
-            if problems:
-                got = (out.parent / "stderr").read_text() if kind == "forked" else ""
-                failures.append(f"[{kind}] {case.script} {' '.join(case.args)}: {', '.join(problems)}\n    "
-                                + "\n    ".join(got.strip().splitlines()[-6:]))
-    assert cold == len(COLD)
+    runs = [(i, case, kind) for i, case in enumerate(all_cases)
+            for kind in ("forked", *(("fresh",) if set(case.args) & set(COLD) else ()))]
+    assert sum(kind == "fresh" for *_, kind in runs) == len(COLD)
+
+    def failure(run) -> str | None:
+        i, case, kind = run
+        out = tmp_path / f"case{i:02d}-{kind}" / "run"
+        out.parent.mkdir()
+        got = _run_forked(server, case, out) if kind == "forked" else _run_cold(case, out)
+        problems = _problems(case, out, got)
+        return (f"[{kind}] {case.script} {' '.join(case.args)}: {', '.join(problems)}\n    "
+                + "\n    ".join(got.stderr.strip().splitlines()[-6:])) if problems else None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = [f for f in pool.map(failure, runs) if f]
     assert not failures, f"{len(failures)} bad inputs misbehaved:\n" + "\n".join(failures)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -109,7 +110,7 @@ def test_study_digits_end_to_end_then_a_second_run_skips_every_stage(tmp_path, o
     assert "The fig2 stage has not finished." in (folder / "report.md").read_text()
 
 
-def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_thread, monkeypatch):
+def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_thread, monkeypatch, caplog):
     from mixrobust.pipelines import study
 
     tiny = {**TINY_DIGITS, "stages": ["train"]}
@@ -146,6 +147,17 @@ def test_a_killed_training_stage_resumes_from_its_last_checkpoint(tmp_path, one_
     moved = study.settings(study_config(tmp_path, study={**tiny, "train": {**tiny["train"], "g": [
         "objective=standard", "seed=3", "data.eval_batch_size=7"]}}, overrides=["data_root=elsewhere"]))
     assert study.run_training(moved.stages[0])[0] is True
+    # a study without its train stage reads the models in train/ as they are: one trained by a study under other
+    # settings is warned, one trained elsewhere (no stage.json) is not
+    h_best = g.output_dir.parent / "h" / "checkpoints" / "best.ckpt"
+    h_best.parent.mkdir(parents=True)
+    h_best.touch()
+    evaluation_only = study.settings(study_config(tmp_path, study={**tiny, "stages": ["fig2"]}))
+    assert [s.name for s in evaluation_only.stages] == ["fig2"]
+    with caplog.at_level(logging.WARNING, logger="mixrobust.pipelines.study"):
+        study.check_reused(evaluation_only)
+    assert "study stage train/g was trained with other settings than study.train gives now" in caplog.text
+    assert "train/h" not in caplog.text
 
 
 @pytest.mark.parametrize("study, message", [

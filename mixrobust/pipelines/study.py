@@ -69,6 +69,18 @@ def _training_fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_reused(plan: Plan) -> None:
+    """Without its train stage a study evaluates the models already in its train/ folders: warn where one was
+    trained by a study under other settings than ``study.train`` gives now (its ``stage.json``). A folder without
+    that marker holds a model trained elsewhere (``train.py`` into the folder), which is the point."""
+    for stage in plan.reused:
+        marker = read_json(stage.output_dir / STAGE_MARKER)
+        if isinstance(marker, dict) and marker.get("fingerprint") != _training_fingerprint(stage.cfg):
+            log.warning("study stage %s was trained with other settings than study.train gives now; without the "
+                        "train stage the evaluations read its model as it is (add train to study.stages to retrain "
+                        "it)", stage.name)
+
+
 def _set_aside(out: Path) -> Path:
     """Move a stage folder that holds another run out of the way (nothing is deleted); returns where it went."""
     stamp = f"{out.name}.replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -188,6 +200,7 @@ def run(cfg: DictConfig) -> StudyResult:
     from mixrobust.study.report import write_report
 
     plan = settings(cfg)
+    check_reused(plan)
     root = plan.root
     root.mkdir(parents=True, exist_ok=True)
     times: dict[str, dict] = read_json(root / TIMES) or {}

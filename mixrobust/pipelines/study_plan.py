@@ -116,8 +116,11 @@ class Plan:
         self.root = keys.dir
         self.cfg = cfg
         self.stages: list[Stage] = []
-        if "train" in keys.stages:
-            self._train()
+        self._train()
+        #: without the train stage, the training stages this run leaves out: the evaluations read their models
+        self.reused: list[Stage] = []
+        if "train" not in keys.stages:
+            self.reused, self.stages = self.stages, []
         evaluations = [s for s in get_args(StageGroup) if s != "train" and s in keys.stages]
         for group in evaluations:
             getattr(self, f"_{group}")()
@@ -127,7 +130,7 @@ class Plan:
     def _check_paper_setting(self) -> None:
         """``study.paper_setting`` puts the paper's numbers beside ours: only where the setting is the paper's."""
         differs = []
-        for stage in self.stages:
+        for stage in [*self.reused, *self.stages]:
             cfg = stage.cfg
             if str(OmegaConf.select(cfg, "data._target_", default="")).rsplit(".", 1)[-1] != "CIFAR10DataModule":
                 differs.append(f"{stage.name} is not on CIFAR-10")
