@@ -420,18 +420,33 @@ def test_agrees_with_torchattacks(digits, norm, eps):
     assert abs(ours - ref) <= 0.5, f"ours {ours:.2f}% vs torchattacks {ref:.2f}%"
 
 
-@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
-def test_broken_examples_are_those_any_torchattacks_iterate_breaks(digits, norm, eps):
-    """Ours counts an example broken if any point its search visited fools the model; torchattacks returns its last
-    iterate only. Without random start, torchattacks' k-step result is its longer run's k-th iterate, so runs of
-    0 .. steps steps give every point it visits: the examples they break are exactly the ones ours breaks."""
+@pytest.fixture(scope="module")
+def torchattacks_points(digits):
+    """``points(norm, eps, step, steps)``: every point torchattacks' PGD visits without random start (its k-step
+    result is its longer run's k-th iterate, so its runs of 0 .. steps steps), computed once per setting."""
     import torchattacks
 
     model, x, y, _, _ = digits
+    found = {}
+
+    def points(norm: str, eps: float, step: float, steps: int) -> list[torch.Tensor]:
+        if (norm, eps, step, steps) not in found:
+            ref_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+            found[norm, eps, step, steps] = [x] + [ref_cls(model, eps=eps, alpha=step, steps=k, random_start=False)(x, y)
+                                                   for k in range(1, steps + 1)]
+        return found[norm, eps, step, steps]
+
+    return points
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.5)])
+def test_broken_examples_are_those_any_torchattacks_iterate_breaks(digits, torchattacks_points, norm, eps):
+    """Ours counts an example broken if any point its search visited fools the model; torchattacks returns its last
+    iterate only. Without random start, torchattacks' k-step result is its longer run's k-th iterate, so runs of
+    0 .. steps steps give every point it visits: the examples they break are exactly the ones ours breaks."""
+    model, x, y, _, _ = digits
     step, steps = eps / 2, 10  # large steps overshoot: some examples are fooled mid-search and recover at the end
-    ref_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
-    iterates = [x] + [ref_cls(model, eps=eps, alpha=step, steps=k, random_start=False)(x, y)
-                      for k in range(1, steps + 1)]
+    iterates = torchattacks_points(norm, eps, step, steps)
     with torch.no_grad():
         robust_ref = torch.stack([model(point).argmax(1) == y for point in iterates]).all(0)
         last = model(iterates[-1]).argmax(1) == y
@@ -444,17 +459,14 @@ def test_broken_examples_are_those_any_torchattacks_iterate_breaks(digits, norm,
         assert int((robust != robust_ref).sum()) <= len(y) // 200, "float rounding may flip at most 0.5% of examples"
 
 
-def test_the_point_returned_is_the_highest_loss_visited_one(digits):
+def test_the_point_returned_is_the_highest_loss_visited_one(digits, torchattacks_points):
     """Per example, of the points torchattacks' search visits (its runs of 0 .. steps steps): the fooling one of
     highest loss if any fools, else the one of highest loss; the final iterate included (a PGD-K training example
     is never weaker than Madry et al.'s K-th iterate). l_inf: sign steps make the two searches' points equal (l_2
     steps of near-zero gradients, normalized, drift apart in float rounding)."""
-    import torchattacks
-
     model, x, y, _, _ = digits
     eps, step, steps = 0.1, 0.05, 10
-    iterates = [x] + [torchattacks.PGD(model, eps=eps, alpha=step, steps=k, random_start=False)(x, y)
-                      for k in range(1, steps + 1)]
+    iterates = torchattacks_points("linf", eps, step, steps)
     with torch.no_grad():
         logits = [model(point) for point in iterates]
         loss = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])  # (steps + 1, N)
