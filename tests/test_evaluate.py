@@ -182,12 +182,18 @@ def test_finished_job_is_skipped_and_a_damaged_file_recomputed(evaluated, ckpts,
     assert "results.csv does not match the checksum recorded in run.json" in caplog.text
     assert not redone.skipped and redone.rows == result.rows
     assert (copy / "results.csv").read_text() == csv_text
-    # the same config on other images (the data folder's files replaced): recomputed, not skipped
+    # the same config on other images (the data folder's files replaced): not skipped (stopped where it recomputes)
     select = inputs.Examples.select
+
+    class Recomputes(Exception):
+        pass
+
     with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
         m.setattr(inputs.Examples, "select", lambda self, data: (lambda x, y, i: (x.flip(-1), y, i))(*select(self, data)))
-        changed = mix.run(eval_cfg(ckpts, copy, ALPHAS, *THREAT))
-    assert not changed.skipped and "holds a run of a different configuration" in caplog.text
+        m.setattr(mix, "clear_marker", lambda *a: (_ for _ in ()).throw(Recomputes))
+        with pytest.raises(Recomputes):
+            mix.run(eval_cfg(ckpts, copy, ALPHAS, *THREAT))
+    assert "holds a run of a different configuration" in caplog.text
 
 
 # ---------------------------------------------------------------- bad input, before any attack
