@@ -360,6 +360,18 @@ def test_checked_sweeper_stops_a_grid_with_one_bad_job_before_any_job_runs(ckpts
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not sweep.exists() or not any(p.is_dir() for p in sweep.iterdir())  # no job folder, no report
 
+    # a second launch into a sweep folder in use stops before Hydra records it there
+    from mixrobust.runtime.files import hold_folder
+
+    busy = tmp_path / "busy"
+    with hold_folder(busy, "-"):
+        proc = subprocess.run(_sweep_cmd(ckpts, busy), env=_env(tmp_path / "cache"), cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr + proc.stdout
+    assert f"another run (pid {os.getpid()} on " in proc.stderr and f"is writing into {busy}" in proc.stderr
+    assert "hydra.sweep.dir=<folder>" in proc.stderr
+    assert [p.name for p in busy.iterdir()] == [".mixrobust.lock"]  # no multirun.yaml, no job folder
+
 
 def _wandb_records(path: Path):
     """The protobuf records of an offline W&B run file (a LevelDB-style log of 32 KiB blocks)."""

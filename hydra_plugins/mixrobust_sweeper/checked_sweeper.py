@@ -14,7 +14,7 @@ import copy
 from typing import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -41,6 +41,14 @@ class CheckedSweeper(BasicSweeper):
                  check: Optional[str] = None) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.check = check
+
+    def sweep(self, arguments: List[str]) -> Any:
+        """The sweep, holding its folder: a second launch into it stops before Hydra records it there (its
+        ``multirun.yaml``, the jobs' ``.hydra/``), which would make the first launch's report misread its jobs."""
+        from mixrobust.runtime.files import hold_folder
+
+        with hold_folder(Path(str(self.config.hydra.sweep.dir)), "hydra.sweep.dir=<folder>"):
+            return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         super().validate_batch_is_legal(batch)

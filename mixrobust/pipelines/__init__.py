@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
-from mixrobust.errors import ConfigError, DataNotFoundError, MixrobustError
+from mixrobust.errors import DataNotFoundError, MixrobustError
 from mixrobust.runtime import progress
-from mixrobust.runtime.files import try_lock
+from mixrobust.runtime.files import RANK_VARIABLES, hold_folder
 from mixrobust.runtime.quiet import lightning_logs_once
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.placement import available_cpus, effective_n_jobs, without_host_checks
@@ -112,43 +111,17 @@ def is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-#: Environment variables that number a process of a launch (DDP, several nodes, SLURM tasks): the ones numbered
-#: above 0 share their first process's folder.
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
-FOLDER_LOCK = ".mixrobust.lock"
-
-
 @contextlib.contextmanager
 def own_folder(cfg: DictConfig) -> Iterator[None]:
-    """Hold ``<output_dir>/.mixrobust.lock`` while the task runs. A second run started into the same folder (two
-    launches within the same second, two sweeps of one preset at once) stops here, before any work: two runs'
-    files would mix there (one run's marker vouching for the other's results, one run's checkpoint tested as the
-    other's). Processes numbered above 0 by `RANK_VARIABLES` share their first process's folder and take no lock;
-    on a file system without locks the run goes on with a warning."""
+    """Hold the task's ``output_dir`` while it runs (`hold_folder`): a second run started into the same folder (two
+    launches within the same second, a job array) stops before the task starts. Processes numbered above 0 by
+    `RANK_VARIABLES` (DDP's later ranks) share their first process's folder and take no lock."""
     out = OmegaConf.select(cfg, "output_dir", default=None, throw_on_resolution_failure=False)
     if not out or any(os.environ.get(k, "0").strip() not in ("", "0") for k in RANK_VARIABLES):
         yield
         return
-    path = Path(str(out)) / FOLDER_LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = try_lock(path)
-    except OSError as err:
-        logging.getLogger(__name__).warning("cannot lock %s (%s): nothing stops another run from writing into %s",
-                                            path, err, path.parent)
+    with hold_folder(Path(str(out)), "hydra.run.dir=<folder> (with -m: hydra.sweep.dir=<folder>)"):
         yield
-        return
-    if fd is None:
-        holder = path.read_text().strip() or "another process"
-        raise ConfigError(f"another run ({holder}) is writing into {path.parent}: two runs in one folder would mix "
-                          "their files. Give this one its own folder: hydra.run.dir=<folder> (with -m: "
-                          "hydra.sweep.dir=<folder>), or wait for that run to end")
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        yield
-    finally:
-        os.close(fd)
 
 
 def run(cfg: DictConfig):

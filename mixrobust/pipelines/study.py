@@ -47,7 +47,7 @@ from mixrobust.pipelines.fields import parse, plain
 from mixrobust.pipelines.study_plan import Plan, Stage, StudyKeys, set_values
 from mixrobust.runtime import progress
 from mixrobust.runtime.cache import code_digest
-from mixrobust.runtime.files import read_json, sha256_file, write_json
+from mixrobust.runtime.files import hold_folder, read_json, sha256_file, write_json
 from mixrobust.runtime.hydra_job import current_job
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ def run_training(stage: Stage, resume: bool = True) -> tuple[bool, Path]:
     if same and marker.get("finished"):
         if best.is_file() and sha256_file(best) == marker.get("best_sha256"):
             if marker.get("code") != code_digest():
-                log.warning("%s was trained by another version of mixrobust's code; kept (move the folder away to "
-                            "train it anew)", out)
+                log.warning("%s was trained by another version of mixrobust's code or of torch, torchvision, timm "
+                            "or robustbench; kept (move the folder away to train it anew)", out)
             log.info("%s: trained before (%s), skipped", stage.name, best)
             return True, best
         log.warning("%s: its best checkpoint %s is missing or changed", out, best)
@@ -196,13 +196,17 @@ def _run_stage(plan: Plan, stage: Stage) -> bool:
 
 def run(cfg: DictConfig) -> StudyResult:
     """Run the missing stages in order, then write the report (module docstring); a failing stage still leaves the
-    report of what finished."""
-    from mixrobust.study.report import write_report
-
+    report of what finished. The study holds its folder (`hold_folder`): a second study into it stops there."""
     plan = settings(cfg)
     check_reused(plan)
+    with hold_folder(plan.root, "study.dir=<folder>"):  # its stages run inside, each in a folder of its own
+        return _run(plan)
+
+
+def _run(plan: Plan) -> StudyResult:
+    from mixrobust.study.report import write_report
+
     root = plan.root
-    root.mkdir(parents=True, exist_ok=True)
     times: dict[str, dict] = read_json(root / TIMES) or {}
     status: dict[str, dict] = {}
     current = {"name": ""}

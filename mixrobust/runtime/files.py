@@ -2,19 +2,23 @@
 
 A killed run leaves either the old file or the new one, never half of one. Files get the
 permissions of any file the user creates (``0o666`` minus the umask), not the ``0o600`` of a
-temporary file, so a group-shared results folder or cache stays readable by the group.
+temporary file, so a group-shared results folder or cache stays readable by the group. `hold_folder` keeps a
+second run out of a folder a run is writing into.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -80,6 +84,41 @@ def try_lock(path: str | os.PathLike) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+#: Environment variables that number a process of a launch (DDP, several nodes, SLURM tasks): the ones numbered
+#: above 0 share their first process's folder.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+FOLDER_LOCK = ".mixrobust.lock"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, fix: str) -> Iterator[None]:
+    """Hold ``<folder>/.mixrobust.lock`` for the ``with`` block: a second run into the same folder raises one
+    ConfigError naming the holder and `fix` (how to give it another folder), before it writes anything there. Two
+    runs' files would mix in one folder: one run's marker vouching for the other's results, one's checkpoint tested
+    as the other's. On a file system without locks the run goes on with a warning."""
+    from mixrobust.errors import ConfigError
+
+    path = Path(folder) / FOLDER_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = try_lock(path)
+    except OSError as err:
+        logging.getLogger(__name__).warning("cannot lock %s (%s): nothing stops another run from writing into %s",
+                                            path, err, path.parent)
+        yield
+        return
+    if fd is None:
+        holder = path.read_text().strip() or "another process"
+        raise ConfigError(f"another run ({holder}) is writing into {path.parent}: two runs in one folder would mix "
+                          f"their files. Give this one its own folder: {fix}, or wait for that run to end")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
