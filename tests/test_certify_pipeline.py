@@ -421,4 +421,8 @@ def test_paper_fig3_pairs_each_rs_model_with_a_smaller_sigma_baseline():
     assert all(job.task == "certify" and job.certify.require_baseline for job in jobs)
     assert {s for pair in got for s in pair} == {float(s) for s in trained.hydra.sweeper.params["objective.sigma"]
                                                  .split(",")}
-    assert {p.stem for p in (Path(CONF_DIR) / "rs_pair").glob("*.yaml")} == set(pairs)
+    assert {p.stem for p in (Path(CONF_DIR) / "rs_pair").glob("*.yaml")} == {*pairs, "own"}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # your own pair: the command line's
+        own = compose("evaluate", ["experiment=paper_fig3", "g_ckpt=g.ckpt", "rs_pair=own", "h_ckpt=a.ckpt",
+                                   "certify.baseline_ckpt=b.ckpt"])
+    assert (own.h_ckpt, own.certify.baseline_ckpt) == ("a.ckpt", "b.ckpt")

@@ -565,6 +565,12 @@ def test_a_second_run_into_a_busy_folder_stops_before_any_work(tmp_path, monkeyp
         pass
 
 
+@pytest.mark.parametrize(("devices", "count"), [(1, 1), (4, 4), (-1, None), ("auto", None), ("-1", None), ("2", 2),
+                                               ("0,1", 2), ("1,", 1), ([0], 1), ([0, 2], 2)])
+def test_trainer_devices_counts_what_lightning_would_use(devices, count):
+    assert placement.trainer_devices(devices) == count
+
+
 def test_several_devices_per_job_are_refused_when_jobs_run_at_once(tmp_path, monkeypatch):
     """DDP training (trainer=ddp) and sharded evaluation put every job's processes on devices 0..k-1: a parallel joblib
     sweep is refused before any work; one job at a time is not."""
@@ -577,6 +583,8 @@ def test_several_devices_per_job_are_refused_when_jobs_run_at_once(tmp_path, mon
     with placement.without_host_checks(), pytest.raises(ConfigError, match=r"trainer\.devices > 1 uses the devices "
                                                                           r"0\.\.k-1 .* or trainer\.devices=1"):
         train.settings(cfg)
+    with placement.without_host_checks():  # one GPU a job: as many jobs at once as GPUs
+        train.settings(compose_config("train", ["trainer=gpu", "trainer.devices=[0]", "logger=none"], tmp_path))
     with pytest.raises(ConfigError, match=r"distributed\.devices > 1 .* or distributed\.devices=1"):
         placement.check_processes_launcher(2)
     placement.check_processes_launcher(1)

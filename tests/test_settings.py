@@ -182,7 +182,7 @@ def test_fingerprints_follow_every_number_and_only_those(hand_ckpts, tmp_path):
                  "distributed.devices=2"):
         assert mix_fp(same) == base, same
     # with a random start each process draws its own starts: another draw, not the same numbers
-    for random_start in ("attack.random_start=true", "adaptive.random_start=true"):
+    for random_start in ("attack.random_start=true", "adaptive.random_start=true", "attacks=[std,rob,mix,autoattack]"):
         assert mix_fp(random_start, "distributed.devices=2") != mix_fp(random_start), random_start
     base = cert_fp()
     for change in ("certify.n=500", "certify.n0=50", "certify.mode=plugin", "certify.failure_prob=0.01",

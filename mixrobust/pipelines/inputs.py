@@ -27,6 +27,7 @@ from mixrobust.runtime.cache import file_digest
 from mixrobust.runtime.hydra_job import current_job
 from mixrobust.runtime.loggers import is_wandb, log_to_files, wandb_init_timeout
 from mixrobust.runtime.placement import check_processes_launcher, host_checks, resolve_device, visible_gpus
+from mixrobust.runtime.sharding import check_gpu_processes
 from mixrobust.threat import Norm, Threat
 from mixrobust.training.objectives import OBJECTIVES
 
@@ -273,9 +274,8 @@ def processes(cfg: DictConfig) -> int:
     check_processes_launcher(count)
     if count > 1 and host_checks():
         name = convert(value_at(cfg, "device", ""), str, "device") if "device" in cfg else "auto"
-        if name.split(":")[0] in ("auto", "cuda") and 0 < (gpus := visible_gpus()) < count:
-            raise ConfigError(f"distributed.devices={count} but {gpus} GPU(s) are visible; lower "
-                              "distributed.devices or pass device=cpu")
+        if name.split(":")[0] in ("auto", "cuda") and (gpus := visible_gpus()) > 0:  # none: auto is the CPU
+            check_gpu_processes(count, gpus)
     return count
 
 

@@ -143,9 +143,11 @@ class MixSettings(inputs.EvaluationJob):
     def fingerprint(self) -> str:
         """What the results depend on: the config (but certification's and job keys), the checkpoints' contents,
         the code, the data set and threat as resolved, and the AutoAttack implementation that runs. With a random
-        start, the number of processes too: each shard draws its own starts, so the numbers are another draw."""
+        start or AutoAttack (its random draws), the number of processes too: each shard draws its own, so the
+        numbers are another draw."""
         unused = ("certify", "fit", "fits_dir") + (() if self.autoattack else ("autoattack",)) + (() if self.adaptive else ("adaptive",))
-        random_start = self.attack.random_start or bool(self.adaptive and self.adaptive.random_start)
+        random_start = (self.attack.random_start or bool(self.adaptive and self.adaptive.random_start)
+                        or self.autoattack is not None)
         return fingerprint(inputs.numbers_config(self.config, unused), [self.g.path, self.h.path],
                            data=self.data.name, threat=self.threat.as_dict(), models=[self.g.identity, self.h.identity],
                            h_maps=[o.h_map.as_dict() for o in self.options],

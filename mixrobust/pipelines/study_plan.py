@@ -20,6 +20,7 @@ from mixrobust.errors import ConfigError
 from mixrobust.pipelines import inputs, module
 from mixrobust.pipelines.fields import bounded, build, parse, plain
 from mixrobust.runtime.loggers import is_wandb
+from mixrobust.runtime.placement import trainer_devices
 
 StageGroup = Literal["train", "fig2", "autoattack", "fig1", "fig3"]
 CertifyMode = Literal["plugin", "sound"]
@@ -246,7 +247,7 @@ def _one_process(trainer_args: dict) -> None:
     """A study trains in its own process: a Trainer that would start more (DDP re-runs the whole command in each
     of them) is refused."""
     devices, strategy = trainer_args.get("devices", 1), str(trainer_args.get("strategy", "auto"))
-    if str(devices) not in ("1", "[0]") or "ddp" in strategy:
+    if trainer_devices(devices) != 1 or "ddp" in strategy:
         raise ConfigError(f"trainer devices={devices}, strategy={strategy}: a study trains each model in its own "
                           "process, on one device; use trainer=gpu (or cpu) in study.train.common, or train the "
                           "models with python train.py trainer=ddp hydra.run.dir=<study.dir>/train/<g, h, "

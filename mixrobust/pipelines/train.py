@@ -34,7 +34,8 @@ from mixrobust.pipelines import inputs
 from mixrobust.pipelines.fields import bounded, build, check_arguments, parse, plain
 from mixrobust.runtime.files import write_json
 from mixrobust.runtime.loggers import job_logger
-from mixrobust.runtime.placement import check_processes_launcher, host_checks, placed_trainer, visible_gpus
+from mixrobust.runtime.placement import (check_processes_launcher, host_checks, placed_trainer, trainer_devices,
+                                         visible_gpus)
 from mixrobust.runtime.progress import current_mode
 from mixrobust.threat import Threat
 from mixrobust.training.checkpoint_io import SafeCheckpointIO
@@ -195,7 +196,9 @@ def settings(cfg: DictConfig) -> TrainSettings:
                              "optimizer": opt_spec, "max_epochs": trainer.max_epochs, "split": data_split(keys, data)})
     trainer_args = {k: v for k, v in check_arguments(cfg.trainer, "trainer", TRAINER_EXTRAS).items()
                     if k not in TRAINER_EXTRAS}
-    if trainer_args.get("accelerator") in ("gpu", "cuda", "auto") and str(trainer_args.get("devices", 1)) != "1":
+    accelerator = trainer_args.get("accelerator", "auto")
+    on_gpus = accelerator in ("gpu", "cuda") or (accelerator == "auto" and host_checks() and visible_gpus() > 0)
+    if on_gpus and trainer_devices(trainer_args.get("devices", "auto")) != 1:
         check_processes_launcher(2, "trainer.devices")  # DDP over several GPUs: each concurrent job would take them
     return TrainSettings(keys, trainer, trainer_args, data, threat, model, objective, optimizer, scheduler,
                          inputs.logger(cfg), plain(cfg))

@@ -298,6 +298,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def trainer_devices(devices: Any) -> int | None:
+    """How many devices a Trainer's ``devices`` asks for: a count, a list or ``"0,1"`` of indices, or None for all
+    of them (``-1``, ``"auto"``: Lightning's default)."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return None
+        if "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        return int(text) if text.lstrip("-").isdigit() else None
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return None if devices == -1 else devices
+    try:
+        return len(devices)
+    except TypeError:
+        return None
+
+
 def check_processes_launcher(processes: int, key: str = "distributed.devices") -> None:
     """Refuse several processes per job under a parallel joblib launcher (Fabric and DDP put every job's processes
     on devices 0..k-1, so jobs running at the same time would share them); `key` names the setting."""

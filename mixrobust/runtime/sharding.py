@@ -40,11 +40,17 @@ def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def check_gpu_processes(processes: int, gpus: int) -> None:
+    """Refuse more processes than the `gpus` visible (a job on GPUs)."""
+    if processes > 1 and processes > gpus:
+        raise ConfigError(f"distributed.devices={processes} but {gpus} GPU(s) are visible; lower distributed.devices "
+                          "or pass device=cpu")
+
+
 def check_processes(processes: int, device: torch.device, n: int) -> None:
     """Refuse more processes than the GPUs visible (on cuda) or the examples to split."""
-    if processes > 1 and device.type == "cuda" and processes > torch.cuda.device_count():
-        raise ConfigError(f"distributed.devices={processes} but {torch.cuda.device_count()} GPU(s) are visible; "
-                          f"lower distributed.devices or pass device=cpu")
+    if device.type == "cuda":
+        check_gpu_processes(processes, torch.cuda.device_count())
     if processes > n:
         raise ConfigError(f"distributed.devices={processes} exceeds the {n} examples evaluated; lower it")
 

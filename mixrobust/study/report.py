@@ -107,12 +107,20 @@ def certify_table(summary: dict) -> str:
     return head + "\n\n" + md_table(["alpha", "clean", "bound", *(f"r={r}" for r in radii)], body)
 
 
-def base_models_table(plan: Plan) -> str:
+def finished(plan: Plan, status: dict[str, dict]) -> set[str]:
+    """The stages this run ran or found finished: the only ones whose files the report reads. A stage left out of
+    this study, or not reached because an earlier one failed or was stopped, may hold files of older models or
+    settings, which stay on disk to resume from."""
+    return {s.name for s in plan.stages if status.get(s.name, {}).get("status") in ("ran", "skipped")}
+
+
+def base_models_table(plan: Plan, done: set[str]) -> str:
+    """One row per training stage: its settings and, if it is among `done`, its own test (``metrics.json``)."""
     body = []
     for stage in plan.stages:
         if stage.task != "train":
             continue
-        metrics = read_json(stage.output_dir / "metrics.json") or {}
+        metrics = (read_json(stage.output_dir / "metrics.json") or {}) if stage.name in done else {}
         cfg = stage.cfg
         objective = OmegaConf.select(cfg, "objective._target_", default="").rpartition(".")[2]
         if "sigma" in cfg.objective:
@@ -184,13 +192,8 @@ def _figure(plan: Plan, stage: str, name: str, caption: str) -> str:
 
 
 def gather(plan: Plan, status: dict[str, dict]) -> dict:
-    """The results files of every stage this run ran or found finished (None for any other stage).
-
-    A stage left out of this study, or not reached because an earlier one failed or was stopped, may hold files
-    from older models or settings: none of them is read, although they stay on disk to resume from.
-    """
-    root = plan.root
-    names = {s.name for s in plan.stages if status.get(s.name, {}).get("status") in ("ran", "skipped")}
+    """The results files of every stage this run ran or found finished (`finished`; None for any other stage)."""
+    root, names = plan.root, finished(plan, status)
 
     def stage(name: str, read, file: str):
         return read(root / name / file) if name in names else None
@@ -222,7 +225,8 @@ def render(plan: Plan, status: dict[str, dict], data: dict, claims: list[Claim])
     out += ["## Stages", _stage_times(plan, status)]
     if any(s.task == "train" for s in plan.stages):
         out += ["## Base models", "Each model's own test after training (its `metrics.json`): on the test split, or "
-                "the part of it `trainer.limit_test_batches` keeps (see the settings).", base_models_table(plan)]
+                "the part of it `trainer.limit_test_batches` keeps (see the settings).",
+                base_models_table(plan, finished(plan, status))]
     sections = [
         ("fig2", "## Figure 2: accuracy against alpha", lambda: [
             _figure(plan, "fig2", "accuracy_vs_alpha.png", "Figure 2"), results_table(data["fig2"])], data["fig2"]),
@@ -273,8 +277,9 @@ def to_html(markdown: str, root: Path, title: str) -> str:
             f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
 
 
-def _to_wandb(plan: Plan, claims: list[Claim], page: str) -> None:
-    """The claims table, the report page and the figures to one W&B run in the study's group."""
+def _to_wandb(plan: Plan, claims: list[Claim], page: str, done: set[str]) -> None:
+    """The claims table, the report page and the figures of the stages among `done` to one W&B run in the study's
+    group."""
     node = OmegaConf.to_container(plan.cfg.logger, resolve=True)
     group = node.get("group") or f"study {plan.keys.title}"
     name = f"report {plan.keys.title}"
@@ -282,7 +287,8 @@ def _to_wandb(plan: Plan, claims: list[Claim], page: str) -> None:
         import wandb
 
         fields = [f.name for f in dataclasses.fields(Claim)]
-        images = {f"study/{p.parent.name}_{p.stem}": wandb.Image(str(p)) for p in sorted(plan.root.glob("*/*.png"))}
+        images = {f"study/{p.parent.name}_{p.stem}": wandb.Image(str(p)) for p in sorted(plan.root.glob("*/*.png"))
+                  if p.parent.name in done}
         logger.experiment.log({"study/claims": wandb.Table(columns=fields, data=[[getattr(c, f) for f in fields]
                                                                                  for c in claims]),
                                "study/report": wandb.Html(page), **images})
@@ -300,7 +306,7 @@ def write_report(plan: Plan, status: dict[str, dict]) -> tuple[list[Claim], dict
              "report.md": write_text(plan.root / "report.md", markdown),
              "report.html": write_text(plan.root / "report.html", page)}
     if is_wandb(plan.cfg.get("logger")):
-        _to_wandb(plan, claims, page)
+        _to_wandb(plan, claims, page, finished(plan, status))
     log.info("report: %s (claims: %s)", paths["report.md"],
              ", ".join(f"{c.key} {c.verdict}" for c in claims))
     return claims, paths
