@@ -305,21 +305,12 @@ def _numbers(report_csv: Path) -> str:
 
 @pytest.mark.slow
 def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts, tmp_path):
+    """A sweep killed as soon as its first job finished, then re-run with the same command, completes only the
+    missing jobs and reports the numbers of an uninterrupted sweep (two joblib workers, another cache)."""
     env = _env(tmp_path / "cache")
-    full = tmp_path / "full"
-    _run(_sweep_cmd(ckpts, full), env)
-    combined = full / "report" / "combined.csv"
-    lines = combined.read_text().splitlines()
-    assert lines[0].startswith("job,overrides,model,alpha") and len(lines) == 1 + 3 * (10 + 6)  # 3 jobs: g, h x 5; one alpha x 6
-    assert (full / "report" / "accuracy_vs_alpha.png").is_file() and (full / "report" / "tradeoff.png").is_file()
-    assert sorted(p.name for p in full.iterdir() if p.is_dir()) == [*JOBS, "report"]
-    assert json.loads((full / JOBS[0] / "run.json").read_text())["cache"]["hits"] == 0
-    assert json.loads((full / JOBS[2] / "run.json").read_text())["cache"]["hits"] >= 3  # STD, ROB from job 0
-
-    # kill a sweep as soon as its first job finished, then re-run the same command
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_sweep_cmd(ckpts, killed), env=_env(tmp_path / "cache2"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(_sweep_cmd(ckpts, killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not (killed / JOBS[0] / "run.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -328,22 +319,28 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     assert (killed / JOBS[0] / "run.json").exists() and not (killed / "report" / "combined.csv").exists()
     finished_before = json.loads((killed / JOBS[0] / "run.json").read_text())["fingerprint"]
     stamp = (killed / JOBS[0] / "results.csv").stat().st_mtime_ns
-    out = _run(_sweep_cmd(ckpts, killed), _env(tmp_path / "cache2"))
+    out = _run(_sweep_cmd(ckpts, killed), env)
     assert "already holds this run's results: skipped" in out.stderr + out.stdout
     assert (killed / JOBS[0] / "results.csv").stat().st_mtime_ns == stamp  # job 0 was not redone
     assert json.loads((killed / JOBS[0] / "run.json").read_text())["fingerprint"] == finished_before
-    assert _numbers(killed / "report" / "combined.csv") == _numbers(combined)
+    combined = killed / "report" / "combined.csv"
+    lines = combined.read_text().splitlines()
+    assert lines[0].startswith("job,overrides,model,alpha") and len(lines) == 1 + 3 * (10 + 6)  # 3 jobs: g, h x 5; one alpha x 6
+    assert (killed / "report" / "accuracy_vs_alpha.png").is_file() and (killed / "report" / "tradeoff.png").is_file()
+    assert sorted(p.name for p in killed.iterdir() if p.is_dir()) == [*JOBS, "report"]
+    assert json.loads((killed / JOBS[0] / "run.json").read_text())["cache"]["hits"] == 0
+    assert json.loads((killed / JOBS[2] / "run.json").read_text())["cache"]["hits"] >= 3  # STD, ROB from job 0
 
-    # the joblib launcher, two worker processes: the same numbers
+    # uninterrupted, on the joblib launcher with two worker processes: the same numbers
     parallel = tmp_path / "parallel"
     _run(_sweep_cmd(ckpts, parallel, "hydra/launcher=local_cpus", "hydra.launcher.n_jobs=2"),
-         _env(tmp_path / "cache3"))
+         _env(tmp_path / "cache2"))
     assert _numbers(parallel / "report" / "combined.csv") == _numbers(combined)
 
     # a later launch with a smaller grid into the same folder: its report leaves the old jobs out
-    _run(_sweep_cmd(ckpts, full)[:-4] + ["mix.alphas=[0.4]", "mix.r_options=[one]", "logger=none",
-                                          f"hydra.sweep.dir={full}"], env)
-    jobs = json.loads((full / "report" / "jobs.json").read_text())
+    _run(_sweep_cmd(ckpts, killed)[:-4] + ["mix.alphas=[0.4]", "mix.r_options=[one]", "logger=none",
+                                            f"hydra.sweep.dir={killed}"], env)
+    jobs = json.loads((killed / "report" / "jobs.json").read_text())
     assert [j["job"] for j in jobs["completed"]] == [JOBS[0]] and [j["job"] for j in jobs["stale"]] == list(JOBS[1:])
 
 
