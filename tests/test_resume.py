@@ -55,8 +55,11 @@ def val_metrics(run: Path) -> dict[int, dict[str, str]]:
 
 
 def test_killed_run_resumed_from_last_ckpt_repeats_the_uninterrupted_run(tmp_path):
-    full = train(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-2000:]
+    # the uninterrupted run beside the one to kill (one thread each, two cores)
+    log = tmp_path / "full.log"
+    with open(log, "w") as out:
+        full = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={tmp_path / 'full'}"],
+                                stdout=out, stderr=subprocess.STDOUT, env=ENV)
 
     killed = tmp_path / "killed"
     proc = train(killed, wait=False)
@@ -74,6 +77,7 @@ def test_killed_run_resumed_from_last_ckpt_repeats_the_uninterrupted_run(tmp_pat
 
     resumed = train(killed, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert full.wait(timeout=600) == 0, log.read_text()[-2000:]
     assert resumed.stdout.strip().splitlines()[-1] == str(killed / "checkpoints" / "best.ckpt")
 
     expected, got = val_metrics(tmp_path / "full"), val_metrics(killed)

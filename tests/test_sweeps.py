@@ -306,7 +306,13 @@ def _numbers(report_csv: Path) -> str:
 @pytest.mark.slow
 def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts, tmp_path):
     """A sweep killed as soon as its first job finished, then re-run with the same command, completes only the
-    missing jobs and reports the numbers of an uninterrupted sweep (two joblib workers, another cache)."""
+    missing jobs and reports the numbers of an uninterrupted sweep (two joblib workers, another cache, run meanwhile:
+    one torch thread per process)."""
+    parallel, log = tmp_path / "parallel", tmp_path / "parallel.log"
+    with open(log, "w") as out:
+        uninterrupted = subprocess.Popen(_sweep_cmd(ckpts, parallel, "hydra/launcher=local_cpus",
+                                                    "hydra.launcher.n_jobs=2"), env=_env(tmp_path / "cache2"),
+                                         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     env = _env(tmp_path / "cache")
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_sweep_cmd(ckpts, killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -332,9 +338,7 @@ def test_sweep_report_resume_after_kill_and_joblib_give_identical_numbers(ckpts,
     assert json.loads((killed / JOBS[2] / "run.json").read_text())["cache"]["hits"] >= 3  # STD, ROB from job 0
 
     # uninterrupted, on the joblib launcher with two worker processes: the same numbers
-    parallel = tmp_path / "parallel"
-    _run(_sweep_cmd(ckpts, parallel, "hydra/launcher=local_cpus", "hydra.launcher.n_jobs=2"),
-         _env(tmp_path / "cache2"))
+    assert uninterrupted.wait(timeout=600) == 0, log.read_text()[-3000:]
     assert _numbers(parallel / "report" / "combined.csv") == _numbers(combined)
 
     # a later launch with a smaller grid into the same folder: its report leaves the old jobs out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -219,14 +220,20 @@ def test_unknown_config_group_option_lists_choices(make_cfg, name):
         make_cfg([f"{group}={name}"])
 
 
-def _train_script(run_dir: Path, *overrides: str) -> dict:
+def _start_train_script(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """``python train.py`` in a process of its own (one torch thread), its output in ``<run_dir>.out`` / ``.err``."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, str(root / "train.py"), f"hydra.run.dir={run_dir}", *FAST[1:], *overrides],
-        check=True, capture_output=True, text=True, cwd=run_dir.parent,
-    )
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{run_dir}.out", "w") as out, open(f"{run_dir}.err", "w") as err:
+        return subprocess.Popen([sys.executable, str(root / "train.py"), f"hydra.run.dir={run_dir}", *FAST[1:],
+                                 *overrides], stdout=out, stderr=err, cwd=run_dir.parent,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _finish_train_script(proc: subprocess.Popen, run_dir: Path) -> dict:
+    assert proc.wait(timeout=600) == 0, Path(f"{run_dir}.err").read_text()[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert out.stdout.strip().splitlines()[-1] == metrics["best_checkpoint"]  # printed last, once
+    assert Path(f"{run_dir}.out").read_text().strip().splitlines()[-1] == metrics["best_checkpoint"]  # printed last
     return metrics
 
 
@@ -237,8 +244,10 @@ def test_ddp_two_cpu_processes_matches_one_process(tmp_path):
     Each DDP rank takes half the batch so the effective batch (64) and the schedule match.
     """
     epochs = "trainer.max_epochs=12"
-    single = _train_script(tmp_path / "single", epochs)
-    ddp = _train_script(tmp_path / "ddp", epochs, "trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=32")
+    runs = {"single": _start_train_script(tmp_path / "single", epochs),  # both at once, one thread per process
+            "ddp": _start_train_script(tmp_path / "ddp", epochs, "trainer.devices=2", "trainer.strategy=ddp",
+                                       "data.batch_size=32")}
+    single, ddp = (_finish_train_script(proc, tmp_path / name) for name, proc in runs.items())
     assert single["test/acc"] >= 0.9 and ddp["test/acc"] >= 0.9
     assert abs(single["test/acc"] - ddp["test/acc"]) <= 0.03  # 360 test images: 3 points = 11 images
     assert load_classifier(ddp["best_checkpoint"]).record["data"] == "digits"
