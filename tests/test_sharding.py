@@ -24,22 +24,16 @@ def test_one_process_runs_here_without_moving_the_tensors():
 
 
 @pytest.mark.slow
-def test_processes_get_contiguous_shards_in_order_and_errors_come_back():
+def test_processes_get_contiguous_shards_in_order_and_errors_come_back(monkeypatch):
     x, index = torch.arange(10.0).view(10, 1), torch.arange(10)
-    parts = map_shards(functools.partial(_describe, 100, None), [x[:5], index[:5]], torch.device("cpu"), 2)
+    with monkeypatch.context() as inside:  # under srun (one task): the processes are still the job's own, not SLURM's
+        for key, value in (("SLURM_NTASKS", "1"), ("SLURM_JOB_NAME", "evaluate"), ("SLURM_PROCID", "0"),
+                           ("SLURM_LOCALID", "0"), ("SLURM_NODEID", "0"), ("SLURM_NTASKS_PER_NODE", "1"),
+                           ("SLURM_JOB_ID", "1"), ("SLURM_NODELIST", "localhost")):
+            inside.setenv(key, value)
+        parts = map_shards(functools.partial(_describe, 100, None), [x[:5], index[:5]], torch.device("cpu"), 2)
     assert [p["index"] for p in parts] == [[0, 1, 2], [3, 4]] == [list(range(a, b)) for a, b in shard_bounds(5, 2)]
     assert [p["sum"] for p in parts] == [103.0, 107.0]
     with pytest.raises(NonFiniteError, match="h returned NaN or inf outputs on 1 of 3 examples"):
         map_shards(functools.partial(_describe, 0, 7), [x, index], torch.device("cpu"), 2)
 
-
-def test_processes_are_the_jobs_own_inside_a_slurm_allocation(monkeypatch):
-    """Under srun (one task) Fabric would read ranks and world size from SLURM: rank 0 of 1 in both processes."""
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    for key, value in (("SLURM_JOB_NAME", "evaluate"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0"),
-                       ("SLURM_NODEID", "0"), ("SLURM_NTASKS_PER_NODE", "1"), ("SLURM_JOB_ID", "1"),
-                       ("SLURM_NODELIST", "localhost")):
-        monkeypatch.setenv(key, value)
-    x, index = torch.arange(5.0).view(5, 1), torch.arange(5)
-    parts = map_shards(functools.partial(_describe, 100, None), [x, index], torch.device("cpu"), 2)
-    assert [p["index"] for p in parts] == [[0, 1, 2], [3, 4]]
