@@ -98,11 +98,10 @@ def settings(cfg: DictConfig) -> FitSettings:
 
 
 def _identity(s: FitSettings) -> dict:
-    """What makes two fits the same fit: the entries of the fit record (`_fit`) that this run's settings fix."""
+    """The entries of the fit record (`_fit`) that this run's settings fix: what makes two fits the same fit."""
     fit = {k: v for k, v in dataclasses.asdict(s.fit).items() if k not in ("name", "overwrite")}
-    mine = {"models": {"g": s.g.identity, "h": s.h.identity}, "fit": fit, "data": s.data.name, "split": s.fit.split,
+    return {"models": {"g": s.g.identity, "h": s.h.identity}, "fit": fit, "data": s.data.name, "split": s.fit.split,
             "seed": s.seed, "val_size": s.data.val_size, "threat": s.threat.as_dict()}
-    return json.loads(json.dumps(mine, default=str))  # as the record file holds it
 
 
 def _differs(saved, mine) -> bool:
@@ -122,7 +121,8 @@ def check_name_free(s: FitSettings) -> None:
     saved = read_json(path)
     if not isinstance(saved, dict):
         return
-    differ = [k for k, v in _identity(s).items() if k in saved and _differs(saved[k], v)]
+    mine = json.loads(json.dumps(_identity(s), default=str))  # as the record file holds it
+    differ = [k for k, v in mine.items() if k in saved and _differs(saved[k], v)]
     if differ:
         raise ConfigError(f"{path} holds another fit named {s.name!r} (it differs from this run's in: "
                           f"{', '.join(differ)}): give this one its own name with fit.name=<name>, or replace that one "
@@ -239,16 +239,13 @@ def _fit(s: FitSettings, device: torch.device) -> FitResult:
         x_adv = attack_in_batches(attack, h, x, y, s.batch_size, on_batch=shown.advance)
     h_adv = model_outputs(h, x_adv, s.batch_size, device, "h (attacked)")
     t1 = time.perf_counter()
-    keys = {k: v for k, v in dataclasses.asdict(s.fit).items() if k != "overwrite"}
     fit = fit_nonlinear_map(g_clean, h_clean, h_adv, y, scales=s.fit.scales, powers=s.fit.powers,
                             biases=s.fit.biases, top_k=s.fit.top_k, target=s.fit.target)
     fit.h_map = dataclasses.replace(fit.h_map, name=s.name)
     seconds = {"attack": t1 - t0, "search": time.perf_counter() - t1}
     curves = fit_curves(g_clean, h_clean, h_adv, y, [HMap(), fit.h_map])
-    record = {**fit.summary(), "name": s.name, "data": s.data.name, "split": s.fit.split, "seed": s.seed,
-              "val_size": s.data.val_size,
-              "index_first": int(index[0]), "attack": repr(attack), "threat": s.threat.as_dict(),
-              "models": {"g": s.g.identity, "h": s.h.identity}, "fit": keys, "seconds": seconds}
+    record = {**fit.summary(), "name": s.name, **_identity(s), "index_first": int(index[0]), "attack": repr(attack),
+              "seconds": seconds}
     out = s.output_dir
     paths = {FIT_FILE: write_json(out / FIT_FILE, record),
              "fit_grid.csv": write_text(out / "fit_grid.csv", csv_text(("scale", "power", "bias", "alpha", "clean",
