@@ -210,9 +210,9 @@ def job_placement(device: str = "auto") -> Iterator[str]:
 
     Outside a Hydra multirun, with an explicit `device` or with fewer than 2 visible GPUs: ``cuda``
     if a GPU is visible else ``cpu`` for ``auto``, `device` unchanged otherwise. In a multirun job
-    with >= 2 GPUs and ``auto`` (or ``cuda``, which names no GPU): leases a GPU (`lease_gpu`, lock dir `gpu_lock_dir`), makes it the
-    current CUDA device and yields ``cuda:<k>``; its cached memory is freed and the lease released
-    on exit. On CPU in a joblib multirun with n_jobs > 1: at most ``cores // n_jobs`` torch
+    with >= 2 GPUs and ``auto`` (or ``cuda``, which names no GPU): leases a GPU (`lease_gpu`, lock dir
+    `gpu_lock_dir`), makes it the current CUDA device and yields ``cuda:<k>``; its cached memory is freed and
+    the lease released on exit. On CPU in a joblib multirun with n_jobs > 1: at most ``cores // n_jobs`` torch
     threads for the block.
     """
     import torch

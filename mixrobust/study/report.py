@@ -107,7 +107,7 @@ def certify_table(summary: dict) -> str:
     return head + "\n\n" + md_table(["alpha", "clean", "bound", *(f"r={r}" for r in radii)], body)
 
 
-def finished(plan: Plan, status: dict[str, dict]) -> set[str]:
+def finished_stages(plan: Plan, status: dict[str, dict]) -> set[str]:
     """The stages this run ran or found finished: the only ones whose files the report reads. A stage left out of
     this study, or not reached because an earlier one failed or was stopped, may hold files of older models or
     settings, which stay on disk to resume from."""
@@ -192,8 +192,9 @@ def _figure(plan: Plan, stage: str, name: str, caption: str) -> str:
 
 
 def gather(plan: Plan, status: dict[str, dict]) -> dict:
-    """The results files of every stage this run ran or found finished (`finished`; None for any other stage)."""
-    root, names = plan.root, finished(plan, status)
+    """The results files of every stage this run ran or found finished (`finished_stages`, under ``"done"``; None
+    for any other stage)."""
+    root, names = plan.root, finished_stages(plan, status)
 
     def stage(name: str, read, file: str):
         return read(root / name / file) if name in names else None
@@ -206,7 +207,7 @@ def gather(plan: Plan, status: dict[str, dict]) -> dict:
     return {"fig2": stage("fig2", _rows, "results.csv"), "fig1": stage("fig1", _rows, "results.csv"),
             "autoattack": stage("autoattack", _rows, "results.csv"),
             "margins": stage("fig2", read_json, "margins.json"),
-            "fig3": fig3 or None}
+            "fig3": fig3 or None, "done": names}
 
 
 def render(plan: Plan, status: dict[str, dict], data: dict, claims: list[Claim]) -> str:
@@ -226,7 +227,7 @@ def render(plan: Plan, status: dict[str, dict], data: dict, claims: list[Claim])
     if any(s.task == "train" for s in plan.stages):
         out += ["## Base models", "Each model's own test after training (its `metrics.json`): on the test split, or "
                 "the part of it `trainer.limit_test_batches` keeps (see the settings).",
-                base_models_table(plan, finished(plan, status))]
+                base_models_table(plan, data["done"])]
     sections = [
         ("fig2", "## Figure 2: accuracy against alpha", lambda: [
             _figure(plan, "fig2", "accuracy_vs_alpha.png", "Figure 2"), results_table(data["fig2"])], data["fig2"]),
@@ -306,7 +307,7 @@ def write_report(plan: Plan, status: dict[str, dict]) -> tuple[list[Claim], dict
              "report.md": write_text(plan.root / "report.md", markdown),
              "report.html": write_text(plan.root / "report.html", page)}
     if is_wandb(plan.cfg.get("logger")):
-        _to_wandb(plan, claims, page, finished(plan, status))
+        _to_wandb(plan, claims, page, data["done"])
     log.info("report: %s (claims: %s)", paths["report.md"],
              ", ".join(f"{c.key} {c.verdict}" for c in claims))
     return claims, paths
