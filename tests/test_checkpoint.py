@@ -296,6 +296,14 @@ def test_validate_record_returns_a_valid_record():
 # ---------------------------------------------------------------- weights that do not fit the record
 
 
+def test_a_record_whose_normalization_differs_from_the_weights_is_refused(tmp_path):
+    path = hand_ckpt(tmp_path / "n.ckpt", {"model.std": [0.3081]})  # the weights' layer holds std 0.25
+    message = refused(load_classifier, path,
+                      r"its weights normalize with std \[0\.25\] but its record says \[0\.3081\]")
+    assert "model.mean / model.std" in message
+    assert load_classifier(hand_ckpt(tmp_path / "same.ckpt", {"model.std": [0.25]})).normalize.std.item() == 0.25
+
+
 def test_missing_and_unexpected_weights_are_summarized(tmp_path):
     path = hand_ckpt(tmp_path / "w.ckpt")
     ckpt = torch.load(path, weights_only=True)
@@ -386,7 +394,8 @@ def test_check_resume_refuses_a_weights_only_file(real):
 
 def test_check_resume_lists_every_difference(real):
     record = read_record(real["full"])
-    model = {**record["model"], "arch": "resnet20", "num_classes": 5, "input_shape": (3, 32, 32)}
+    model = {**record["model"], "arch": "resnet20", "num_classes": 5, "input_shape": (3, 32, 32), "std": [0.5],
+             "kwargs": {}}
     pgd = PGDAT(eps=0.1, step_size=0.02, steps=2).spec()
     expected = expected_of(record, data="mnist", objective=pgd, model=model, optimizer={"name": "adamw"})
     message = refused(partial(check_resume, expected=expected), real["full"], "cannot resume this run: it was trained")
@@ -394,6 +403,7 @@ def test_check_resume_lists_every_difference(real):
         "data 'digits' (this run: 'mnist')", "objective 'standard' (this run: 'pgd_at')",
         "model 'small_cnn' (this run: 'resnet20')", "num_classes 10 (this run: 5)",
         "input_shape [1, 8, 8] (this run: [3, 32, 32])", "optimizer 'sgd' (this run: 'adamw')",
+        "normalization std [0.25] (this run: [0.5])", "model settings {'width': 4, 'hidden': 8} (this run: {})",
     ):
         assert phrase in message, phrase
     assert message.startswith(f"ckpt_path={real['full']} ")

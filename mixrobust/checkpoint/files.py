@@ -98,6 +98,12 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
             f"classes, input {list(spec['input_shape'])}): {mismatch}. The weights belong to another network or "
             "were edited; retrain with train.py"
         )
+    edited = normalization_mismatch(model.state_dict(), state)
+    if edited:
+        raise CheckpointError(
+            f"checkpoint {path}: {edited}, so its record does not describe the model it holds (the file was "
+            "edited); retrain with train.py, or set the record's model.mean / model.std to the weights' values"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # not expected once the names and shapes match; still one short message
@@ -215,6 +221,18 @@ def weights_mismatch(wanted: dict[str, torch.Tensor], state: dict[str, torch.Ten
             f"{list(wanted[k].shape)} in the model"
         )
     return "; ".join(parts)
+
+
+def normalization_mismatch(wanted: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """How the normalization layer's mean / std in `state` differ from a model built from the record (`wanted`:
+    its state_dict), e.g. "its weights normalize with std [0.5] but its record says [0.3081]"; "" if they agree.
+    Loading would silently use the weights' values while every report shows the record's."""
+    for key in ("normalize.mean", "normalize.std"):
+        if key in wanted and key in state and not torch.allclose(state[key].float(), wanted[key].float(),
+                                                                   rtol=1e-6, atol=1e-7):
+            found, recorded = ([round(v, 6) for v in t.flatten().tolist()] for t in (state[key], wanted[key]))
+            return f"its weights normalize with {key.split('.')[1]} {found} but its record says {recorded}"
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

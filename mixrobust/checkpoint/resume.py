@@ -16,15 +16,15 @@ RESUME_KEYS = ("epoch", "global_step", "optimizer_states", "loops")  # Lightning
 def check_resume(path: str | os.PathLike, expected: Mapping) -> dict:
     """Refuse to resume training from a checkpoint that belongs to another run; return its record.
 
-    `expected` describes this run: ``"data"`` (str), ``"objective"`` (its ``spec()``), ``"model"``
-    (arch, num_classes, input_shape), ``"optimizer"`` (an `optimizer_spec` dict or None) and
+    `expected` describes this run: ``"data"`` (str), ``"objective"`` (its ``spec()``), ``"model"`` (arch,
+    num_classes, input_shape, mean, std, kwargs), ``"optimizer"`` (an `optimizer_spec` dict or None) and
     ``"max_epochs"`` (the schedule's length: a one-cycle or cosine schedule cannot be stretched). The
     checkpoint must hold Lightning's resume state (`RESUME_KEYS`), and its data set, objective name
     (and, for robust objectives, threat norm and eps), architecture, class count, input shape,
-    optimizer name, max_epochs and validation split (``"split"``: seed and val_size) must equal this run's.
-    A None on either side (e.g. a record without an
-    optimizer entry whose name cannot be inferred from its optimizer state) is not compared. All
-    differences are listed in one `CheckpointError`.
+    normalization (Lightning would restore the checkpoint's), model settings, optimizer name, max_epochs
+    and validation split (``"split"``: seed and val_size) must equal this run's. A None or absent entry on
+    either side (e.g. a record without an optimizer entry whose name cannot be inferred from its optimizer
+    state) is not compared. All differences are listed in one `CheckpointError`.
     """
     ckpt = read_checkpoint(path)
     absent = [key for key in RESUME_KEYS if key not in ckpt]
@@ -103,6 +103,10 @@ def _resume_differences(trained: Mapping, expected: Mapping) -> list[str]:
     compare("num_classes", model["num_classes"], want.get("num_classes"), show=str)
     shape = want.get("input_shape")
     compare("input_shape", list(model["input_shape"]), None if shape is None else [int(s) for s in shape], show=str)
+    for key in ("mean", "std"):  # Lightning restores the checkpoint's normalization; this run would record its own
+        compare(f"normalization {key}", _floats(model.get(key)), _floats(want.get(key)), show=str)
+    if "kwargs" in want:
+        compare("model settings", model.get("kwargs") or {}, want["kwargs"] or {})
     optimizer, other = trained.get("optimizer") or {}, expected.get("optimizer") or {}
     compare("optimizer", optimizer.get("name"), other.get("name"))
     if optimizer.get("name") == other.get("name"):
@@ -113,6 +117,10 @@ def _resume_differences(trained: Mapping, expected: Mapping) -> list[str]:
     for key in ("seed", "val_size"):  # the validation images it held out (model selection, a later map fit)
         compare("seed" if key == "seed" else "data.val_size", split.get(key), want.get(key), show=str)
     return diffs
+
+
+def _floats(values) -> list[float] | None:
+    return None if values is None else [round(float(v), 6) for v in values]
 
 
 def _threat_text(threat: Mapping) -> str:
