@@ -53,6 +53,18 @@ def test_search_in_eval_mode_loss_in_train_mode(batch, objective):
     assert not torch.equal(model.net[2].running_mean, running)
 
 
+@pytest.mark.parametrize("objective", [PGDAT(eps=0.1, step_size=0.03, steps=3),
+                                       TRADES(eps=0.1, step_size=0.03, steps=3)])
+def test_a_layer_kept_in_eval_mode_stays_there(batch, objective):
+    x, y = batch
+    model = ModeRecorder().train()
+    model.net[2].eval()  # a frozen BatchNorm, e.g. while fine-tuning
+    running = model.net[2].running_mean.clone()
+    objective(model, x, y)
+    assert model.training and model.net[1].training and not model.net[2].training
+    assert torch.equal(model.net[2].running_mean, running)
+
+
 def test_pgd_at_loss_is_ce_on_adversarial_examples(batch):
     x, y = batch
     model = ModeRecorder().train()

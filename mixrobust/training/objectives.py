@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixrobust.attacks import PGD
+from mixrobust.attacks.pgd import eval_mode
 from mixrobust.errors import ConfigError
 from mixrobust.threat import Norm, Threat, ascent_step, checked_values, project
 
@@ -104,9 +105,7 @@ class TRADES(_ThreatObjective):
 
     def _kl_ball_search(self, model: nn.Module, x: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
         t = self.threat
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):  # each layer's own mode comes back (a frozen BatchNorm stays frozen)
             x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
             for _ in range(self.steps):
                 x_adv = x_adv.detach().requires_grad_(True)
@@ -115,16 +114,11 @@ class TRADES(_ThreatObjective):
                     kl = F.kl_div(log_q, p_clean, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, x_adv)
                 x_adv = project(ascent_step(x_adv.detach(), grad, t.norm, t.step_size), x, t.norm, t.eps)
-        finally:
-            model.train(was_training)
         return x_adv.detach()
 
     def __call__(self, model, x, y):
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             p_clean = F.softmax(model(x).float(), dim=1)
-            model.train(was_training)
         x_adv = self._kl_ball_search(model, x, p_clean)
         logits = model(x)
         logits_adv = model(x_adv)
