@@ -110,6 +110,7 @@ def test_files_and_summary(certified):
     assert summary["checksums"] == {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in files}
     assert summary["n_examples"] == NUM and summary["data"] == "digits" and summary["sigma"] == SIGMA
     assert summary["settings"]["n0"] == N0 and summary["settings"]["n"] == N and summary["settings"]["mode"] == "sound"
+    assert {r["mode"] for r in rows} == {"sound"} == {r["mode"] for r in read_rows(out / "certified_accuracy.csv")}
     assert math.isclose(summary["lipschitz_constant"], math.sqrt(2 / math.pi) / SIGMA)
     import matplotlib.image
 
@@ -270,7 +271,8 @@ def test_finished_job_is_skipped_and_a_damaged_file_recomputed(ckpts, certified,
 
 
 def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
-    result = run_quiet(cert_cfg(ckpts, tmp_path, "certify.mode=plugin", "certify.alphas=[0.8]"))
+    result = run_quiet(cert_cfg(ckpts, tmp_path, "certify.mode=plugin", "certify.alphas=[0.8]",
+                                f"certify.baseline_ckpt={ckpts['h']}"))
     _, est = redraw(ckpts, seed=0, n0=0)
     p = est / N
     top2 = np.sort(p, 1)[:, ::-1]
@@ -282,6 +284,11 @@ def test_plugin_mode_runs_and_matches_paper_formula(ckpts, tmp_path):
     expect = np.where(ok & (r5 > 0), r5, 0.0)
     cert = result.certificate
     np.testing.assert_allclose(cert.rs_radius[list(cert.alphas).index(a)], expect, atol=1e-9)
+    # its files say the radii are plug-in estimates, the baseline's CERTIFY rows that theirs are sound
+    out = result.output_dir
+    assert {r["mode"] for r in read_rows(out / "certify.csv")} == {"plugin"}
+    curves = read_rows(out / "certified_accuracy.csv")
+    assert {(r["model"], r["mode"]) for r in curves} == {("mix", "plugin"), ("baseline", "sound")}
 
 
 def curve_value(curves, model, alpha, theorem, radius):

@@ -421,21 +421,29 @@ def test_certification_jobs_get_a_combined_csv_and_one_figure_each(tmp_path):
         job = sweep / str(i)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"h_ckpt=rs{sigma}.ckpt"]))
-        rows = [{"model": "mix", "alpha": a, "theorem": t, "radius": r, "certified_accuracy": (1 - r) * a * (1 - i / 4)}
+        # job 0 is plug-in, written before the files had a mode column (its summary's settings say it); job 1 sound
+        mode = {} if i == 0 else {"mode": "sound"}
+        rows = [{"model": "mix", "alpha": a, "theorem": t, **mode, "radius": r,
+                 "certified_accuracy": (1 - r) * a * (1 - i / 4)}
                 for a in (0.5, 1.0) for t in ("rs", "lipschitz") for r in (0.0, 0.5)]
-        rows.append({"model": "baseline", "alpha": "", "theorem": "cohen", "radius": 0.0, "certified_accuracy": 0.7})
+        rows.append({"model": "baseline", "alpha": "", "theorem": "cohen", **mode, "radius": 0.0,
+                     "certified_accuracy": 0.7})
         with open(job / "certified_accuracy.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, ["model", "alpha", "theorem", "radius", "certified_accuracy"])
+            writer = csv.DictWriter(f, list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        mark_finished(job, "certify_summary.json", {"sigma": sigma, "alpha_selection": {"alpha": 0.5}},
+        mark_finished(job, "certify_summary.json", {"sigma": sigma, "alpha_selection": {"alpha": 0.5},
+                                                    "settings": {"mode": "plugin" if i == 0 else "sound"}},
                       ["certified_accuracy.csv"])
     files = write_report(sweep)
     assert "combined.csv" not in files and {"certified_accuracy_0.png", "certified_accuracy_1.png"} <= set(files)
     combined = read_csv(sweep / "report" / "combined_certified.csv")
     assert len(combined) == 2 * 9 and list(combined[0]) == ["job", "overrides", "sigma", "model", "alpha", "theorem",
-                                                            "radius", "certified_accuracy"]
+                                                            "mode", "radius", "certified_accuracy"]
     assert {(r["job"], r["sigma"]) for r in combined} == {("0", "0.25"), ("1", "0.5")}
+    # every row says whether its radii are sound; the baseline's CERTIFY always is
+    assert {(r["job"], r["model"], r["mode"]) for r in combined} == {
+        ("0", "mix", "plugin"), ("0", "baseline", "sound"), ("1", "mix", "sound"), ("1", "baseline", "sound")}
     got = [float(r["certified_accuracy"]) for r in combined if r["job"] == "1" and r["model"] == "mix"]
     assert got == pytest.approx([(1 - r) * a * 0.75 for a in (0.5, 1.0) for _ in range(2) for r in (0.0, 0.5)])
 

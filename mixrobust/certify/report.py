@@ -1,9 +1,11 @@
 """The files a certification run leaves in its output folder, all written atomically.
 
-- ``certify.csv``: one row per (example, alpha) with `CERTIFY_COLUMNS`;
+- ``certify.csv``: one row per (example, alpha) with `CERTIFY_COLUMNS`;  ``mode`` says whether its radii are
+  ``sound`` (they hold with probability >= 1 - failure_prob) or ``plugin`` (Monte Carlo estimates, no guarantee);
 - ``baseline_certify.csv``: one row per example for the RS baseline (if any), `BASELINE_COLUMNS`;
 - ``certified_accuracy.csv``: certified accuracy against radius, `CURVE_COLUMNS`; ``model`` is
-  ``mix`` (``theorem`` lipschitz = Theorem 4, rs = Theorem 5) or ``baseline`` (``cohen``);
+  ``mix`` (``theorem`` lipschitz = Theorem 4, rs = Theorem 5) or ``baseline`` (``cohen``, always sound), and
+  ``mode`` as in certify.csv;
 - ``certified_accuracy.png``: the curves, like the paper's Figure 3;
 - ``certify_summary.json``: written by the pipeline (settings, accuracies, the alpha selection).
 """
@@ -24,10 +26,10 @@ from mixrobust.certify.mixture import BaselineCertificate, MixtureCertificate
 from mixrobust.certify.radii import alpha_for_clean_accuracy
 from mixrobust.errors import ConfigError
 
-CERTIFY_COLUMNS = ("index", "label", "alpha", "h_pred", "mix_pred", "p_y", "p_runner_up", "lipschitz_radius",
+CERTIFY_COLUMNS = ("index", "label", "alpha", "mode", "h_pred", "mix_pred", "p_y", "p_runner_up", "lipschitz_radius",
                    "rs_radius", "correct", "mix_correct")
 BASELINE_COLUMNS = ("index", "label", "pred", "clean_pred", "p_lower", "radius", "correct")
-CURVE_COLUMNS = ("model", "alpha", "theorem", "radius", "certified_accuracy")
+CURVE_COLUMNS = ("model", "alpha", "theorem", "mode", "radius", "certified_accuracy")
 _INT = {"index", "label", "h_pred", "mix_pred", "pred", "clean_pred"}
 _BOOL = {"correct", "mix_correct"}
 
@@ -43,7 +45,7 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
                     row[key] = int(cell)
                 elif key in _BOOL:
                     row[key] = cell == "True"
-                elif key in ("model", "theorem"):
+                elif key in ("model", "theorem", "mode"):
                     row[key] = cell
                 else:
                     row[key] = float(cell) if cell else None
@@ -58,7 +60,7 @@ def certify_rows(cert: MixtureCertificate, index: Sequence[int]) -> list[dict]:
     for j in range(len(cert.labels)):
         for i, alpha in enumerate(cert.alphas):
             rows.append({
-                "index": int(index[j]), "label": int(cert.labels[j]), "alpha": float(alpha),
+                "index": int(index[j]), "label": int(cert.labels[j]), "alpha": float(alpha), "mode": cert.mode,
                 "h_pred": int(cert.h_pred[j]), "mix_pred": int(cert.mix_pred[i, j]),
                 "p_y": float(cert.p_y[j]), "p_runner_up": float(cert.p_runner_up[j]),
                 "lipschitz_radius": float(cert.lipschitz_radius[i, j]), "rs_radius": float(cert.rs_radius[i, j]),
@@ -96,10 +98,10 @@ def curve_rows(cert: MixtureCertificate, baseline: BaselineCertificate | None, g
     for theorem in ("lipschitz", "rs"):
         acc = cert.certified_accuracy(theorem, grid)  # (A, G)
         for i, alpha in enumerate(cert.alphas):
-            rows += [{"model": "mix", "alpha": float(alpha), "theorem": theorem, "radius": float(r),
-                      "certified_accuracy": float(a)} for r, a in zip(grid, acc[i])]
+            rows += [{"model": "mix", "alpha": float(alpha), "theorem": theorem, "mode": cert.mode,
+                      "radius": float(r), "certified_accuracy": float(a)} for r, a in zip(grid, acc[i])]
     if baseline is not None:
-        rows += [{"model": "baseline", "alpha": None, "theorem": "cohen", "radius": float(r),
+        rows += [{"model": "baseline", "alpha": None, "theorem": "cohen", "mode": "sound", "radius": float(r),
                   "certified_accuracy": float(a)} for r, a in zip(grid, baseline.certified_accuracy(grid))]
     return rows
 
@@ -125,7 +127,8 @@ def select_alpha(alphas: Sequence[float], accuracies: Sequence[float], target: f
 def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike, selected_alpha: float | None = None,
                             title: str = "") -> Path:
     """Certified accuracy vs l_2 radius: per certifiable alpha, Theorem 5 (solid) and Theorem 4
-    (dashed) in one colour, the selected alpha drawn thicker, and the RS baseline in black."""
+    (dashed) in one colour, the selected alpha drawn thicker, and the RS baseline in black. Plug-in
+    curves (``mode`` plugin) say so in their legend entries."""
     import matplotlib  # on the first plot, not with this module
 
     matplotlib.use("Agg")
@@ -136,9 +139,11 @@ def plot_certified_accuracy(rows: list[dict], path: str | os.PathLike, selected_
     for k, alpha in enumerate(alphas):
         chosen = selected_alpha is not None and math.isclose(alpha, selected_alpha)
         for theorem, style in (("rs", "-"), ("lipschitz", "--")):
-            pts = [(r["radius"], r["certified_accuracy"]) for r in rows
-                   if r["model"] == "mix" and r["alpha"] == alpha and r["theorem"] == theorem]
-            label = f"alpha={alpha:.3g} Thm {5 if theorem == 'rs' else 4}" + (" (selected)" if chosen else "")
+            curve = [r for r in rows if r["model"] == "mix" and r["alpha"] == alpha and r["theorem"] == theorem]
+            plugin = any(r.get("mode") == "plugin" for r in curve)
+            label = (f"alpha={alpha:.3g} Thm {5 if theorem == 'rs' else 4}" + (" plug-in" if plugin else "")
+                     + (" (selected)" if chosen else ""))
+            pts = [(r["radius"], r["certified_accuracy"]) for r in curve]
             ax.plot(*zip(*pts), color=f"C{k % 10}", ls=style, lw=2.4 if chosen else 1.1, label=label)
     base = [(r["radius"], r["certified_accuracy"]) for r in rows if r["model"] == "baseline"]
     if base:

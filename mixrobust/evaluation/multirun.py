@@ -133,9 +133,12 @@ def combine_certified(jobs: list[Job]) -> list[dict]:
     out = []
     for job in jobs:
         if job.kind == "certify":
-            sigma = json.loads((job.path / "certify_summary.json").read_text()).get("sigma")
-            out += [{"job": job.name, "overrides": " ".join(sorted(job.overrides)), "sigma": sigma,
-                     **{c: row[c] for c in CURVE_COLUMNS}} for row in job.rows]
+            summary = json.loads((job.path / "certify_summary.json").read_text())
+            mode = (summary.get("settings") or {}).get("mode")  # a file written before certified_accuracy.csv had it
+            out += [{"job": job.name, "overrides": " ".join(sorted(job.overrides)), "sigma": summary.get("sigma"),
+                     **{c: row[c] for c in CURVE_COLUMNS if c != "mode"},
+                     "mode": row.get("mode") or ("sound" if row["model"] == "baseline" else mode)}
+                    for row in job.rows]
     return out
 
 
