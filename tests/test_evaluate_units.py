@@ -107,6 +107,21 @@ def test_probability_gap_and_margin_summary_by_hand():
 # ---------------------------------------------------------------- vocabularies
 
 
+def test_the_worst_case_legend_names_what_each_kind_of_row_took_it_over():
+    from mixrobust.evaluation.plots import attack_legend
+
+    def rows(model, attacks):
+        return [{"model": model, "attack": a} for a in ("clean", *attacks, "worst")]
+
+    base = rows("g", ("std", "rob", "apgd")) + rows("h", ("std", "rob", "apgd"))
+    assert attack_legend(base + rows("mix", ("std", "rob", "apgd", "mix")), "worst") == \
+        "worst case (of STD, ROB, APGD, MIX)"
+    # attacks=[mix,apgd]: the mixture's worst case leaves out STD and ROB, which g's and h's still include
+    assert attack_legend(base + rows("mix", ("mix", "apgd")), "worst") == \
+        "worst case (of MIX, APGD; g's and h's also of STD, ROB)"
+    assert attack_legend(base, "worst") == "worst case (of STD, ROB, APGD)"
+
+
 def test_vocabularies():
     assert [a.value for a in parse_attacks(["std", "MIX", "std"])] == ["std", "mix"]
     with pytest.raises(ConfigError, match="unknown attack 'cw'; valid values: std, rob, mix, apgd, autoattack"):
@@ -250,6 +265,25 @@ def test_random_start_disables_skipping(fitted, caplog):
         res = run_sweep(g, h, x, y, alphas=[0.5], attack=attack, batch_size=8)
     assert res.outcomes.meta["skip_misclassified"] is False
     assert "skip_misclassified is ignored with random_start" in caplog.text
+
+
+def test_settings_that_weaken_the_attacks_are_warned_about_and_labelled(fitted, caplog):
+    g, h = fitted
+    x, y = digits(8)
+    attack = PGD("linf", eps=0.1, step_size=0.025, steps=1, autocast_dtype="bfloat16")
+    with caplog.at_level(logging.WARNING):
+        res = run_sweep(g, h, x, y, alphas=[0.5], options=[("grad_g_i", "prob")], attack=attack, batch_size=8,
+                        detach_r=True, preflight=False)
+    (detached,) = [w for w in res.warnings if w.startswith("mix.detach_r=true")]
+    (half,) = [w for w in res.warnings if w.startswith("attack.autocast_dtype=bfloat16")]
+    assert detached in caplog.text and half in caplog.text
+    labels = res.outcomes.meta["labels"]
+    assert labels["mix"] == "PGD-1 (ce, bfloat16 search) on the mixture (R_i detached: not a sound attack)"
+    assert labels["std"] == "PGD-1 (ce, bfloat16 search) on g"
+    # R_i = 1 does not depend on the image: detaching it changes nothing, and float32 PGD is the paper's
+    plain = run_sweep(g, h, x, y, alphas=[0.5], attack=PGD("linf", eps=0.1, step_size=0.025, steps=1),
+                      batch_size=8, detach_r=True, preflight=False)
+    assert plain.warnings == [] and plain.outcomes.meta["labels"]["mix"] == "PGD-1 (ce) on the mixture (the paper's)"
 
 
 @pytest.mark.parametrize(

@@ -35,9 +35,15 @@ def attack_legend(rows: list[dict], attack: str) -> str:
     """The name of an attack's column or curve with what ran, from the rows: ``MIX (PGD-20)``, ``APGD (100 steps)``, ``AutoAttack (pyautoattack 0.2.0)``, ``worst case (of STD, ROB, MIX, APGD)``."""
     row = next((r for r in rows if r["attack"] == attack), None)
     name = ATTACK_NAMES.get(attack, attack)
-    if attack == "worst":
-        ran = [ATTACK_NAMES.get(a, a) for a in dict.fromkeys(r["attack"] for r in rows) if a not in ("clean", "worst")]
-        return f"{name} (of {', '.join(ran)})" if ran else name
+    if attack == "worst":  # the mixture's worst case is over its own columns; g's and h's over theirs
+        def ran(models):
+            return [ATTACK_NAMES.get(a, a) for a in dict.fromkeys(r["attack"] for r in rows if r["model"] in models)
+                    if a not in ("clean", "worst")]
+
+        mix, base = ran({"mix"}), ran({"g", "h"})
+        extra = [a for a in base if a not in mix] if mix else []  # e.g. STD and ROB under attacks=[mix,apgd]
+        text = ", ".join(mix or base) + (f"; g's and h's also of {', '.join(extra)}" if extra else "")
+        return f"{name} (of {text})" if text else name
     if row is None or attack == "clean":
         return name
     what = row.get("implementation") or ""

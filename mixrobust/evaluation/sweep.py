@@ -49,7 +49,7 @@ from mixrobust.evaluation.margins import margin_summary, probability_gap
 from mixrobust.evaluation.options import CLEAN, AttackName, MixOption, parse_attacks
 from mixrobust.evaluation.outcomes import Outcomes, aggregate, concat_outcomes
 from mixrobust.evaluation.preflight import run_preflight
-from mixrobust.mixing import HMap, MixedClassifier, MixSpace, check_compatible, mix_log_probs, mix_logits
+from mixrobust.mixing import HMap, MixedClassifier, MixSpace, ROption, check_compatible, mix_log_probs, mix_logits
 from mixrobust.mixing.options import check_alphas
 from mixrobust.runtime import progress
 from mixrobust.runtime.cache import DiskCache, code_digest, tensor_digest
@@ -323,15 +323,39 @@ def implementations(attack, autoattack=None, adaptive=None) -> dict[str, str]:
     return out
 
 
-def attack_labels(attack, autoattack=None, adaptive=None) -> dict[str, str]:
-    """What each column of a results table is, for its legend: e.g. ``mix: PGD-20 (ce) on the mixture``."""
-    pgd = f"{attack_label(attack)} ({attack.loss})" if isinstance(attack, PGD) else type(attack).__name__
-    out = {"std": f"{pgd} on g", "rob": f"{pgd} on h", "mix": f"{pgd} on the mixture (the paper's)"}
+def attack_labels(attack, autoattack=None, adaptive=None, detached: bool = False) -> dict[str, str]:
+    """What each column of a results table is, for its legend: e.g. ``mix: PGD-20 (ce) on the mixture``.
+
+    Settings that weaken an attack say so: a PGD search in half precision (``autocast_dtype``), and on every
+    attack of the mixture an R_i held constant (`detached`; see `weakened_warnings`)."""
+    half = getattr(attack, "autocast_dtype", None) if isinstance(attack, PGD) else None
+    search = "" if half is None else f", {str(half).removeprefix('torch.')} search"
+    pgd = f"{attack_label(attack)} ({attack.loss}{search})" if isinstance(attack, PGD) else type(attack).__name__
+    unsound = "R_i detached: not a sound attack"
+    paper = unsound if detached else "the paper's"
+    out = {"std": f"{pgd} on g", "rob": f"{pgd} on h", "mix": f"{pgd} on the mixture ({paper})"}
     if adaptive is not None:
         out["apgd"] = (f"{getattr(adaptive, 'label', type(adaptive).__name__)} on the model itself "
-                       "(a mixture: and its points on g and on h)")
+                       f"(a mixture: and its points on g and on h{'; ' + unsound if detached else ''})")
     if autoattack is not None:
-        out["autoattack"] = f"AutoAttack standard ({getattr(autoattack, 'provenance', type(autoattack).__name__)})"
+        out["autoattack"] = (f"AutoAttack standard ({getattr(autoattack, 'provenance', type(autoattack).__name__)})"
+                             + (f" ({unsound})" if detached else ""))
+    return out
+
+
+def weakened_warnings(attack, detached: bool) -> list[str]:
+    """What a sweep's settings take from its attacks' strength, one warning each (also in `attack_labels`): R_i
+    held constant (`detached`: ``detach_r`` where an option's R_i depends on the image), a PGD search in half
+    precision."""
+    out = []
+    if detached:
+        out.append("mix.detach_r=true holds R_i constant in every attack on the mixture (an ablation): its MIX, APGD "
+                   "and AutoAttack accuracies overstate its robustness; set mix.detach_r=false for numbers to report")
+    half = getattr(attack, "autocast_dtype", None) if isinstance(attack, PGD) else None
+    if half is not None:
+        out.append(f"attack.autocast_dtype={str(half).removeprefix('torch.')}: the PGD searches (STD, ROB, MIX) pick "
+                   "their points by half-precision outputs; report them only where float32 gives the same accuracy "
+                   "within 0.5 points (benchmarks/bench_pgd.py --bf16)")
     return out
 
 
@@ -479,6 +503,10 @@ def run_sweep(
     y = y.long()
     sweep = _Sweep(g, h, x, y, alphas, options, attack, batch_size, detach_r, cache, kernels)
     warnings = run_preflight(_preflight_models(sweep), x[:batch_size], y[:batch_size]) if preflight else []
+    detached = detach_r and any(option.r_option is not ROption.ONE for option in options)  # R_i = 1 is constant
+    for message in weakened_warnings(attack, detached):
+        log.warning("%s", message)
+        warnings.append(message)
     timings, t0 = {}, time.perf_counter()
 
     clean = sweep.judge(x, y, sweep.clean_logits())
@@ -553,7 +581,7 @@ def run_sweep(
               "apgd_steps": getattr(adaptive, "steps", None) if AttackName.APGD in attacks else None,
               "skip_misclassified": skip_misclassified, "reuse": reuse, "detach_r": detach_r,
               "implementations": implementations(attack, autoattack, adaptive),
-              "labels": attack_labels(attack, autoattack, adaptive)},
+              "labels": attack_labels(attack, autoattack, adaptive, detached)},
     )
     for message in strength_warnings(outcomes):
         log.warning("%s", message)
