@@ -85,10 +85,31 @@ def test_steps_counts_gradient_steps_as_autoattack_does():
     (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
     with torch.no_grad():
         fooled = model(x).argmax(1) != y
-    one = APGD(eps=0.01, steps=1, early_exit=False)(model, x, y)
+    one = APGD(eps=0.01, steps=1)(model, x, y)  # early exit: an example x fools is not searched
     want = torch.where(fooled.view(-1, 1, 1, 1), x, x + 0.01 * grad.sign())
     assert torch.allclose(one, want, atol=1e-7)
     assert (~fooled).any() and not torch.equal(one, x)
+
+
+def test_the_full_search_returns_the_highest_loss_fooling_point():
+    """``early_exit=False`` (transfer images): every example is searched, those x already fools too, and each gets
+    the fooling point of highest loss among those visited (x and x_1 here), else its highest-loss point."""
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = torch.rand(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
+    x1 = (x + 0.3 * grad.sign()).clamp(0, 1)  # eps 0.15: the first step is 2 eps
+    x1 = torch.min(torch.max(x1, x - 0.15), x + 0.15)
+    with torch.no_grad():
+        (l0, l1), (f0, f1) = zip(*[(torch.nn.functional.cross_entropy(model(p), y, reduction="none"),
+                                    model(p).argmax(1) != y) for p in (x, x1)])
+    first = torch.where(f0 | ~f1 & (l0 >= l1), 0, 1)  # early exit keeps x where it fools, else the better point
+    deepest = torch.where(f0 & f1, torch.where(l1 > l0, 1, 0), torch.where(f1 | ~f0 & (l1 > l0), 1, 0))
+    assert (deepest != first).any() and (f0 & f1).any()  # the two rules part on examples both points fool
+    for early_exit, pick in ((True, first), (False, deepest)):
+        out = APGD(eps=0.15, steps=1, early_exit=early_exit)(model, x, y)
+        assert torch.allclose(out, torch.where(pick.view(-1, 1, 1, 1) == 1, x1, x), atol=1e-6), early_exit
 
 
 def test_dlr_losses_against_hand_computed_values():
@@ -317,6 +338,32 @@ def test_reused_endpoints_of_the_apgd_column_count_both_models_points(trained_pa
         want = robust(h, x, adaptive(g, x, y), y)
     assert want.sum() < (h(x).argmax(1) == y).sum()
     assert np.array_equal(result.outcomes.mix["apgd"][0, 1], want.numpy())
+
+
+def test_the_apgd_column_counts_full_searches_on_g_and_h(trained_pair):
+    """The adaptive attack's images on g and on h, judged by every mixture, come from full searches (each example's
+    deepest fooling point, not its first, which lies on that model's boundary): the column is the mixture's own
+    attack and those images, here stronger than with the first fooling points."""
+    from mixrobust.evaluation import run_sweep
+
+    g, h, x, y = trained_pair
+    alphas = [0.6, 0.8, 0.9]
+    adaptive = AdaptiveMixAttack("linf", eps=0.2, steps=4, targets=2)
+    result = run_sweep(g, h, x, y, alphas=alphas, attack=PGD(eps=0.2, step_size=0.05, steps=2),
+                       attacks=["apgd"], adaptive=adaptive, batch_size=64, preflight=False)
+    full, first = adaptive.with_early_exit(False), adaptive
+    assert all(not stage.early_exit for stage in full.stages) and all(stage.early_exit for stage in first.stages)
+    points = {name: [attack(m, x, y) for m in (g, h)] for name, attack in (("full", full), ("first", first))}
+    weaker = 0
+    for a, alpha in enumerate(alphas):
+        mix = MixedClassifier(g, h, alpha)
+        with torch.no_grad():
+            own = robust(mix, x, attack_in_batches(adaptive, mix, x, y, 64), y)
+            want, old = (own & (mix(p[0]).argmax(1) == y) & (mix(p[1]).argmax(1) == y) for p in points.values())
+        got = result.outcomes.mix["apgd"][0, a] & result.outcomes.mix["clean"][0, a]
+        assert np.array_equal(got, want.numpy()), alpha
+        weaker += int(old.sum() - want.sum())
+    assert weaker > 0
 
 
 def test_skipping_is_off_with_adaptive_random_starts(trained_pair, caplog):

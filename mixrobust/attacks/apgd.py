@@ -27,13 +27,16 @@ softmaxes saturates where one base model is confident; DLR's ratio of logit diff
 Early exit (``early_exit=True``, the default): an example is dropped from the search at the first
 visited point that the model misclassifies, which is kept as its adversarial example; the batch
 shrinks as examples are dropped, to the sizes of a fixed ladder (`mixrobust.attacks.pgd.shrink`).
-The reported accuracy is identical to the full search's (``early_exit=False``, which searches every
-example to the end and still returns its first fooling point): an example counts as robust only if
-no visited point fooled it, and the examples still searched do not depend on which others are in
-the batch (without random start; with it, the starts drawn for later searches differ, so the
-accuracies are then statistically, not exactly, equal). Without random start
-the searches are deterministic; with it, the starts are drawn for the whole batch at once from a
-generator seeded with `seed`, so results are reproducible for a seed and batch.
+The reported accuracy is identical to the full search's (``early_exit=False``): an example counts as
+robust only if no visited point fooled it, and the examples still searched do not depend on which
+others are in the batch (without random start; with it, the starts drawn for later searches differ,
+so the accuracies are then statistically, not exactly, equal). The first fooling point lies at the
+attacked model's decision boundary: use it for that model's accuracy, not as a transfer attack. The
+full search is the one for transfer images (the sweep's adaptive images on g and on h, judged by every
+mixture): it searches every example to the end, those misclassified on the clean image too, and
+returns, as `PGD` does, the highest-loss visited point among those that fool the model. Without
+random start the searches are deterministic; with it, the starts are drawn for the whole batch at
+once from a generator seeded with `seed`, so results are reproducible for a seed and batch.
 
 `AdaptiveMixAttack` runs APGD-CE, then APGD-DLR, then targeted APGD-DLR on the examples still robust
 (each stage only on them, as AutoAttack chains its attacks).
@@ -41,6 +44,7 @@ generator seeded with `seed`, so results are reproducible for a seed and batch.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Literal, get_args
@@ -115,8 +119,9 @@ def _outputs(model: nn.Module, x: Tensor, surrogate: bool = True) -> tuple[Tenso
 class APGD:
     """Auto-PGD in the `norm` ball of radius `eps` (see the module doc); `steps` gradient steps per search.
 
-    Returns, per example, the first visited point that the model misclassifies, else the point of
-    highest loss. `targets` applies to ``dlr_targeted`` (one search per target class); `restarts`
+    Returns, per example, the first visited point that the model misclassifies (``early_exit=False``: the
+    fooling point of highest loss, examples misclassified on x searched too), else the point of highest
+    loss. `targets` applies to ``dlr_targeted`` (one search per target class); `restarts`
     repeat every search from another random start (``random_start`` required for more than one).
     Raises `NonFiniteError` when the model's outputs were NaN or inf at a visited point.
     """
@@ -146,7 +151,8 @@ class APGD:
     def __repr__(self) -> str:
         target = f", targets={self.targets}" if self.loss == "dlr_targeted" else ""
         return (f"APGD(norm={self.norm.value!r}, eps={self.eps:g}, steps={self.steps}, loss={self.loss!r}{target}, "
-                f"restarts={self.restarts}, random_start={self.random_start}, seed={self.seed})")
+                f"restarts={self.restarts}, random_start={self.random_start}, seed={self.seed}"
+                f"{'' if self.early_exit else ', early_exit=False'})")
 
     @property
     def searches(self) -> int:
@@ -172,7 +178,8 @@ class APGD:
         with eval_mode(model), torch.enable_grad():
             with torch.no_grad():
                 clean, surrogate = _outputs(model, x, self.surrogate)
-            wanted, broken = clean.argmax(1) == y, nonfinite_rows(clean)  # misclassified: x itself fools them
+            broken = nonfinite_rows(clean)  # misclassified: x itself fools them, and early exit leaves them there
+            wanted = clean.argmax(1) == y if self.early_exit else torch.ones_like(broken)
             if todo is not None:
                 wanted, broken = wanted & todo, broken & todo
             nonfinite |= broken
@@ -236,10 +243,10 @@ class APGD:
     def _search(self, model, x_all: Tensor, y_all: Tensor, active: Tensor, target, out: Tensor, best: Tensor,
                 nonfinite: Tensor, generator) -> Tensor:
         """APGD on the examples `active` (indices into the batch; `target` (N,): each one's target class, or None);
-        each one's first fooling point is written to `out`. Returns the indices still unfooled. `best` (N,) keeps
-        each unfooled example's highest loss over searches, whose point is in `out`. With early exit the searched
-        rows shrink to `shrink`'s ladder sizes as examples are fooled (decided rows kept to fill a size are
-        searched but ignored: ``live`` is False for them)."""
+        each one's first fooling point (without early exit: its highest-loss fooling point) is written to `out`.
+        Returns the indices still unfooled. `best` (N,) keeps each unfooled example's highest loss over searches,
+        whose point is in `out`. With early exit the searched rows shrink to `shrink`'s ladder sizes as examples
+        are fooled (decided rows kept to fill a size are searched but ignored: ``live`` is False for them)."""
         view = (-1,) + (1,) * (x_all.ndim - 1)
         checks = {c for c in checkpoints(self.steps) if c > 0}
         live = torch.zeros(y_all.shape, dtype=torch.bool, device=x_all.device)
@@ -256,9 +263,17 @@ class APGD:
         s["ups"] = torch.zeros_like(s["loss"])  # steps since the last checkpoint that raised the loss
         s["reduced"] = torch.ones_like(s["live"])  # halved at the last checkpoint (the start counts as one)
         s["best_then"] = s["loss_best"].clone()
+        deepest = not self.early_exit  # keep searching fooled examples, for their highest-loss fooling point
+        if deepest:
+            s["mine"], s["fool_loss"] = s["live"].clone(), torch.full_like(s["loss"], -math.inf)
         last = 0
         for k in range(self.steps + 1):  # s["cur"] is x_k: its loss, gradient and outcome are known
-            put_rows(out, s["idx"], fooled & s["live"], s["cur"].detach())  # the first fooling point is kept
+            if deepest:
+                take = s["mine"] & fooled & (s["loss"] > s["fool_loss"])
+                s["fool_loss"] = torch.where(take, s["loss"], s["fool_loss"])
+            else:
+                take = fooled & s["live"]  # the first fooling point
+            put_rows(out, s["idx"], take, s["cur"].detach())
             s["live"] = s["live"] & ~fooled
             keep = shrink(s["live"]) if self.early_exit else None  # the step's one host sync
             if keep is not None:
@@ -302,17 +317,19 @@ class AdaptiveMixAttack:
     (``surrogate=True``: on its logit-space surrogate; weaker on the digits mixtures, see README "Attack strength").
 
     The attack contract of `mixrobust.attacks.pgd`; its accuracy is the per-example worst case over the
-    stages (each stage attacks only what the previous ones left robust, keeping their points).
+    stages (each stage attacks only what the previous ones left robust, keeping their points). `early_exit`
+    applies to every stage (see `APGD`; off, each point is the full search's deepest fooling point).
     """
 
     def __init__(self, norm: Norm | str = "linf", *, eps: float, steps: int = 100,
                  losses: Sequence[APGDLoss] = ("ce", "dlr", "dlr_targeted"), targets: int = 5, restarts: int = 1,
-                 random_start: bool = False, seed: int | None = 0, surrogate: bool = False):
+                 random_start: bool = False, seed: int | None = 0, surrogate: bool = False, early_exit: bool = True):
         losses = [losses] if isinstance(losses, str) else list(losses)
         if not losses:
             raise ConfigError("adaptive.losses must name at least one of " + ", ".join(APGD_LOSSES))
         self.stages = [APGD(norm, eps=eps, steps=steps, loss=loss, targets=targets, restarts=restarts,
-                            random_start=random_start, seed=seed, surrogate=surrogate) for loss in losses]
+                            random_start=random_start, seed=seed, surrogate=surrogate, early_exit=early_exit)
+                       for loss in losses]
         self.surrogate = bool(surrogate)
         first = self.stages[0]
         self.norm, self.eps, self.steps, self.random_start = first.norm, first.eps, first.steps, first.random_start
@@ -323,6 +340,18 @@ class AdaptiveMixAttack:
                 f"losses={[s.loss for s in self.stages]}, targets={self.stages[-1].targets}, "
                 f"restarts={first.restarts}, random_start={first.random_start}, seed={first.seed}, "
                 f"surrogate={self.surrogate})")
+
+    @property
+    def early_exit(self) -> bool:
+        return self.stages[0].early_exit
+
+    def with_early_exit(self, early_exit: bool = True) -> "AdaptiveMixAttack":
+        """A copy whose stages have `early_exit` set (the sweep: off for the transfer images on g and on h)."""
+        out = copy.copy(self)
+        out.stages = [copy.copy(stage) for stage in self.stages]
+        for stage in out.stages:
+            stage.early_exit = early_exit
+        return out
 
     @property
     def label(self) -> str:

@@ -522,8 +522,10 @@ def run_sweep(
     own = {}  # the adaptive attack on g and on h alone: their apgd column, and the mixture's at alpha 0 / 1
     if AttackName.APGD in attacks:
         t0 = time.perf_counter()
+        # full searches: their points are judged by every mixture too, so each is the deepest fooling point found
+        deep = adaptive.with_early_exit(False) if hasattr(adaptive, "with_early_exit") else adaptive
         for target in ("g", "h"):
-            own[target] = sweep.merge(clean, *sweep.adversarial(adaptive, target, anyone if skip_misclassified
+            own[target] = sweep.merge(clean, *sweep.adversarial(deep, target, anyone if skip_misclassified
                                                                 else None, "APGD"))
         timings["apgd/base"] = time.perf_counter() - t0
 
