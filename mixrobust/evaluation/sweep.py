@@ -328,8 +328,8 @@ def attack_labels(attack, autoattack=None, adaptive=None, detached: bool = False
 
     Settings that weaken an attack say so: a PGD search in half precision (``autocast_dtype``), and on every
     attack of the mixture an R_i held constant (`detached`; see `weakened_warnings`)."""
-    half = getattr(attack, "autocast_dtype", None) if isinstance(attack, PGD) else None
-    search = "" if half is None else f", {str(half).removeprefix('torch.')} search"
+    half = _half_search(attack)
+    search = "" if half is None else f", {half} search"
     pgd = f"{attack_label(attack)} ({attack.loss}{search})" if isinstance(attack, PGD) else type(attack).__name__
     unsound = "R_i detached: not a sound attack"
     paper = unsound if detached else "the paper's"
@@ -343,6 +343,12 @@ def attack_labels(attack, autoattack=None, adaptive=None, detached: bool = False
     return out
 
 
+def _half_search(attack) -> str | None:
+    """The half-precision dtype a PGD search picks its points by (``autocast_dtype``: "bfloat16"), else None."""
+    half = getattr(attack, "autocast_dtype", None) if isinstance(attack, PGD) else None
+    return None if half is None else str(half).removeprefix("torch.")
+
+
 def weakened_warnings(attack, detached: bool) -> list[str]:
     """What a sweep's settings take from its attacks' strength, one warning each (also in `attack_labels`): R_i
     held constant (`detached`: ``detach_r`` where an option's R_i depends on the image), a PGD search in half
@@ -351,9 +357,9 @@ def weakened_warnings(attack, detached: bool) -> list[str]:
     if detached:
         out.append("mix.detach_r=true holds R_i constant in every attack on the mixture (an ablation): its MIX, APGD "
                    "and AutoAttack accuracies overstate its robustness; set mix.detach_r=false for numbers to report")
-    half = getattr(attack, "autocast_dtype", None) if isinstance(attack, PGD) else None
+    half = _half_search(attack)
     if half is not None:
-        out.append(f"attack.autocast_dtype={str(half).removeprefix('torch.')}: the PGD searches (STD, ROB, MIX) pick "
+        out.append(f"attack.autocast_dtype={half}: the PGD searches (STD, ROB, MIX) pick "
                    "their points by half-precision outputs; report them only where float32 gives the same accuracy "
                    "within 0.5 points (benchmarks/bench_pgd.py --bf16)")
     return out
